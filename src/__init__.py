@@ -1,0 +1,1 @@
+"""mlp-fusion: fine-tune language models whose MLPs were compressed by NTK-approximating MLP fusion."""

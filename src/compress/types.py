@@ -1,0 +1,80 @@
+"""Weight containers shared by every compression method.
+
+All tensors use the ``nn.Linear`` layout ``[out, in]``; the architecture adapters in
+``src.models.mlp_io`` convert from and to each family's own layout (GPT-2's ``Conv1D`` is
+``[in, out]``). Compression methods only ever see these containers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    """One MLP ``y = down(act(gate(x)) * up(x)) + b_out`` (gated) or ``down(act(up(x) + b_up)) + b_out``.
+
+    h = hidden size, d = intermediate size (number of sub-MLPs).
+    """
+
+    up: Tensor  # [d, h]  W1: fc1 / intermediate.dense / c_fc / up_proj
+    down: Tensor  # [h, d]  W2: fc2 / output.dense / c_proj / down_proj
+    up_bias: Tensor | None = None  # [d]
+    down_bias: Tensor | None = None  # [h]
+    gate: Tensor | None = None  # [d, h]  gated MLPs only (gate_proj), no biases there
+    activation: str = "gelu"  # a transformers.activations.ACT2FN key
+
+    @property
+    def hidden_size(self) -> int:
+        return self.up.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def is_gated(self) -> bool:
+        return self.gate is not None
+
+    def __post_init__(self) -> None:
+        d, h = self.up.shape
+        assert self.down.shape == (h, d), f"down {tuple(self.down.shape)} != {(h, d)}"
+        assert self.gate is None or self.gate.shape == (d, h)
+        assert self.up_bias is None or self.up_bias.shape == (d,)
+        assert self.down_bias is None or self.down_bias.shape == (h,)
+
+
+@dataclass(frozen=True)
+class FusedMLP:
+    """A width-k MLP, optionally with a frozen per-neuron scale applied after the activation.
+
+    ``scale`` holds the k-means cluster sizes of MLP fusion (``ntk_cluster``): the layer computes
+    ``down(scale * act(...)) + b_out``. It is a buffer, never trained.
+    """
+
+    weights: MLPWeights  # width k
+    scale: Tensor | None = None  # [k]
+    stats: dict[str, float] = field(default_factory=dict)  # e.g. {"inertia": ...}
+
+
+@dataclass(frozen=True)
+class LowRankMLP:
+    """An MLP whose matrices are each a rank-r product ``left @ right`` (truncated SVD).
+
+    ``factors[name] = (left [out, r], right [r, in])`` for name in ``up``, ``down`` (and ``gate``).
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    up_bias: Tensor | None = None  # [d]
+    down_bias: Tensor | None = None  # [h]
+    activation: str = "gelu"
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.factors["up"][1].shape[0]
+
+
+Compressed = FusedMLP | LowRankMLP
