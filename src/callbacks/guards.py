@@ -1,0 +1,72 @@
+"""Small training-run guards: stop on a non-finite loss, measure step time and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class FiniteLossGuard(L.Callback):
+    """Stops training at the first non-finite loss, naming the step (no checkpoint is written after it)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise TrainingDiverged(
+                f"the training loss is {loss.item()} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {batch_idx}); training stopped. The last good checkpoint is unchanged; lower optim.lr or check the data."
+            )
+
+
+class PerfMonitor(L.Callback):
+    """Logs the median wall time of a training step and the peak memory (``perf/step_time_s``, ``perf/peak_mem_mb``)."""
+
+    def __init__(self, skip_first: int = 2) -> None:
+        self.skip_first, self.times, self._t0 = skip_first, [], 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t0)
+
+    def summary(self, device: torch.device) -> dict[str, float]:
+        times = self.times[self.skip_first:] or self.times
+        out = {"perf/step_time_s": statistics.median(times)} if times else {}
+        if device.type == "cuda":
+            out["perf/peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        else:  # peak resident set size of this process (KiB on Linux, bytes on macOS)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out["perf/peak_mem_mb"] = rss / (2**20 if sys.platform == "darwin" else 2**10)
+        return out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = self.summary(trainer.strategy.root_device)
+        for logger in trainer.loggers:
+            logger.log_metrics(stats, step=trainer.global_step)
+        pl_module.perf_summary = stats
+
+
+class ValidateAtMaxSteps(L.Callback):
+    """Runs validation (and so the best-checkpoint bookkeeping) when ``max_steps`` ends training mid-epoch.
+
+    Lightning validates at epoch ends only; a short run (``trainer.max_steps=20``) would otherwise
+    end with no validation metric and no best checkpoint. Asking the loop to stop makes it validate.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True

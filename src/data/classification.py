@@ -1,0 +1,121 @@
+"""Sentence and sentence-pair classification (GLUE and Rotten Tomatoes polarity) as a LightningDataModule."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from src.data.files import check_columns, load_hub_splits, read_local_split, rotten_tomatoes_corpus, seeded_split
+from src.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def load_rt_polarity(split_seed: int) -> dict[str, pd.DataFrame]:
+    """Fresh (1) / rotten (0) snippets, deduplicated by text before a seeded 80/10/10 split."""
+    df = rotten_tomatoes_corpus()
+    df = df[df.category.isin(["fresh", "rotten"])].drop_duplicates("text").reset_index(drop=True)
+    df = pd.DataFrame({"text": df.text, "label": (df.category == "fresh").astype(int)})
+    train, val, test = seeded_split(len(df), split_seed)
+    return {"train": df.iloc[train], "validation": df.iloc[val], "test": df.iloc[test]}
+
+
+def load_classification_splits(task: DictConfig) -> dict[str, pd.DataFrame]:
+    """All splits the task uses, validated: columns present, labels within the task's range."""
+    eval_splits, test_splits = list(task.eval_splits.values()), list(task.test_splits.values())
+    if task.source == "rt_polarity" and task.data_dir is None:
+        splits = load_rt_polarity(task.split_seed)
+    elif task.data_dir is not None:
+        splits = {s: read_local_split(task.data_dir, s) for s in [task.train_split, *eval_splits]}
+        for s in test_splits:  # test files are optional locally
+            df = read_local_split(task.data_dir, s, required=False)
+            if df is not None:
+                splits[s] = df
+    else:
+        splits = load_hub_splits(task.hub_path, task.hub_config, [task.train_split, *eval_splits, *test_splits], task.name)
+
+    for name, df in splits.items():
+        where = f"split {name!r}" + (f" in task.data_dir={task.data_dir!r}" if task.data_dir else f" of task {task.name!r}")
+        labelled = name not in test_splits or not task.test_labels_hidden
+        check_columns(df, list(task.text_fields) + ([task.label_field] if labelled else []), where, "task.text_fields / task.label_field")
+        if not labelled and task.label_field not in df.columns:
+            continue
+        labels = pd.to_numeric(df[task.label_field], errors="coerce")
+        if task.num_labels == 1:
+            bad = labels.isna()
+            allowed = "numbers"
+        else:
+            ok = labels.isin(range(task.num_labels)) | (~labelled & (labels == -1))
+            bad = ~ok
+            allowed = f"integers 0..{task.num_labels - 1}" + ("" if labelled else " (or -1 for hidden test labels)")
+        if bad.any():
+            raise ConfigError(
+                f"{where}: column {task.label_field!r} holds {int(bad.sum())} label(s) outside the task's range, "
+                f"e.g. {df[task.label_field][bad].iloc[0]!r}; allowed: {allowed}."
+            )
+    return splits
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Tokenizes the splits once and serves padded batches; val/test hold one loader per split."""
+
+    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame]) -> None:
+        super().__init__()
+        self.task, self.tokenizer, self.raw = task, tokenizer, splits
+        self.collate = DataCollatorWithPadding(tokenizer)
+        self.data: dict[str, Dataset] = {}
+
+    def _encode(self, df: pd.DataFrame, limit: int | None) -> Dataset:
+        df = df.reset_index(drop=True)
+        if limit is not None:
+            df = df.iloc[:limit]
+        texts = [df[c].astype(str).tolist() for c in self.task.text_fields]
+        enc = self.tokenizer(*texts, truncation=True, max_length=self.task.max_seq_length)
+        cols: dict[str, Any] = dict(enc)
+        cols["idx"] = list(range(len(df)))  # keeps prediction order under DDP's padded sampler
+        if self.task.label_field in df.columns:
+            dtype = float if self.task.num_labels == 1 else int
+            cols["labels"] = pd.to_numeric(df[self.task.label_field]).astype(dtype).tolist()
+        return Dataset.from_dict(cols).with_format("torch")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data:
+            return
+        t = self.task
+        self.data["train"] = self._encode(self.raw[t.train_split], t.max_train_samples)
+        for split in [*t.eval_splits.values(), *t.test_splits.values()]:
+            if split in self.raw:
+                self.data[split] = self._encode(self.raw[split], t.max_eval_samples)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        bs = self.task.batch_size if shuffle else self.task.eval_batch_size
+        return DataLoader(self.data[split], batch_size=bs, shuffle=shuffle, collate_fn=self.collate, num_workers=self.task.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(s, False) for s in self.task.eval_splits.values()]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(s, False) for s in self.task.test_splits.values() if s in self.data]
+
+    @property
+    def test_prefixes(self) -> list[str]:
+        """Metric prefixes (``test``, ``test_mm``) of the test loaders, in order."""
+        return [p for p, s in self.task.test_splits.items() if s in self.data]
+
+    def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` validation samples, padded: the fixed probe set of the NTK metrics."""
+        self.setup()
+        ds = self.data[next(iter(self.task.eval_splits.values()))]
+        n = min(n, len(ds))
+        return self.collate([{k: v for k, v in ds[i].items() if k != "idx"} for i in range(n)])

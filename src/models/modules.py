@@ -1,0 +1,69 @@
+"""Drop-in replacements for a Hugging Face MLP's projections after compression."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ScaledLinear(nn.Module):
+    """``F.linear(x * scale, W, b)`` with a frozen per-input scale.
+
+    ``scale`` [in] holds MLP fusion's k-means cluster counts: a persistent buffer (saved in
+    checkpoints, moved by ``.to``) that the optimizer never sees. Deliberately not an ``nn.Linear``
+    subclass, so that no code mistakes it for a plain Linear and silently drops the scale.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scale: Tensor) -> None:
+        super().__init__()
+        assert scale.shape == (in_features,), f"scale {tuple(scale.shape)} != {(in_features,)}"
+        lin = nn.Linear(in_features, out_features, bias=bias, device=scale.device)  # reuse Linear's init
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = lin.weight  # [out, in]
+        self.bias = lin.bias  # [out] or None
+        self.register_buffer("scale", scale.detach().clone().to(self.weight.dtype), persistent=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x * self.scale, self.weight, self.bias)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function: ``W · diag(scale)`` (inference/export only)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight.copy_(self.weight * self.scale[None, :])
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class LowRankLinear(nn.Module):
+    """``left(right(x))``: a rank-r factorisation ``W ≈ left.weight @ right.weight`` ([out, r] @ [r, in])."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        assert rank > 0, f"rank {rank}"
+        self.right = nn.Linear(in_features, rank, bias=False)
+        self.left = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.right.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.left.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.right.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.left(self.right(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

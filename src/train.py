@@ -1,0 +1,77 @@
+"""Fine-tune a (compressed) language model: ``python -m src.train [group=option ...] [key=value ...]``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+import src.utils.config  # noqa: F401  (registers the config resolvers)
+from src.builders import build_callbacks, build_data_and_module, preflight
+from src.callbacks.guards import TrainingDiverged
+from src.utils.errors import ConfigError
+from src.utils.io import write_json
+from src.utils.loggers import build_loggers
+from src.validation import resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+@rank_zero_only
+def write_results(cfg: DictConfig, status: str, **fields: object) -> None:
+    """``results.json`` in the run folder: the status (running, completed, failed) and final metrics."""
+    summary = {"task": cfg.task.name, "model": cfg.model.name, "ffn_mode": cfg.ffn_mode.name,
+               "mid_dim": cfg.ffn_mode.get("mid_dim"), "layers": OmegaConf.to_container(cfg.ffn_mode.get("layers")) if cfg.ffn_mode.get("layers") is not None else None,
+               "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor}
+    write_json(f"{cfg.paths.output_dir}/results.json", {"status": status, **summary, **fields})
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Check everything cheap, compress (in the fusion callback's setup), fine-tune, test."""
+    _, splits = preflight(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    write_results(cfg, "running")
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build_data_and_module(cfg, splits)
+    callbacks = build_callbacks(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg))
+    start = time.time()
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else None
+        for res in trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path)):
+            metrics.update({k: float(v) for k, v in res.items()})
+    for cb in callbacks:
+        metrics.update(getattr(cb, "summary_metrics", {}))
+    metrics.update(getattr(module, "perf_summary", {}))
+    if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
+        metrics[f"best/{cfg.task.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
+    write_results(cfg, "completed", metrics=metrics, wall_time_s=time.time() - start)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except (ConfigError, TrainingDiverged) as e:
+        write_results(cfg, "failed", error=str(e))
+        log.error("%s", e)
+        sys.exit(2 if isinstance(e, ConfigError) else 3)
+    except BaseException as e:
+        write_results(cfg, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith(("test", "best", "fusion/params"))})
+    return metrics.get(cfg.task.monitor)  # for Hydra sweepers that optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Loggers: CSV always; W&B offline by default, falling back to offline when its servers are unreachable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_group(cfg: DictConfig) -> str:
+    """Every run of a multirun sweep shares one group: the sweep folder's name."""
+    if cfg.logger.wandb.group:
+        return cfg.logger.wandb.group
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return "sweep-" + os.path.basename(HydraConfig.get().sweep.dir)
+    return f"{cfg.task.name}-{cfg.model.name}"
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """Instantiate the configured loggers (``logger.csv`` and optionally ``logger.wandb``)."""
+    loggers: list[Logger] = [instantiate(cfg.logger.csv)]
+    if "wandb" in cfg.logger:
+        from lightning.pytorch.loggers import WandbLogger
+
+        w = cfg.logger.wandb
+        online = w.online or os.environ.get("WANDB_MODE") == "online"
+        if online and not wandb_reachable():
+            log.warning("W&B servers are unreachable: logging offline instead (upload later with `wandb sync %s/wandb`).", cfg.paths.output_dir)
+            online = False
+        if not online:
+            os.environ["WANDB_MODE"] = "offline"
+        config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        loggers.append(
+            WandbLogger(
+                project=w.project, entity=w.entity, name=cfg.run_name, group=wandb_group(cfg), tags=list(w.tags),
+                save_dir=cfg.paths.output_dir, offline=not online, config=config,
+            )
+        )
+    return loggers

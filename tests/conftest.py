@@ -1,0 +1,54 @@
+"""Shared fixtures: compose the real Hydra config in-process, with the run folder under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import src.utils.config  # noqa: F401  (resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+# Small and quick: a tiny model, a few steps, a few samples.
+FAST = ["trainer.max_steps=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "task.max_train_samples=32",
+        "task.max_eval_samples=16", "task.batch_size=8", "task.eval_batch_size=8", "task.max_seq_length=32"]
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """compose_cfg(overrides, config_name="train") -> a resolved-ready DictConfig writing to tmp_path."""
+
+    def _compose(overrides: list[str], config_name: str = "train", fast: bool = True) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=CONF):
+            cfg = compose(config_name, overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(tmp_path / "run")
+                cfg.paths.cache_dir = str(tmp_path / "cache")
+                del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` as a user would; returns the completed process (text output)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
