@@ -1,0 +1,1 @@
+"""Approximation metrics: empirical NTK kernels of a probe output and relative output errors."""

@@ -1,0 +1,93 @@
+"""How well a compressed model approximates the original (METHOD.md §4): NTK and output errors.
+
+Knows models only through ``mlp_io``; takes a probe batch and probe outputs from the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.metrics import ntk
+from src.models import mlp_io
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def _mlp_inputs(model: nn.Module, layers: list[int], batch: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Real hidden states entering each layer's MLP ([B, T, h]) and the model's output, from one forward."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        mlp_io.mlp_input_module(model, i).register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0].detach()))
+        for i in layers
+    ]
+    try:
+        out = model(**{k: v for k, v in batch.items() if k in ntk.MODEL_INPUTS}, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    # Classifiers: the logits; language models: the final hidden states (logits are a fixed projection of them).
+    final = out.logits if out.logits.ndim == 2 else out.hidden_states[-1]
+    return captured, final
+
+
+def approximation_metrics(
+    original: nn.Module,
+    compressed: nn.Module,
+    layers: list[int],
+    batch: dict[str, torch.Tensor],
+    probe_fns: dict[str, ntk.ProbeFn],
+    chunk_size: int = 8,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics ``fusion/...`` (first probe fn unqualified, others under ``fusion/<probe>/``) and one row per layer.
+
+    θ groups: each compressed layer's MLP (names differ between the models when the structure
+    changed, so each model gets its own names) and the first uncompressed layer's MLP (the research
+    code's probe layer: same parameters in both models).
+    """
+    probe_layer = next(i for i in range(mlp_io.num_layers(original)) if i not in layers) if len(layers) < mlp_io.num_layers(original) else None
+    metrics: dict[str, float] = {}
+    rows: list[dict[str, Any]] = [{"layer": i} for i in layers]
+    was_training = original.training, compressed.training
+    original.eval(), compressed.eval()
+    try:
+        mask = batch["attention_mask"].bool()
+        inputs_o, final_o = _mlp_inputs(original, layers, batch)
+        _, final_c = _mlp_inputs(compressed, layers, batch)
+        metrics["fusion/logits_rel_err"] = ntk.output_rel_err(final_c, final_o, mask if final_o.ndim == 3 else None)
+        with torch.no_grad():
+            for row, i in zip(rows, layers):
+                x = inputs_o[i]  # [B, T, h]: the original's hidden states, fed to both MLPs
+                err = ntk.output_rel_err(mlp_io.mlp_forward(compressed, i, x), mlp_io.mlp_forward(original, i, x), mask)
+                row["output_rel_err"] = metrics[f"fusion/output_rel_err/layer_{i}"] = err
+        metrics["fusion/output_rel_err"] = sum(r["output_rel_err"] for r in rows) / len(rows)
+
+        def groups(model: nn.Module) -> dict[str, list[str]]:
+            g = {f"layer_{i}": mlp_io.mlp_param_names(model, i) for i in layers}
+            if probe_layer is not None:
+                g["probe"] = mlp_io.mlp_param_names(model, probe_layer)
+            return g
+
+        for n, (probe_name, fn) in enumerate(probe_fns.items()):
+            k_o = ntk.per_sample_kernels(original, groups(original), batch, fn, chunk_size)
+            k_c = ntk.per_sample_kernels(compressed, groups(compressed), batch, fn, chunk_size)
+            prefix = "fusion" if n == 0 else f"fusion/{probe_name}"
+            layer_keys = [f"layer_{i}" for i in layers]
+            for kind, j in (("std", 0), ("sign", 1)):
+                metrics[f"{prefix}/ntk_{kind}_rel_err"] = ntk.rel_err(ntk.sum_kernels(k_c, layer_keys)[j], ntk.sum_kernels(k_o, layer_keys)[j])
+                if probe_layer is not None:
+                    metrics[f"{prefix}/ntk_probe_{kind}_rel_err"] = ntk.rel_err(k_c["probe"][j], k_o["probe"][j])
+                for row, key in zip(rows, layer_keys):
+                    err = ntk.rel_err(k_c[key][j], k_o[key][j])
+                    metrics[f"{prefix}/ntk_{kind}_rel_err/{key}"] = err
+                    if n == 0:
+                        row[f"ntk_{kind}_rel_err"] = err
+    finally:
+        original.train(was_training[0]), compressed.train(was_training[1])
+    if probe_layer is not None:
+        metrics["fusion/ntk_probe_layer"] = float(probe_layer)
+    return metrics, rows
