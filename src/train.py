@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     write_results(cfg, "running")
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg, splits)
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg, ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg))
     start = time.time()
     if cfg.train:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +21,10 @@ CONF = str(ROOT / "conf")
 # Small and quick: a tiny model, a few steps, a few samples.
 FAST = ["trainer.max_steps=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "task.max_train_samples=32",
         "task.max_eval_samples=16", "task.batch_size=8", "task.eval_batch_size=8", "task.max_seq_length=32"]
+
+
+# Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,146 @@
+"""The Lightning callback that compresses the model's MLPs at ``setup``, before optimizers exist.
+
+Rank zero compresses (the cache makes repeats free) and measures the approximation; every other
+rank builds the same structure and receives the weights by broadcast, so all ranks start
+bit-identical. The structure is stored in each checkpoint (``checkpoint["fusion"]``): resuming or
+evaluating a checkpoint rebuilds the shapes from it without compressing again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from src.compress.cache import FusionCache
+from src.metrics.approx import approximation_metrics
+from src.models import mlp_io
+from src.models.build import model_identity
+from src.models.fuse import FusionReport, apply_spec, compress_model
+
+log = logging.getLogger(__name__)
+
+
+class FusionCallback(L.Callback):
+    """Compress ``layers`` to width ``mid_dim`` with ``fn``; log parameters, time and approximation metrics."""
+
+    def __init__(
+        self,
+        method: str,
+        fn: partial,
+        layers: list[int],
+        mid_dim: int,
+        seed: int,
+        re_init_layers: list[int] | None = None,
+        cache_dir: str | None = None,
+        identity: str = "",
+        metrics: dict[str, Any] | None = None,
+        ckpt_path: str | None = None,
+    ) -> None:
+        self.method, self.fn, self.layers, self.mid_dim, self.seed = method, fn, list(layers), mid_dim, seed
+        self.re_init_layers = list(re_init_layers or [])
+        self.cache = FusionCache(Path(cache_dir) / method) if cache_dir else None
+        self.identity = identity
+        self.metrics_cfg = {"enabled": True, "probe_size": 32, "chunk_size": 8, **(metrics or {})}
+        self.ckpt_path = ckpt_path  # a run resumed or evaluated from a checkpoint rebuilds its structure
+        self.spec: dict[str, Any] | None = None
+        self.summary_metrics: dict[str, float] = {}
+        self.layer_rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, ckpt_path: str | None = None) -> FusionCallback:
+        f = cfg.ffn_mode
+        return cls(
+            method=f.name, fn=instantiate(f.compress), layers=list(f.layers), mid_dim=f.mid_dim, seed=f.seed,
+            re_init_layers=list(f.re_init_layers or []), cache_dir=f.cache_dir if f.cache else None,
+            identity=model_identity(cfg.model), metrics=OmegaConf.to_container(f.metrics, resolve=True),
+            ckpt_path=ckpt_path,
+        )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's own settings (k-means restarts, sketch_keep, ...), part of the cache key."""
+        return dict(self.fn.keywords)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.spec is not None:  # fit then test: compressed already
+            return
+        model = pl_module.model
+        # Resume / evaluate: Lightning loads the checkpoint after setup, so build its shapes now.
+        ckpt_spec = self._spec_from_checkpoint(self.ckpt_path)
+        if ckpt_spec is not None:
+            apply_spec(model, ckpt_spec)
+            self.spec = pl_module.fusion_spec = ckpt_spec
+            log.info("rebuilt the compressed structure recorded in %s (no clustering)", self.ckpt_path)
+            return
+        distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+        if trainer.is_global_zero:
+            original = copy.deepcopy(model) if self.metrics_cfg["enabled"] else None
+            report = compress_model(
+                model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
+                options={**self.options, "identity": self.identity}, cache=self.cache, device=trainer.strategy.root_device,
+            )
+            self.spec = report.spec
+            self._reinit(model)
+            self.summary_metrics = report.metrics()
+            if original is not None:
+                self._measure(trainer, pl_module, original, report)
+        if distributed:
+            self.spec = trainer.strategy.broadcast(self.spec, src=0)
+            if not trainer.is_global_zero:
+                apply_spec(model, self.spec)
+            for t in self._compressed_tensors(model):
+                dist.broadcast(t.data, src=0)  # exact bits from rank zero
+        pl_module.fusion_spec = self.spec
+
+    def _reinit(self, model: torch.nn.Module) -> None:
+        for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights
+            mlp_io.reinit_mlp(model, layer)
+            log.info("re-initialised the MLP weights of layer %d (ffn_mode.re_init_layers)", layer)
+
+    def _compressed_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """Every parameter and buffer (the count scale) of the compressed layers' MLPs, in a fixed order."""
+        return [t for i in self.layers for m in mlp_io.mlp_modules(model, i).values() for t in m.state_dict(keep_vars=True).values()]
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, original: torch.nn.Module, report: FusionReport) -> None:
+        """Approximation metrics on the fixed probe set (the first validation samples)."""
+        batch = trainer.datamodule.probe_batch(self.metrics_cfg["probe_size"])
+        batch = {k: v.to(trainer.strategy.root_device) for k, v in batch.items()}
+        metrics, rows = approximation_metrics(original, pl_module.model, self.layers, batch, pl_module.probe_fns, self.metrics_cfg["chunk_size"])
+        for row in rows:
+            row.update(report.layer_stats.get(row["layer"], {}))
+        self.summary_metrics.update(metrics)
+        self.layer_rows = rows
+        log.info(
+            "compression %s k=%d: params %d -> %d; NTK sign rel err %.4f, std %.4f; mean MLP output rel err %.4f",
+            self.method, self.mid_dim, report.params_before, report.params_after, metrics["fusion/ntk_sign_rel_err"],
+            metrics["fusion/ntk_std_rel_err"], metrics["fusion/output_rel_err"],
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.summary_metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(self.summary_metrics, step=0)
+            if isinstance(logger, WandbLogger) and self.layer_rows:
+                cols = sorted({k for r in self.layer_rows for k in r}, key=lambda c: (c != "layer", c))
+                logger.log_table("fusion/layers", columns=cols, data=[[r.get(c) for c in cols] for r in self.layer_rows])
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fusion"] = self.spec
+
+    @staticmethod
+    def _spec_from_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
+        if not ckpt_path:
+            return None
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt.get("fusion")
