@@ -97,7 +97,7 @@ def approx(cfg: DictConfig) -> list[dict[str, Any]]:
     first = next(iter(configs.values()))
     datamodule, module = build_data_and_module(first, checked[next(iter(configs))][1])
     original = module.model.eval()
-    batch = datamodule.probe_batch(first.ffn_mode.metrics.probe_size if "metrics" in first.ffn_mode else 32)
+    batch = datamodule.probe_batch(cfg.approx_metrics.probe_size)
     rows = []
     for m, mc in configs.items():
         if m == "none":
@@ -110,7 +110,7 @@ def approx(cfg: DictConfig) -> list[dict[str, Any]]:
             model, method=m, fn=fn, layers=list(f.layers), mid_dim=f.mid_dim, seed=f.seed,
             options={**fn.keywords, "identity": model_identity(mc.model)}, cache=FusionCache(Path(f.cache_dir) / m) if f.cache else None,
         )
-        metrics, _ = approximation_metrics(original, model, list(f.layers), batch, module.probe_fns, f.metrics.chunk_size)
+        metrics, _ = approximation_metrics(original, model, list(f.layers), batch, module.probe_fns, cfg.approx_metrics.chunk_size)
         rows.append(row(m, metrics, report.params_after, report.seconds))
         log.info("%s: NTK sign err %.4f, output err %.4f, %.2fs", m, metrics["fusion/ntk_sign_rel_err"], metrics["fusion/output_rel_err"], report.seconds)
     out = Path(cfg.paths.output_dir)

@@ -82,14 +82,14 @@ def test_cache_hit_and_corruption(compose_cfg, tmp_path: Path, caplog: pytest.Lo
 
 @pytest.mark.parametrize("method", METHODS)
 def test_train_every_method_tiny_bert(compose_cfg, method: str) -> None:
-    cfg = compose_cfg(["model=tiny_bert", f"ffn_mode={method}", "ffn_mode.metrics.enabled=false"])
+    cfg = compose_cfg(["model=tiny_bert", f"ffn_mode={method}", "approx_metrics.enabled=false"])
     metrics = train(cfg)
     assert metrics["fusion/params_after"] < metrics["fusion/params_before"] and "test/acc" in metrics
 
 
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
 def test_train_with_metrics_other_families(compose_cfg, arch: str) -> None:
-    cfg = compose_cfg([f"model={arch}", "ffn_mode=ntk_cluster", "ffn_mode.metrics.probe_size=8"])
+    cfg = compose_cfg([f"model={arch}", "ffn_mode=ntk_cluster", "approx_metrics.probe_size=8"])
     metrics = train(cfg)
     for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/output_rel_err/layer_3", "fusion/logits_rel_err"):
         assert 0 <= metrics[key] < 10, key
@@ -100,12 +100,12 @@ def test_train_with_metrics_other_families(compose_cfg, arch: str) -> None:
 
 
 def test_resume_rebuilds_without_clustering(compose_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", "ffn_mode.metrics.enabled=false", "trainer.max_steps=-1"])
+    cfg = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "trainer.max_steps=-1"])
     train(cfg)  # one epoch: 32 samples / batch 8 = 4 steps
     import src.callbacks.fusion as fusion
 
     monkeypatch.setattr(fusion, "compress_model", lambda *a, **k: pytest.fail("resume must not compress again"))
-    cfg2 = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", "ffn_mode.metrics.enabled=false", "trainer.max_steps=-1", "trainer.max_epochs=2", "ckpt_path=last"])
+    cfg2 = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "trainer.max_steps=-1", "trainer.max_epochs=2", "ckpt_path=last"])
     metrics = train(cfg2)
     assert "test/acc" in metrics
     ckpt = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -122,7 +122,7 @@ def test_export_round_trip(compose_cfg, tmp_path: Path, layers: str, uniform: bo
     from src.export import export
     from src.models.exported import load_exported
 
-    cfg = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", f"ffn_mode.layers={layers}", "ffn_mode.metrics.enabled=false", "trainer.max_steps=2"])
+    cfg = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", f"ffn_mode.layers={layers}", "approx_metrics.enabled=false", "trainer.max_steps=2"])
     train(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     out = export(str(ckpt), str(tmp_path / "export"))

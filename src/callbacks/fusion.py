@@ -62,7 +62,7 @@ class FusionCallback(L.Callback):
         return cls(
             method=f.name, fn=instantiate(f.compress), layers=list(f.layers), mid_dim=f.mid_dim, seed=f.seed,
             re_init_layers=list(f.re_init_layers or []), cache_dir=f.cache_dir if f.cache else None,
-            identity=model_identity(cfg.model), metrics=OmegaConf.to_container(f.metrics, resolve=True),
+            identity=model_identity(cfg.model), metrics=OmegaConf.to_container(cfg.approx_metrics, resolve=True),
             ckpt_path=ckpt_path,
         )
 
