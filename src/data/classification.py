@@ -59,7 +59,7 @@ def load_classification_splits(task: DictConfig) -> dict[str, pd.DataFrame]:
         if bad.any():
             raise ConfigError(
                 f"{where}: column {task.label_field!r} holds {int(bad.sum())} label(s) outside the task's range, "
-                f"e.g. {df[task.label_field][bad].iloc[0]!r}; allowed: {allowed}."
+                f"e.g. {df[task.label_field][bad].tolist()[0]!r}; allowed: {allowed}."
             )
     return splits
 

@@ -1,0 +1,124 @@
+"""The bad-input catalogue: each case is refused with a short message naming the setting and what is
+allowed, before any model weights load (``build_data_and_module`` is never reached)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra.errors import HydraException
+
+import src.builders
+from src.train import train
+from src.utils.errors import ConfigError
+from tests.conftest import run_cli
+
+
+@pytest.fixture(autouse=True)
+def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(src.builders, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+
+
+def _sst2_dir(root: Path, drop: str | None = None, bad_label: bool = False, splits=("train", "validation")) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in splits:
+        df = pd.DataFrame({"sentence": ["a fine film", "a dull film"], "label": [1, 7 if bad_label and s == "train" else 0]})
+        df.drop(columns=[drop] if drop else []).to_csv(root / f"{s}.csv", index=False)
+    return root
+
+
+CASES = {  # name: (overrides, part of the message)
+    "mid_dim_zero": (["ffn_mode.mid_dim=0"], "ffn_mode.mid_dim=0 must be a positive integer"),
+    "mid_dim_full_width": (["ffn_mode.mid_dim=64"], "allowed is 1..63"),
+    "layers_out_of_range": (["ffn_mode.layers=[1,9]"], "ffn_mode.layers has [9] out of range: the model has layers 0..3"),
+    "layers_repeated": (["ffn_mode.layers=[1,1]"], "repeats a layer"),
+    "layers_empty": (["ffn_mode.layers=[]"], "ffn_mode.layers=[] is empty"),
+    "sketch_keep_too_large": (["ffn_mode=sketch", "ffn_mode.mid_dim=8", "ffn_mode.sketch_keep=8"], "ffn_mode.sketch_keep=8 must be in 0..mid_dim-1"),
+    "re_init_not_compressed": (["ffn_mode.layers=[2,3]", "ffn_mode.re_init_layers=[1]"], "ffn_mode.re_init_layers has [1], which are not among"),
+    "max_seq_length": (["task.max_seq_length=0"], "task.max_seq_length=0 must be a positive integer"),
+    "batch_size": (["task.batch_size=-4"], "task.batch_size=-4 must be a positive integer"),
+    "ckpt_missing": (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path='/nonexistent/x.ckpt': no checkpoint file"),
+    "ckpt_last_missing": (["ckpt_path=last"], "ckpt_path=last resumes the run in hydra.run.dir"),
+    "model_folder_missing": (["model.name_or_path=/nonexistent/model"], "model.name_or_path='/nonexistent/model' is not an existing folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_refused_settings(compose_cfg, name: str) -> None:
+    overrides, message = CASES[name]
+    with pytest.raises(ConfigError, match=_re(message)):
+        train(compose_cfg(["model=tiny_bert", *overrides]))
+
+
+def _re(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no_dir", "does not exist or is not a folder"),
+        ("no_split", "has no file for split 'validation'"),
+        ("no_column", "lacks column(s) ['sentence']"),
+        ("bad_label", "holds 1 label(s) outside the task's range, e.g. 7; allowed: integers 0..1"),
+    ],
+)
+def test_refused_data_dir(compose_cfg, tmp_path: Path, case: str, message: str) -> None:
+    d = {
+        "no_dir": lambda: tmp_path / "nope",
+        "no_split": lambda: _sst2_dir(tmp_path / "d", splits=("train",)),
+        "no_column": lambda: _sst2_dir(tmp_path / "d", drop="sentence"),
+        "bad_label": lambda: _sst2_dir(tmp_path / "d", bad_label=True),
+    }[case]()
+    with pytest.raises(ConfigError, match=_re(message)):
+        train(compose_cfg(["model=tiny_bert", "task=sst2", f"task.data_dir={d}"]))
+
+
+def test_model_folder_with_missing_files(compose_cfg, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="lacks model.safetensors"):
+        train(compose_cfg([f"model.name_or_path={folder}"]))
+
+
+def test_unknown_architecture_for_compression(compose_cfg) -> None:
+    cfg = compose_cfg(["model=tiny_bert", "+model.config.d_model=32", "model.config.model_type=t5"])
+    with pytest.raises(ConfigError, match="model=tiny_bert: .*supported"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("group", ["task", "model", "ffn_mode", "distill", "trainer"])
+def test_unknown_option_lists_valid_ones(compose_cfg, group: str) -> None:
+    with pytest.raises(HydraException, match=f"Could not find '{group}/nope'(.|\n)*Available options in '{group}'"):
+        compose_cfg([f"{group}=nope"])
+
+
+def test_cli_refusal_is_one_paragraph_and_marks_the_run_failed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli("src.train", "model=tiny_bert", "ffn_mode.layers=[7]", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert "ffn_mode.layers has [7] out of range" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "failed" and "ffn_mode.layers" in res["error"]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.csv").exists()
+
+
+def test_cli_unknown_task_creates_no_run_folder(tmp_path: Path) -> None:
+    proc = run_cli("src.train", "task=nope", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and "Available options in 'task'" in proc.stderr and "rt_polarity" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_hub_task_offline_fails_fast(tmp_path: Path) -> None:
+    start = time.time()
+    proc = run_cli("src.train", "task=sst2", "model=tiny_bert", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 2 and time.time() - start < 60
+    out = proc.stdout + proc.stderr
+    assert "task 'sst2'" in out and "task.data_dir" in out and "Traceback" not in out
