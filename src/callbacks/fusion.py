@@ -9,6 +9,7 @@ evaluating a checkpoint rebuilds the shapes from it without compressing again.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from functools import partial
 from pathlib import Path
@@ -100,6 +101,8 @@ class FusionCallback(L.Callback):
                 apply_spec(model, self.spec)
             for t in self._compressed_tensors(model):
                 dist.broadcast(t.data, src=0)  # exact bits from rank zero
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in self._compressed_tensors(model))).hexdigest()[:16]
+        log.info("rank %d: compressed weights sha256 %s", trainer.global_rank, digest)
         pl_module.fusion_spec = self.spec
 
     def _reinit(self, model: torch.nn.Module) -> None:
