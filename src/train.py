@@ -17,7 +17,7 @@ from src.builders import build_callbacks, build_data_and_module, preflight
 from src.callbacks.guards import TrainingDiverged
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
-from src.utils.loggers import build_loggers
+from src.utils.loggers import build_loggers, close_loggers
 from src.validation import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(getattr(module, "perf_summary", {}))
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
         metrics[f"best/{cfg.task.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
+    close_loggers(trainer.loggers)
     write_results(cfg, "completed", metrics=metrics, wall_time_s=time.time() - start)
     return metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_wandb_unreachable_falls_back_offline(compose_cfg, monkeypatch: pytest.M
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert "fusion/ntk_sign_rel_err" in (out / "metrics.csv").read_text()  # CSV regardless of W&B
+    # W&B's own terminal viewer reads the offline run: metrics and the resolved config are there
+    summary = subprocess.run(["wandb", "leet", "inspect", "--summary", str(runs[0])], capture_output=True, text=True, timeout=120).stdout
+    assert "finished" in summary and "fusion/ntk_sign_rel_err" in summary and "test/acc" in summary
+    assert b"ntk_cluster" in next(runs[0].glob("*.wandb")).read_bytes() and b"approx_metrics" in next(runs[0].glob("*.wandb")).read_bytes()
 
 
 def test_no_pickle_and_safe_torch_load() -> None:

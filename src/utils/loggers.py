@@ -55,3 +55,12 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
             )
         )
     return loggers
+
+
+def close_loggers(loggers: list[Logger]) -> None:
+    """Finish W&B runs so the (offline) run is complete on disk when the job returns."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish()
