@@ -1,0 +1,24 @@
+"""Plain k-means clustering baseline: like MLP fusion, but √(cluster size) folded into the weights."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import mlp_from_points
+from .ntk_cluster import cluster_sub_mlps
+from .types import FusedMLP, MLPWeights
+
+
+@torch.no_grad()
+def compress(
+    w: MLPWeights, mid_dim: int, *, seed: int, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4
+) -> FusedMLP:
+    """Cluster the sub-MLPs and fold √n_j into neuron j (no separate scale).
+
+    Plain MLPs: into the up row, up bias and down column. Gated MLPs: into the gate row and down
+    column. With ReLU the output then equals ``ntk_cluster``'s at the start; with GELU/SiLU it
+    does not, and in every case the trainable weights carry the scale.
+    """
+    km, stats = cluster_sub_mlps(w, mid_dim, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+    fold = km.counts.to(km.centroids.dtype).sqrt()
+    return FusedMLP(mlp_from_points(km.centroids, w, fold=fold), stats=stats)
