@@ -44,6 +44,7 @@ def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
     hf = load_hf_config(cfg.model)
     validation.check_architecture(cfg, hf)
     validation.resolve_ffn_mode(cfg, hf)
+    validation.resolve_context_length(cfg, hf)
     if "check" in cfg.distill:
         instantiate(cfg.distill.check)(cfg)
     load_splits, _, _ = task_classes(cfg.task.kind)
@@ -55,18 +56,23 @@ def build_data_and_module(cfg: DictConfig, splits: dict[str, Any]) -> tuple[L.Li
     """The DataModule (tokenized splits) and the LightningModule (loads the model weights)."""
     _, datamodule_cls, module_cls = task_classes(cfg.task.kind)
     tokenizer = load_tokenizer(cfg.model)
-    datamodule = datamodule_cls(cfg.task, tokenizer, splits)
+    datamodule = datamodule_cls(cfg.task, tokenizer, splits, seed=cfg.seed)
     module = module_cls(cfg.model, cfg.task, cfg.optim, output_dir=cfg.paths.output_dir)
     return datamodule, module
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Config callbacks, then the compression callback (none for ``ffn_mode=none``), then distillation."""
+def build_callbacks(cfg: DictConfig, ckpt_path: str | None = None) -> list[L.Callback]:
+    """Config callbacks, then distillation, then the compression callback (none for ``ffn_mode=none``).
+
+    Distillation comes first: its ``setup`` copies the uncompressed teacher before the compression
+    callback's ``setup`` compresses (Lightning calls callbacks in list order).
+    """
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    if cfg.distill.name != "none":
+        # a partial called with cfg: passing cfg to instantiate would merge it and break its interpolations
+        callbacks.append(instantiate(cfg.distill.callback)(cfg, ckpt_path))
     if cfg.ffn_mode.name != "none":
         from src.callbacks.fusion import FusionCallback
 
-        callbacks.append(FusionCallback.from_config(cfg))
-    if cfg.distill.name != "none":
-        callbacks.append(instantiate(cfg.distill.callback, cfg=cfg))
+        callbacks.append(FusionCallback.from_config(cfg, ckpt_path))
     return callbacks

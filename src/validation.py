@@ -33,6 +33,15 @@ def mlp_shape(hf: PretrainedConfig) -> tuple[int, int]:
     return n, d
 
 
+def resolve_context_length(cfg: DictConfig, hf: PretrainedConfig) -> None:
+    """Fill ``task.model_max_positions`` (where the task declares it) from the model's config.
+
+    Generation tasks cut their sequences to fit it, and check that ``max_new_tokens`` does.
+    """
+    if "model_max_positions" in cfg.task:
+        cfg.task.model_max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+
+
 def resolve_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
     """Fill the defaults (top two thirds of the layers, a quarter of the width) and check every option."""
     f = cfg.ffn_mode

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from src.data.resumable import ResumableTrainData
 from src.data.files import check_columns, load_hub_splits, read_local_split, rotten_tomatoes_corpus, seeded_split
 from src.utils.errors import ConfigError
 
@@ -64,12 +65,12 @@ def load_classification_splits(task: DictConfig) -> dict[str, pd.DataFrame]:
     return splits
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(ResumableTrainData, L.LightningDataModule):
     """Tokenizes the splits once and serves padded batches; val/test hold one loader per split."""
 
-    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame]) -> None:
+    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame], seed: int = 0) -> None:
         super().__init__()
-        self.task, self.tokenizer, self.raw = task, tokenizer, splits
+        self.task, self.tokenizer, self.raw, self.seed = task, tokenizer, splits, seed
         self.collate = DataCollatorWithPadding(tokenizer)
         self.data: dict[str, Dataset] = {}
 
@@ -95,18 +96,19 @@ class ClassificationDataModule(L.LightningDataModule):
             if split in self.raw:
                 self.data[split] = self._encode(self.raw[split], t.max_eval_samples)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        bs = self.task.batch_size if shuffle else self.task.eval_batch_size
-        return DataLoader(self.data[split], batch_size=bs, shuffle=shuffle, collate_fn=self.collate, num_workers=self.task.num_workers)
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.data[split], batch_size=self.task.eval_batch_size, collate_fn=self.collate,
+                          num_workers=self.task.num_workers, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.resumable_loader(self.data["train"], self.seed, batch_size=self.task.batch_size,
+                            collate_fn=self.collate, num_workers=self.task.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s, False) for s in self.task.eval_splits.values()]
+        return [self._loader(s) for s in self.task.eval_splits.values()]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s, False) for s in self.task.test_splits.values() if s in self.data]
+        return [self._loader(s) for s in self.task.test_splits.values() if s in self.data]
 
     @property
     def test_prefixes(self) -> list[str]:

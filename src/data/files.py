@@ -53,14 +53,18 @@ def check_columns(df: pd.DataFrame, columns: list[str], where: str, setting: str
         )
 
 
-def load_hub_splits(path: str, name: str | None, splits: list[str], task: str) -> dict[str, pd.DataFrame]:
-    """Download splits with ``datasets``; fail fast if the Hub is unreachable."""
+def load_hub_splits(path: str, name: str | None, splits: list[str], task: str, revision: str | None = None) -> dict[str, pd.DataFrame]:
+    """Download splits with ``datasets``; fail fast if the Hub is unreachable.
+
+    ``revision`` picks a branch, e.g. ``refs/convert/parquet`` for datasets that only ship a loading
+    script, which ``datasets`` no longer runs.
+    """
     require_hub(f"task {task!r} ({path}{'/' + name if name else ''})", "task.data_dir", "a folder of local split files")
     import datasets
 
     out = {}
     for split in splits:
-        out[split] = datasets.load_dataset(path, name, split=split).to_pandas()
+        out[split] = datasets.load_dataset(path, name, split=split, revision=revision).to_pandas()
     return out
 
 

@@ -1,0 +1,163 @@
+"""Causal-LM fine-tuning for data-to-text generation: perplexity, then generation and its corpus metrics.
+
+Batches come from ``src.data.generation.GenerationDataModule``: training batches are (source,
+target) sequences with labels -100 outside the target; evaluation batches are unique sources,
+holding every (source, reference) sequence for perplexity and the left-padded prompts to generate from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torchmetrics import MeanMetric
+from torchmetrics.functional.text import chrf_score, rouge_score, sacre_bleu_score, translation_edit_rate
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from src.modules.base import FineTuneModule
+from src.utils.io import write_text
+
+log = logging.getLogger(__name__)
+
+
+def corpus_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """BLEU (SacreBLEU), ROUGE-L F (best over references), TER and chrF, each with every reference; 0..1 scales."""
+    rouge = rouge_score(predictions, references, rouge_keys="rougeL", accumulate="best")
+    return {
+        "bleu": float(sacre_bleu_score(predictions, references)),
+        "rouge_l": float(rouge["rougeL_fmeasure"]),
+        "ter": float(translation_edit_rate(predictions, references)),
+        "chrf": float(chrf_score(predictions, references)),
+    }
+
+
+@torch.no_grad()
+def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   eos_token_id: int, pad_token_id: int, max_new_tokens: int, num_beams: int = 1) -> list[str]:
+    """Decode continuations of left-padded prompts [B, S]: greedy for ``num_beams`` 1, else beam search.
+
+    A fresh GenerationConfig, so that no sampling default of the model's own generation config applies.
+    """
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)  # [B, S + new]
+    texts = tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+    return [" ".join(text.split()) for text in texts]
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows (DDP), deduplicated by ``idx`` (the sampler pads with repeats) and in order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, rows)
+        rows = [r for part in parts for r in part]
+    return sorted({r["idx"]: r for r in rows}.values(), key=lambda r: r["idx"])
+
+
+class CausalLMModule(FineTuneModule):
+    """AutoModelForCausalLM fine-tuning with the loss on the target tokens; generation at test time."""
+
+    head = "generation"
+
+    def __init__(self, model: Any, task: Any, optim: Any, output_dir: str | None = None) -> None:
+        super().__init__(model, task, optim)
+        t = self.hparams.task
+        self.output_dir = output_dir
+        self.eval_prefixes: list[str] = list(t["eval_splits"])
+        # token-averaged NLL over a whole split (synced across ranks): exp of it is the perplexity
+        self.nll = torch.nn.ModuleDict({p: MeanMetric() for p in [*t["eval_splits"], *t["test_splits"]]})
+        self._generations: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def probe_fns(self) -> dict[str, Callable]:
+        from src.metrics import ntk
+
+        return {"target_loglik": ntk.target_loglik}
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Early stopping on the monitored metric (validation perplexity) when ``task.early_stopping``."""
+        t = self.hparams.task
+        if not t.get("early_stopping"):
+            return []
+        return [EarlyStopping(monitor=t["monitor"], mode=t["monitor_mode"], patience=t["patience"])]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+
+    def token_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NLL of every target token, [N]: position t predicts labels[t + 1] (HF's causal-LM shift).
+
+        The output layer runs on the N target positions only, not on all B·T: with a large
+        vocabulary it is most of the cost (and memory) of a small model.
+        """
+        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        target = batch["labels"][:, 1:]  # [B, T-1]
+        keep = target != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
+        return F.cross_entropy(logits.float(), target[keep], reduction="none")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.token_nll(batch).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        # every reference of every source: chunks of eval_batch_size sequences, each cut to its longest
+        size = self.hparams.task["eval_batch_size"]
+        for start in range(0, batch["input_ids"].shape[0], size):
+            rows = slice(start, start + size)
+            width = int(batch["attention_mask"][rows].sum(1).max())
+            chunk = {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "labels")}
+            self.nll[prefix].update(self.token_nll(chunk))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.eval_prefixes[dataloader_idx])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        prefix = self.trainer.datamodule.test_prefixes[dataloader_idx]
+        self._eval_step(batch, prefix)
+        predictions = self.generate(batch["prompt_ids"], batch["prompt_mask"])
+        self._generations.setdefault(prefix, []).extend(
+            {"idx": int(i), "source": s, "prediction": p, "references": r}
+            for i, s, p, r in zip(batch["idx"], batch["sources"], predictions, batch["references"])
+        )
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+        """Continuations of left-padded prompts [B, S] with the task's decoding settings."""
+        t, dm = self.hparams.task, self.trainer.datamodule
+        return generate_texts(self.model, dm.tokenizer, prompt_ids, prompt_mask, eos_token_id=dm.eos_token_id,
+                              pad_token_id=dm.pad_token_id, max_new_tokens=t["max_new_tokens"], num_beams=t["num_beams"])
+
+    def _log_perplexity(self, prefixes: list[str]) -> None:
+        for p in prefixes:
+            if not self.nll[p].update_count:
+                continue
+            loss = self.nll[p].compute()
+            self.log_dict({f"{p}/loss": loss, f"{p}/ppl": torch.exp(loss)}, add_dataloader_idx=False)
+            self.nll[p].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity(self.eval_prefixes)
+
+    def on_test_epoch_end(self) -> None:
+        prefixes = self.trainer.datamodule.test_prefixes
+        self._log_perplexity(prefixes)
+        for prefix in prefixes:  # every rank in the same order, also one that saw no batch (the gather is collective)
+            rows = gather_rows(self._generations.get(prefix, []))
+            if not rows:
+                continue
+            scores = corpus_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
+            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, add_dataloader_idx=False)
+            if self.trainer.is_global_zero and self.output_dir:
+                path = Path(self.output_dir) / "generations" / f"{prefix}.jsonl"
+                fields = ("source", "prediction", "references")
+                write_text(path, "".join(json.dumps({k: r[k] for k in fields}, ensure_ascii=False) + "\n" for r in rows))
+                log.info("%s: wrote %d generations to %s; e.g. %r -> %r", prefix, len(rows), path, rows[0]["source"], rows[0]["prediction"])
+        self._generations.clear()
