@@ -70,3 +70,13 @@ class ValidateAtMaxSteps(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class RNGStateCheckpoint(L.Callback):
+    """Saves torch's global RNG state (dropout) in checkpoints and restores it on resume."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])

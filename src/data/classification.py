@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import lightning as L
 import pandas as pd
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from src.data.resumable import ResumableTrainData
+from src.data.base import TaskDataModule
 from src.data.files import check_columns, load_hub_splits, read_local_split, rotten_tomatoes_corpus, seeded_split
 from src.utils.errors import ConfigError
 
@@ -65,13 +63,13 @@ def load_classification_splits(task: DictConfig) -> dict[str, pd.DataFrame]:
     return splits
 
 
-class ClassificationDataModule(ResumableTrainData, L.LightningDataModule):
+class ClassificationDataModule(TaskDataModule):
     """Tokenizes the splits once and serves padded batches; val/test hold one loader per split."""
 
     def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame], seed: int = 0) -> None:
         super().__init__()
         self.task, self.tokenizer, self.raw, self.seed = task, tokenizer, splits, seed
-        self.collate = DataCollatorWithPadding(tokenizer)
+        self.train_collate = self.eval_collate = DataCollatorWithPadding(tokenizer)
         self.data: dict[str, Dataset] = {}
 
     def _encode(self, df: pd.DataFrame, limit: int | None) -> Dataset:
@@ -96,28 +94,9 @@ class ClassificationDataModule(ResumableTrainData, L.LightningDataModule):
             if split in self.raw:
                 self.data[split] = self._encode(self.raw[split], t.max_eval_samples)
 
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.data[split], batch_size=self.task.eval_batch_size, collate_fn=self.collate,
-                          num_workers=self.task.num_workers, generator=torch.Generator())
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.data["train"], self.seed, batch_size=self.task.batch_size,
-                            collate_fn=self.collate, num_workers=self.task.num_workers)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s) for s in self.task.eval_splits.values()]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s) for s in self.task.test_splits.values() if s in self.data]
-
-    @property
-    def test_prefixes(self) -> list[str]:
-        """Metric prefixes (``test``, ``test_mm``) of the test loaders, in order."""
-        return [p for p, s in self.task.test_splits.items() if s in self.data]
-
     def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` validation samples, padded: the fixed probe set of the NTK metrics."""
         self.setup()
         ds = self.data[next(iter(self.task.eval_splits.values()))]
         n = min(n, len(ds))
-        return self.collate([{k: v for k, v in ds[i].items() if k != "idx"} for i in range(n)])
+        return self.eval_collate([{k: v for k, v in ds[i].items() if k != "idx"} for i in range(n)])

@@ -20,16 +20,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from src.data.base import TaskDataModule
 from src.data.files import check_columns, load_hub_splits, read_local_split, rotten_tomatoes_corpus, seeded_split
-from src.data.resumable import ResumableTrainData
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -138,7 +136,7 @@ def pad(seqs: Sequence[list[int]], value: int, left: bool = False) -> torch.Tens
     return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in seqs])
 
 
-class GenerationDataModule(ResumableTrainData, L.LightningDataModule):
+class GenerationDataModule(TaskDataModule):
     """Tokenizes the splits once; training batches are pairs, evaluation batches are unique sources."""
 
     def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame], seed: int = 0) -> None:
@@ -224,15 +222,15 @@ class GenerationDataModule(ResumableTrainData, L.LightningDataModule):
             if split in self.raw:
                 self.data[split] = self._encode(self.raw[split], split, True, t.max_eval_samples)
 
-    def collate_pairs(self, pairs: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def train_collate(self, pairs: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded input_ids, attention_mask and labels [B, T]; padding is -100 in the labels."""
         input_ids = pad([p["input_ids"] for p in pairs], self.pad_token_id)
         mask = pad([[1] * len(p["input_ids"]) for p in pairs], 0)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad([p["labels"] for p in pairs], -100)}
 
-    def collate_sources(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def eval_collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Every pair of the batch's sources (teacher forcing), plus their left-padded prompts [B, S] for generation."""
-        batch: dict[str, Any] = self.collate_pairs([p for it in items for p in it["pairs"]])
+        batch: dict[str, Any] = self.train_collate([p for it in items for p in it["pairs"]])
         batch["prompt_ids"] = pad([it["prompt_ids"] for it in items], self.pad_token_id, left=True)
         batch["prompt_mask"] = pad([[1] * len(it["prompt_ids"]) for it in items], 0, left=True)
         batch["idx"] = torch.tensor([it["idx"] for it in items])
@@ -240,28 +238,8 @@ class GenerationDataModule(ResumableTrainData, L.LightningDataModule):
         batch["references"] = [it["references"] for it in items]
         return batch
 
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.data["train"], self.seed, batch_size=self.task.batch_size,
-                            collate_fn=self.collate_pairs, num_workers=self.task.num_workers)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        # its own generator: creating an iterator must not draw from the global RNG (dropout's)
-        return DataLoader(self.data[split], batch_size=self.task.eval_batch_size, collate_fn=self.collate_sources,
-                          num_workers=self.task.num_workers, generator=torch.Generator())
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(s) for s in self.task.eval_splits.values()]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(s) for s in self.task.test_splits.values() if s in self.data]
-
-    @property
-    def test_prefixes(self) -> list[str]:
-        """Metric prefixes (``test``) of the test loaders, in order."""
-        return [p for p, s in self.task.test_splits.items() if s in self.data]
-
     def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` validation sources with their first reference, padded: the NTK metrics' probe set."""
         self.setup()
         items = self.data[next(iter(self.task.eval_splits.values()))][:n]
-        return self.collate_pairs([it["pairs"][0] for it in items])
+        return self.train_collate([it["pairs"][0] for it in items])

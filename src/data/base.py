@@ -1,4 +1,4 @@
-"""A training DataLoader that resumes exactly where a killed run stopped, mid-epoch.
+"""The task DataModules' base, whose training loader resumes exactly where a killed run stopped.
 
 Each epoch's order is a permutation seeded by (seed, epoch), so it does not depend on what ran
 before; after a restart from a mid-epoch checkpoint, the loader skips the batches that the
@@ -47,15 +47,23 @@ class ResumableDataLoader(DataLoader):
         return it
 
 
-class ResumableTrainData:
-    """DataModule mixin: checkpoints how many batches of the current epoch were trained.
+class TaskDataModule(L.LightningDataModule):
+    """Base of the task DataModules: loaders, and how many batches of the current epoch were trained.
 
     Lightning restores a DataModule's state before it first asks for the training loader, so the
     loader can start at the checkpoint's batch.
     """
 
-    trainer: L.Trainer | None
+    task: Any  # the task config
+    data: dict[str, Any]  # split -> tokenized dataset
+    seed: int = 0
     _resume_skip: int = 0
+
+    def train_collate(self, items: list[Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def eval_collate(self, items: list[Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         # written at a batch's end: that batch counts as processed (not yet completed)
@@ -65,19 +73,26 @@ class ResumableTrainData:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_skip = state_dict.get("batches_done_in_epoch", 0)
 
-    def resumable_loader(self, dataset: Any, seed: int, **kwargs: Any) -> ResumableDataLoader:
-        """The training loader; its own generator, so making an iterator never draws from dropout's global RNG."""
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Seeded epoch order; after a mid-epoch restart, starts at the checkpoint's batch."""
+        dataset, bs = self.data["train"], self.task.batch_size
         skip, self._resume_skip = self._resume_skip, 0
-        n_batches = -(-len(dataset) // kwargs["batch_size"])
-        skip = skip if 0 < skip < n_batches else 0  # at an epoch's end the next epoch starts afresh
-        return ResumableDataLoader(dataset, sampler=EpochSeededSampler(len(dataset), seed), generator=torch.Generator(), skip=skip, **kwargs)
+        skip = skip if 0 < skip < -(-len(dataset) // bs) else 0  # at an epoch's end the next epoch starts afresh
+        # its own generator: making an iterator must not draw from the global RNG (dropout's)
+        return ResumableDataLoader(dataset, sampler=EpochSeededSampler(len(dataset), self.seed), generator=torch.Generator(), skip=skip,
+                                   batch_size=bs, collate_fn=self.train_collate, num_workers=self.task.num_workers)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.data[split], batch_size=self.task.eval_batch_size, collate_fn=self.eval_collate,
+                          num_workers=self.task.num_workers, generator=torch.Generator())
 
-class RNGStateCheckpoint(L.Callback):
-    """Saves torch's global RNG state (dropout) in checkpoints and restores it on resume."""
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s) for s in self.task.eval_splits.values()]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"torch": torch.get_rng_state()}
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s) for s in self.task.test_splits.values() if s in self.data]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
+    @property
+    def test_prefixes(self) -> list[str]:
+        """Metric prefixes (``test``, ``test_mm``) of the test loaders, in order."""
+        return [p for p, s in self.task.test_splits.items() if s in self.data]
