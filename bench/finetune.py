@@ -1,0 +1,200 @@
+"""Fine-tuning cost: time per training step and peak memory of each fused model against the full one.
+
+The bound a fused model can reach is the FLOP ratio of one training step (forward + backward,
+counted by ``torch.utils.flop_counter.FlopCounterMode``); the target is a measured speed-up of at
+least 90 % of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import (
+    BenchResult,
+    Sizes,
+    adamw,
+    compose_config,
+    forward_backward,
+    optimizer_step,
+    paired_ratio,
+    real_batches,
+    rotated,
+    sync,
+    target,
+    timed,
+)
+from src.compress.cache import FusionCache
+from src.models.build import build_model, model_identity
+from src.models.fuse import compress_model
+
+MODES = ("none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune")
+BOUND_TARGET = 0.9
+WARMUP = 2  # untimed steps per model: the first allocates AdamW's moments
+
+
+class Trainee:
+    """One model in training: the (compressed) classifier, its optimizer and schedule."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, total_steps: int) -> None:
+        self.mode = cfg.ffn_mode.name
+        torch.manual_seed(cfg.seed)  # a config-built (random) model gets the same weights for every mode
+        self.model = build_model(cfg.model, "classification", num_labels=cfg.task.num_labels)
+        if self.mode != "none":
+            f = cfg.ffn_mode
+            fn = instantiate(f.compress)
+            compress_model(self.model, method=self.mode, fn=fn, layers=f.layers, mid_dim=f.mid_dim, seed=f.seed,
+                           options={**fn.keywords, "identity": model_identity(cfg.model)},
+                           cache=FusionCache(Path(f.cache_dir) / self.mode) if f.cache else None, device=device)
+        self.model.to(device).train()
+        self.opt, self.sched = adamw(self.model, cfg.optim, total_steps)
+        self.clip = cfg.trainer.gradient_clip_val
+
+    def step(self, batch: dict[str, Tensor], device: torch.device) -> tuple[float, float]:
+        """One training step; returns the seconds of forward + backward and of the whole step."""
+        fwd_bwd = timed(lambda: forward_backward(self.model, batch), device)
+        rest = timed(lambda: optimizer_step(self.model, self.opt, self.sched, self.clip), device)
+        return fwd_bwd, fwd_bwd + rest
+
+    def flops(self, batch: dict[str, Tensor]) -> int:
+        """FLOPs of forward + backward on ``batch`` (matrix products; the optimizer's work is not counted)."""
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(self.model, batch)
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def persistent_bytes(self) -> int:
+        """Bytes held between steps: parameters, buffers and the optimizer's state."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [t for state in self.opt.state.values() for t in state.values() if isinstance(t, Tensor)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    def peak_step_bytes(self, batch: dict[str, Tensor], device: torch.device) -> int:
+        """Peak bytes allocated within one training step and live at once (activations, gradients, temporaries)."""
+        def run() -> None:
+            forward_backward(self.model, batch)
+            optimizer_step(self.model, self.opt, self.sched, self.clip)
+
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            run()
+            sync(device)
+            return torch.cuda.max_memory_allocated(device) - start
+        with _fd2_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        return _peak_live_bytes(prof)
+
+
+def run(sizes: Sizes, device: torch.device) -> BenchResult:
+    """Build every mode's model, count FLOPs and memory, then time steps with the modes interleaved."""
+    cfgs = {mode: compose_config(sizes, mode) for mode in MODES}
+    total_steps = WARMUP + sizes.step_reps + 2
+    trainees = {mode: Trainee(cfg, device, total_steps) for mode, cfg in cfgs.items()}
+    batches = real_batches(cfgs["none"], WARMUP + sizes.step_reps, device)
+
+    for i in range(WARMUP):
+        for mode in rotated(MODES, i):
+            trainees[mode].step(batches[i], device)
+    flops = {mode: t.flops(batches[0]) for mode, t in trainees.items()}
+    memory = {mode: t.persistent_bytes() + t.peak_step_bytes(batches[0], device) for mode, t in trainees.items()}
+    fwd_bwd: dict[str, list[float]] = {mode: [] for mode in MODES}
+    step: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for i in range(WARMUP, WARMUP + sizes.step_reps):
+        for mode in rotated(MODES, i):
+            fb, s = trainees[mode].step(batches[i], device)
+            fwd_bwd[mode].append(fb)
+            step[mode].append(s)
+
+    rows = [_row(mode, trainees[mode], flops, memory, fwd_bwd, step) for mode in MODES]
+    task = cfgs["none"].task
+    return BenchResult(
+        name="finetune",
+        title=f"Fine-tuning cost: fused vs full {cfgs['none'].model.name}, layers {list(sizes.layers)} -> width {sizes.mid_dim}",
+        columns=[("mode", "ffn_mode"), ("params_m", "params M"), ("gflops", "GFLOP/step"), ("bound", "FLOP bound"),
+                 ("step_ms", "step ms"), ("speedup", "speed-up"), ("of_bound", "of bound"), ("fwd_bwd_speedup", "fwd+bwd speed-up"),
+                 ("fwd_bwd_of_bound", "fwd+bwd of bound"), ("peak_mb", "peak MB"), ("memory_ratio", "memory full/fused")],
+        rows=rows,
+        targets=[target(f"speed-up / FLOP bound, {r['mode']}", r["of_bound"], ">=", BOUND_TARGET) for r in rows if r["mode"] != "none"],
+        notes=[
+            f"one step: batch {task.batch_size} real Rotten Tomatoes training sentences padded to {task.max_seq_length} tokens, "
+            f"cross-entropy, backward, grad-norm clipping {cfgs['none'].trainer.gradient_clip_val}, AdamW (the project's groups), "
+            f"linear schedule; fp32; dropout on. {WARMUP} warm-up steps, then {sizes.step_reps} timed steps per model, "
+            "the models interleaved in a rotating order.",
+            "FLOP bound = FLOPs of the full model's forward + backward / the fused model's (FlopCounterMode: matrix products "
+            "only); speed-up = median over steps of the paired ratio full time / fused time; 'of bound' = speed-up / bound. "
+            "fwd+bwd columns leave out the optimizer step, which the FLOP count does not cover.",
+            "peak MB = persistent state (parameters, buffers, AdamW moments) + the peak of the bytes allocated during one "
+            + ("step and live at once (torch.cuda.max_memory_allocated over the step)." if device.type == "cuda" else
+               "step and live at once, replayed from the PyTorch profiler's allocation events (exact for PyTorch's CPU "
+               "allocator; blind to memory outside it, e.g. oneDNN scratch). Not the process RSS, which holds all seven models."),
+        ],
+        settings={"modes": MODES, "reps": sizes.step_reps, "warmup": WARMUP, "layers": list(sizes.layers), "mid_dim": sizes.mid_dim,
+                  "batch_size": task.batch_size, "seq_len": task.max_seq_length, "times_fwd_bwd": fwd_bwd, "times_step": step},
+    )
+
+
+def _row(mode: str, t: Trainee, flops: dict, memory: dict, fwd_bwd: dict, step: dict) -> dict:
+    bound = flops["none"] / flops[mode]
+    speedup = paired_ratio(step["none"], step[mode])
+    fb_speedup = paired_ratio(fwd_bwd["none"], fwd_bwd[mode])
+    return {
+        "mode": mode, "params_m": sum(p.numel() for p in t.model.parameters()) / 1e6, "gflops": flops[mode] / 1e9,
+        "bound": bound, "step_ms": 1e3 * statistics.median(step[mode]), "speedup": speedup, "of_bound": speedup / bound,
+        "fwd_bwd_ms": 1e3 * statistics.median(fwd_bwd[mode]), "fwd_bwd_speedup": fb_speedup, "fwd_bwd_of_bound": fb_speedup / bound,
+        "peak_mb": memory[mode] / 2**20, "memory_ratio": memory["none"] / memory[mode],
+    }
+
+
+@contextmanager
+def _fd2_silenced() -> Iterator[None]:
+    """Kineto writes "USDT: profiler_start/stop" straight to file descriptor 2 on every profile: keep it
+    out of the tables (an exception still propagates and prints once fd 2 is back)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peak_live_bytes(prof: profile) -> int:
+    """Replay the CPU allocation events of a profile: the peak of bytes allocated inside it and not yet freed.
+
+    Frees of blocks allocated before the profile started are ignored, so the result is what the
+    profiled code needed on top of what already existed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), key=lambda e: e["ts"])
+    live: dict[int, int] = {}
+    current = peak = 0
+    for e in memory:
+        addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
+        if nbytes > 0:
+            live[addr] = live.get(addr, 0) + nbytes
+            current += nbytes
+        elif addr in live:
+            current -= live.pop(addr)
+        peak = max(peak, current)
+    return peak

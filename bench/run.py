@@ -1,0 +1,133 @@
+"""Run the benchmarks: ``python -m bench.run [--quick] [--device cpu|cuda] [--only NAME] [--out DIR] [--threads N]``.
+
+Each benchmark writes ``<out>/<name>.json`` (atomically) and prints its table of ratios in Markdown,
+headed by the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from threadpoolctl import threadpool_limits
+
+from bench import finetune, fusion, ntk, overhead
+from bench.common import FULL, QUICK, BenchResult, Sizes, machine
+from src.utils.io import write_json
+
+BENCHMARKS: dict[str, Callable[[Sizes, torch.device], BenchResult]] = {
+    "fusion": fusion.run,
+    "ntk": ntk.run,
+    "finetune": finetune.run,
+    "overhead": overhead.run,
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (CI smoke run, about a minute)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--only", choices=tuple(BENCHMARKS), help="run one benchmark")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON results (default: bench/results)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch, scikit-learn and faiss alike (default: all cores; "
+                   "1 with --quick, where a second thread on tiny ops only adds contention)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen benchmarks in order; print each table and write its JSON."""
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here", file=sys.stderr)
+        return 2
+    device, sizes = torch.device(args.device), QUICK if args.quick else FULL
+    threads = args.threads or (1 if args.quick else torch.get_num_threads())
+    with _quiet(), _threads(threads):
+        for name in [args.only] if args.only else list(BENCHMARKS):
+            start = time.perf_counter()
+            result = BENCHMARKS[name](sizes, device)
+            record = {"mode": sizes.name, "command": _command(argv), "machine": machine(device),
+                      "wall_s": time.perf_counter() - start, **asdict(result)}
+            write_json(args.out / f"{name}.json", record)
+            print(format_record(record), flush=True)
+    return 0
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Every library on ``n`` threads (torch's intra-op pool, OpenMP and BLAS pools); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A benchmark's record as Markdown: title, machine, table, targets, notes."""
+    m = record["machine"]
+    where = f"{m['cpu']}, {m['cpus']} CPUs, torch {m['torch']}, threads: {m['torch_threads']}" + (f", {m['gpu']}" if "gpu" in m else "")
+    lines = [
+        f"### {record['title']}",
+        "",
+        f"`{record['command']}` ({record['mode']} mode) on {m['device']}: {where}; load average {m['load_avg_1m']} "
+        f"at the end; {record['wall_s']:.0f} s.",
+        "",
+        "| " + " | ".join(header for _, header in record["columns"]) + " |",
+        "|" + "---|" * len(record["columns"]),
+    ]
+    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in record["columns"]) + " |" for row in record["rows"]]
+    lines.append("")
+    for t in record["targets"]:
+        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['what']} = {_fmt(t['value'])} (target {t['goal']})")
+    if record["mode"] == "quick":
+        lines.append("- quick mode: tiny sizes; the targets are only meaningful in full mode")
+    lines += ["", *[f"> {note}" for note in record["notes"]], ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        small_or_large = value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5)
+        return f"{value:.2e}" if small_or_large else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    return "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep library chatter (weight-loading reports, Lightning's device banner) out of the tables; restored after."""
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    loggers = {name: logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "src")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for logger in loggers.values():
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
