@@ -1,0 +1,87 @@
+"""The sweep report on a synthetic multirun folder: table, CSV, plots; failed and running runs left out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from src.report import build_report, main
+
+METRICS = {"fusion/ntk_std_rel_err": 0.5, "fusion/output_rel_err": 0.2, "fusion/params_after": 2.0e7,
+           "fusion/params_before": 2.3e7, "perf/step_time_s": 0.25, "perf/peak_mem_mb": 900.0, "val/acc": 0.7}
+
+
+def _run(root: Path, name: str, status: str, mode: str, mid_dim: int | None, seed: int, metrics: dict, error: str | None = None) -> None:
+    """A run folder as src.train leaves it: .hydra/config.yaml and results.json."""
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nffn_mode:\n  name: {mode}\ntask:\n  name: rt_polarity\n  monitor: val/acc\n")
+    res = {"status": status, "task": "rt_polarity", "model": "minilm", "ffn_mode": mode, "mid_dim": mid_dim, "seed": seed,
+           "distill": "none", "monitor": "val/acc", "metrics": metrics}
+    (d / "results.json").write_text(json.dumps(res if error is None else {**res, "error": error}))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """2 methods x 2 widths x 2 seeds, a full fine-tuning baseline (with a width an experiment left
+    in its config), one failed and one still-running run whose numbers must not count."""
+    root = tmp_path / "2026-01-01_00-00-00_sweep"
+    n = 0
+    for mode, base in (("ntk_cluster", 0.80), ("cluster", 0.70)):
+        for k in (16, 32):
+            for seed in (1, 2):
+                m = {**METRICS, "test/acc": base + 0.01 * seed, "fusion/ntk_sign_rel_err": 1.0 / k + 0.001 * seed}
+                _run(root, f"{n}_rt-{mode}-k{k}-s{seed}", "completed", mode, k, seed, m)
+                n += 1
+    for seed in (1, 2):
+        _run(root, f"{n}_rt-none-s{seed}", "completed", "none", 32, seed, {"test/acc": 0.9, "perf/step_time_s": 0.3, "perf/peak_mem_mb": 950.0})
+        n += 1
+    _run(root, f"{n}_rt-ntk_cluster-k16-s3", "failed", "ntk_cluster", 16, 3, {"test/acc": 0.0}, error="RuntimeError: out of memory\ntrace")
+    _run(root, f"{n + 1}_rt-ntk_cluster-k16-s4", "running", "ntk_cluster", 16, 4, {})
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_report_table_csv_and_plots(sweep: Path) -> None:
+    table, others, text = build_report(sweep)
+    rows = {(r.method, None if pd.isna(r.mid_dim) else int(r.mid_dim)): r for r in table.itertuples(index=False)}
+    assert set(rows) == {("ntk_cluster", 16), ("ntk_cluster", 32), ("cluster", 16), ("cluster", 32), ("none", None)}
+    fused = table[(table.method == "ntk_cluster") & (table.mid_dim == 16)].iloc[0]
+    # the failed run's test/acc of 0.0 and the running run are not averaged in
+    assert fused["seeds"] == 2 and fused["test/acc mean"] == pytest.approx(0.815)
+    assert fused["test/acc std"] == pytest.approx(0.00707107, rel=1e-4)
+    assert fused["ntk_sign_rel_err"] == pytest.approx(1 / 16 + 0.0015)
+    assert fused["params"] == 2.0e7 and fused["step_time_s"] == 0.25
+    none = table[table.method == "none"].iloc[0]
+    assert none["params"] == 2.3e7 and pd.isna(none["ntk_sign_rel_err"])  # the uncompressed size; no NTK error
+    assert sorted(others.status) == ["failed", "running"]
+
+    csv = pd.read_csv(sweep / "report.csv")
+    assert len(csv) == 5 and {"test/acc mean", "test/acc std", "seeds", "ntk_sign_rel_err", "ntk_std_rel_err",
+                              "output_rel_err", "params", "step_time_s", "peak_mem_mb"} <= set(csv.columns)
+    md = (sweep / "report.md").read_text()
+    assert md == text and "| ntk_cluster | 16 | 2 | 0.815 ± 0.007071 |" in md
+    assert "## Runs not in the table" in md and "RuntimeError: out of memory" in md and "| running |" in md
+    for png in ("task_metric_vs_mid_dim.png", "ntk_sign_err_vs_mid_dim.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_falls_back_to_best_validation_when_test_labels_are_hidden(sweep: Path) -> None:
+    for res_path in sweep.glob("*/results.json"):
+        res = json.loads(res_path.read_text())
+        acc = res["metrics"].pop("test/acc", None)
+        res["metrics"]["best/val/acc"] = acc
+        res_path.write_text(json.dumps(res))
+    table, _, _ = build_report(sweep)
+    assert "best/val/acc mean" in table.columns
+
+
+def test_report_on_a_folder_without_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "holds no runs" in caplog.text and str(tmp_path) in caplog.text
