@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -95,6 +96,7 @@ def approx(cfg: DictConfig) -> list[dict[str, Any]]:
     configs = method_configs(cfg)
     checked = {m: preflight(mc) for m, mc in configs.items()}  # every method's options, before any model loads
     first = next(iter(configs.values()))
+    L.seed_everything(cfg.seed)  # the task head is random: seed it as a training run does, so the probe matches
     datamodule, module = build_data_and_module(first, checked[next(iter(configs))][1])
     original = module.model.eval()
     batch = datamodule.probe_batch(cfg.approx_metrics.probe_size)
