@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from src.data.base import TaskDataModule
-from src.data.files import check_columns, load_hub_splits, read_local_split, rotten_tomatoes_corpus, seeded_split
+from src.data.files import check_columns, read_task_splits, rotten_tomatoes_corpus, seeded_split
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,17 +29,8 @@ def load_rt_polarity(split_seed: int) -> dict[str, pd.DataFrame]:
 
 def load_classification_splits(task: DictConfig) -> dict[str, pd.DataFrame]:
     """All splits the task uses, validated: columns present, labels within the task's range."""
-    eval_splits, test_splits = list(task.eval_splits.values()), list(task.test_splits.values())
-    if task.source == "rt_polarity" and task.data_dir is None:
-        splits = load_rt_polarity(task.split_seed)
-    elif task.data_dir is not None:
-        splits = {s: read_local_split(task.data_dir, s) for s in [task.train_split, *eval_splits]}
-        for s in test_splits:  # test files are optional locally
-            df = read_local_split(task.data_dir, s, required=False)
-            if df is not None:
-                splits[s] = df
-    else:
-        splits = load_hub_splits(task.hub_path, task.hub_config, [task.train_split, *eval_splits, *test_splits], task.name)
+    test_splits = list(task.test_splits.values())
+    splits = read_task_splits(task, (lambda: load_rt_polarity(task.split_seed)) if task.source == "rt_polarity" else None)
 
     for name, df in splits.items():
         where = f"split {name!r}" + (f" in task.data_dir={task.data_dir!r}" if task.data_dir else f" of task {task.name!r}")

@@ -7,7 +7,9 @@ the file and what is allowed) before any model is loaded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -83,3 +85,20 @@ def seeded_split(n: int, seed: int, fractions: tuple[float, float] = (0.8, 0.1))
     perm = np.random.default_rng(seed).permutation(n)
     a, b = int(round(fractions[0] * n)), int(round((fractions[0] + fractions[1]) * n))
     return perm[:a], perm[a:b], perm[b:]
+
+
+def read_task_splits(task: Any, offline: Callable[[], dict[str, pd.DataFrame]] | None) -> dict[str, pd.DataFrame]:
+    """The task's raw splits: from ``offline()`` (an embedded corpus) unless ``task.data_dir`` is set,
+    else from local files (test files optional), else from the Hub."""
+    eval_splits, test_splits = list(task.eval_splits.values()), list(task.test_splits.values())
+    if offline is not None and task.data_dir is None:
+        return offline()
+    if task.data_dir is not None:
+        splits = {s: read_local_split(task.data_dir, s) for s in [task.train_split, *eval_splits]}
+        for s in test_splits:  # test files are optional locally
+            df = read_local_split(task.data_dir, s, required=False)
+            if df is not None:
+                splits[s] = df
+        return splits
+    return load_hub_splits(task.hub_path, task.hub_config, [task.train_split, *eval_splits, *test_splits], task.name,
+                           revision=task.get("hub_revision"))

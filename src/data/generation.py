@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from src.data.base import TaskDataModule
-from src.data.files import check_columns, load_hub_splits, read_local_split, rotten_tomatoes_corpus, seeded_split
+from src.data.files import check_columns, read_task_splits, rotten_tomatoes_corpus, seeded_split
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,18 +97,7 @@ def check_generation_settings(task: DictConfig) -> None:
 def load_generation_splits(task: DictConfig) -> dict[str, pd.DataFrame]:
     """All splits the task uses as validated (source, target) tables, read before any model loads."""
     check_generation_settings(task)
-    eval_splits, test_splits = list(task.eval_splits.values()), list(task.test_splits.values())
-    if task.source == "rt_review" and task.data_dir is None:
-        raw = load_rt_review(task.split_seed)
-    elif task.data_dir is not None:
-        raw = {s: read_local_split(task.data_dir, s) for s in [task.train_split, *eval_splits]}
-        for s in test_splits:  # test files are optional locally
-            df = read_local_split(task.data_dir, s, required=False)
-            if df is not None:
-                raw[s] = df
-    else:
-        raw = load_hub_splits(task.hub_path, task.hub_config, [task.train_split, *eval_splits, *test_splits], task.name,
-                              revision=task.hub_revision)
+    raw = read_task_splits(task, (lambda: load_rt_review(task.split_seed)) if task.source == "rt_review" else None)
     splits = {}
     for name, df in raw.items():
         where = f"split {name!r}" + (f" in task.data_dir={task.data_dir!r}" if task.data_dir else f" of task {task.name!r}")
