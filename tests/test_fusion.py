@@ -139,3 +139,18 @@ def test_export_round_trip(compose_cfg, tmp_path: Path, layers: str, uniform: bo
     ids = torch.randint(1, 30000, (2, 9))
     torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, ref.model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()
+
+
+@pytest.mark.parametrize("task", ["mnli", "stsb", "rt_review"])
+def test_metrics_on_pairs_regression_and_generation(compose_cfg, tmp_path: Path, task: str) -> None:
+    """The NTK and output metrics on a sentence-pair task, on regression, and on generation (mean target log-likelihood)."""
+    over = ["model=tiny_bert", f"task={task}", "approx_metrics.probe_size=6"]
+    if task != "rt_review":
+        from tests.test_train_classification import _glue_dir
+
+        over.append(f"task.data_dir={_glue_dir(tmp_path, task)}")
+    else:
+        over[0] = "model=tiny_gpt2"
+    metrics = train(compose_cfg(over))
+    for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/ntk_probe_sign_rel_err", "fusion/output_rel_err", "fusion/logits_rel_err"):
+        assert 0 <= metrics[key] < 100, key
