@@ -20,9 +20,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
-from src.models import (
-    LowRankLinear,
-    ScaledLinear,
+from src.models.modules import LowRankLinear, ScaledLinear
+from src.models.mlp_io import (
     build_from_spec,
     check_supported,
     fold_scales,
