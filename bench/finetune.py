@@ -38,7 +38,8 @@ from bench.common import (
     timed,
 )
 from src.compress.cache import FusionCache
-from src.models.build import build_model, model_identity
+from src.models.build import build_model
+from src.models.source import model_identity
 from src.models.fuse import compress_model
 
 MODES = ("none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune")

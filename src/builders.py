@@ -1,6 +1,7 @@
 """Turns a composed config into the pieces of a run: data, LightningModule, callbacks, trainer.
 
-Shared by ``src.train``, ``src.approx`` and ``src.export`` so that each entry point stays thin.
+Shared by ``src.train``, ``src.approx`` and ``src.export`` so that each entry point stays thin;
+``src.preflight`` resolves and checks the config before any of these run.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from transformers import PretrainedConfig
 
-from src import validation
-from src.models.build import load_hf_config, load_tokenizer
+from src.models.build import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +33,17 @@ def task_classes(kind: str) -> tuple[Any, Any, Any]:
     raise ValueError(f"unknown task kind {kind!r}")
 
 
-def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
-    """Every cheap check, in order, before any model weights load: settings, model files, data.
-
-    Returns the model's transformers config and the task's validated data splits. Fills the
-    compression defaults (layers, mid_dim) into ``cfg.ffn_mode``.
-    """
-    validation.check_run_settings(cfg)
-    hf = load_hf_config(cfg.model)
-    validation.check_architecture(cfg, hf)
-    validation.resolve_ffn_mode(cfg, hf)
-    validation.resolve_context_length(cfg, hf)
-    if "check" in cfg.distill:
-        instantiate(cfg.distill.check)(cfg)
-    load_splits, _, _ = task_classes(cfg.task.kind)
-    splits = load_splits(cfg.task)
-    return hf, splits
-
-
 def build_data_and_module(cfg: DictConfig, splits: dict[str, Any]) -> tuple[L.LightningDataModule, L.LightningModule]:
     """The DataModule (tokenized splits) and the LightningModule (loads the model weights)."""
-    _, datamodule_cls, module_cls = task_classes(cfg.task.kind)
-    tokenizer = load_tokenizer(cfg.model)
-    datamodule = datamodule_cls(cfg.task, tokenizer, splits, seed=cfg.seed)
-    module = module_cls(cfg.model, cfg.task, cfg.optim, output_dir=cfg.paths.output_dir)
-    return datamodule, module
+    _, datamodule_cls, _ = task_classes(cfg.task.kind)
+    datamodule = datamodule_cls(cfg.task, load_tokenizer(cfg.model), splits, seed=cfg.seed)
+    return datamodule, build_module(cfg)
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The task's LightningModule with the model's weights (a random head draws from the global RNG)."""
+    _, _, module_cls = task_classes(cfg.task.kind)
+    return module_cls(cfg.model, cfg.task, cfg.optim, output_dir=cfg.paths.output_dir)
 
 
 def build_callbacks(cfg: DictConfig, ckpt_path: str | None = None) -> list[L.Callback]:
@@ -71,8 +56,6 @@ def build_callbacks(cfg: DictConfig, ckpt_path: str | None = None) -> list[L.Cal
     if cfg.distill.name != "none":
         # a partial called with cfg: passing cfg to instantiate would merge it and break its interpolations
         callbacks.append(instantiate(cfg.distill.callback)(cfg, ckpt_path))
-    if cfg.ffn_mode.name != "none":
-        from src.callbacks.fusion import FusionCallback
-
-        callbacks.append(FusionCallback.from_config(cfg, ckpt_path))
+    if "callback" in cfg.ffn_mode:  # every method but none (conf/ffn_mode/_base.yaml)
+        callbacks.append(instantiate(cfg.ffn_mode.callback, ckpt_path=ckpt_path))
     return callbacks

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -17,6 +15,7 @@ from src.models.build import load_tokenizer
 from src.models.exported import prepare_for_export
 from src.models.fuse import apply_spec
 from src.utils.errors import ConfigError
+from src.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +37,9 @@ def export(ckpt_path: str, out: str) -> Path:
     model = module.model.eval()
     prepare_for_export(model)
     dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:  # write beside, then swap in: an interrupted export never leaves a half folder at `out`
+    with atomic_dir(dest, overwrite=True) as tmp:  # an interrupted export never leaves a half folder at `out`
         model.save_pretrained(tmp)
         load_tokenizer(hp["model"]).save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s%s", path, dest, " (per-layer widths in config.json: load with src.models.exported.load_exported)" if hasattr(model.config, "mlp_fusion") else "")
     return dest
 

@@ -1,16 +1,17 @@
-"""One table and two plots for a multirun sweep: ``python -m src.report <multirun folder>``.
+"""One table and three plots for a multirun sweep: ``python -m src.report <multirun folder> [reference=svd]``.
 
 Reads every run folder under the given folder (``results.json`` and ``.hydra/config.yaml``, written
 by ``src.train``; never W&B, so it works offline) and writes, into that folder:
 
 - ``report.md`` / ``report.csv``: one row per method (``ffn_mode``, plus ``+<distill>`` when
-  distilled) and ``mid_dim``, with the task metric's mean and std over seeds and the number of
-  seeds, the NTK and output errors, the parameter count, the time per training step and the peak
-  memory; runs that failed or are still running are listed apart, never averaged in;
-- ``task_metric_vs_mid_dim.png`` and ``ntk_sign_err_vs_mid_dim.png``: one line per method, error
-  bars one standard deviation over seeds (``ffn_mode=none`` has no width: a horizontal band).
+  distilled) and ``mid_dim``, with the task metric's mean, std and 95 % Student-t interval over
+  seeds, n, its paired difference from the ``reference`` method (``ntk_cluster``) seed by seed with
+  its interval, the approximation errors, the parameter count, the time per training step and the
+  peak memory; runs that failed or are still running are listed apart, never averaged in;
+- ``task_metric_vs_mid_dim.png`` and ``ntk_sign_err_vs_mid_dim.png``: one line per method with
+  95 % interval error bars (``ffn_mode=none`` has no width: a horizontal band), and
+  ``task_metric_by_method.png``: every row's task metric with its interval.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,19 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from src.utils.errors import ConfigError
-from src.utils.io import atomic_path, write_text
+from src.utils.io import write_text
+from src.utils.summary import Estimate, estimate, figure, fmt, fmt_difference, fmt_estimate, markdown_table, paired
 
 log = logging.getLogger(__name__)
 
 NTK_SIGN, NTK_STD, OUTPUT_ERR = "fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/output_rel_err"
+HIDDEN_ERR = "fusion/hidden_rel_err"
 PARAMS_AFTER, PARAMS_BEFORE = "fusion/params_after", "fusion/params_before"
 STEP_TIME, PEAK_MEM = "perf/step_time_s", "perf/peak_mem_mb"
 # (report column, run metric): averaged over the seeds of a row
-MEANS = {"ntk_sign_rel_err": NTK_SIGN, "ntk_std_rel_err": NTK_STD, "output_rel_err": OUTPUT_ERR,
+MEANS = {"hidden_rel_err": HIDDEN_ERR, "ntk_sign_rel_err": NTK_SIGN, "ntk_std_rel_err": NTK_STD, "output_rel_err": OUTPUT_ERR,
          "params": PARAMS_AFTER, "step_time_s": STEP_TIME, "peak_mem_mb": PEAK_MEM}
+ERROR_BARS = ["ntk_sign_rel_err"]  # columns that also get a 95 % interval, for the plots
 KEYS = ["method", "mid_dim"]
 
 
@@ -107,13 +111,14 @@ def task_metric(runs: pd.DataFrame) -> str:
     return (complete or present or candidates)[0]
 
 
-def _mean_std(values: pd.Series) -> tuple[float, float]:
-    v = values.dropna().astype(float)
-    return (float(v.mean()) if len(v) else math.nan), (float(v.std(ddof=1)) if len(v) > 1 else math.nan)
+def _values(g: pd.DataFrame, col: str) -> dict[Any, float]:
+    """{seed: value} of a column over a row group's runs (nan dropped)."""
+    return {seed: float(v) for seed, v in zip(g["seed"], g[col]) if not pd.isna(v)}
 
 
-def summarize(done: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per (method, mid_dim) of completed runs: metric mean/std over seeds, seeds, other means."""
+def summarize(done: pd.DataFrame, metric: str, reference: str = "ntk_cluster") -> pd.DataFrame:
+    """One row per (method, mid_dim) of completed runs: the metric's mean, std, 95 % t interval and n over
+    seeds, its paired difference from ``reference`` at the same width (seed by seed), and other means."""
     def col(key: str) -> pd.Series:
         return done[f"metric:{key}"] if f"metric:{key}" in done else pd.Series(math.nan, index=done.index)
 
@@ -121,15 +126,23 @@ def summarize(done: pd.DataFrame, metric: str) -> pd.DataFrame:
     # The uncompressed model's size, for ffn_mode=none rows: what the compressed runs started from.
     before = col(PARAMS_BEFORE).dropna()
     frame.loc[done["ffn_mode"] == "none", "params"] = before.iloc[0] if len(before) else math.nan
+    groups = {key: g for key, g in frame.groupby(["method", frame["mid_dim"].fillna(-1)], sort=True)}
+    ref_widths = {w: g for (m, w), g in groups.items() if m == reference}
     rows = []
-    for (method, mid_dim), g in frame.groupby(["method", frame["mid_dim"].fillna(-1)], sort=True):
-        mean, std = _mean_std(g["_metric"])
+    for (method, mid_dim), g in groups.items():
+        e = estimate(list(_values(g, "_metric").values()))
+        # full fine-tuning has no width: pair it with the reference when that has one width only
+        ref = ref_widths.get(mid_dim) if mid_dim != -1 else next(iter(ref_widths.values())) if len(ref_widths) == 1 else None
+        d = paired(_values(g, "_metric"), _values(ref, "_metric")) if ref is not None and method != reference else estimate([])
         rows.append({"method": method, "mid_dim": None if mid_dim == -1 else int(mid_dim), "seeds": int(g["seed"].nunique()),
-                     f"{metric} mean": mean, f"{metric} std": std, **{name: _mean_std(g[name])[0] for name in MEANS},
-                     "ntk_sign_rel_err std": _mean_std(g["ntk_sign_rel_err"])[1]})
-    cols = ["method", "mid_dim", "seeds", f"{metric} mean", f"{metric} std", "ntk_sign_rel_err", "ntk_sign_rel_err std",
-            *[c for c in MEANS if c != "ntk_sign_rel_err"]]
-    table = pd.DataFrame(rows, columns=cols)
+                     f"{metric} mean": e.mean, f"{metric} std": e.std, f"{metric} ci_low": e.low, f"{metric} ci_high": e.high,
+                     f"diff vs {reference}": d.mean, f"diff vs {reference} ci_low": d.low, f"diff vs {reference} ci_high": d.high,
+                     f"diff vs {reference} n": d.n,
+                     **{name: estimate(list(_values(g, name).values())).mean for name in MEANS},
+                     **{f"{name} {q}": getattr(estimate(list(_values(g, name).values())), q) for name in ERROR_BARS for q in ("low", "high")}})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        table = pd.DataFrame(columns=["method", "mid_dim", "seeds", f"{metric} mean", f"{metric} std"])
     table["mid_dim"] = table["mid_dim"].astype("Int64")  # integers in the CSV, blank for none
     return table
 
@@ -138,87 +151,96 @@ def summarize(done: pd.DataFrame, metric: str) -> pd.DataFrame:
 # Markdown
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (not isinstance(v, str) and pd.isna(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}g}"
-    return str(v)
-
-
 def _first_line(error: Any, width: int = 120) -> str:
     return error.strip().splitlines()[0][:width] if isinstance(error, str) and error.strip() else ""
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
-
-
-def to_markdown(table: pd.DataFrame, others: pd.DataFrame, metric: str, folder: Path) -> str:
+def to_markdown(table: pd.DataFrame, others: pd.DataFrame, metric: str, folder: Path, reference: str = "ntk_cluster") -> str:
     """The report: the summary table, then the runs left out of it (failed, running, unknown)."""
-    header = ["method", "mid_dim", "seeds", f"{metric} (mean ± std)", "NTK sign err", "NTK std err", "output err",
-              "params", "s/step", "peak MB"]
-    rows = [[r.method, _fmt(r.mid_dim), str(r.seeds),
-             f"{_fmt(r[f'{metric} mean'])} ± {_fmt(r[f'{metric} std'])}" if r.seeds > 1 else _fmt(r[f"{metric} mean"]),
-             _fmt(r.ntk_sign_rel_err), _fmt(r.ntk_std_rel_err), _fmt(r.output_rel_err), _fmt(r.params),
-             _fmt(r.step_time_s, 3), _fmt(r.peak_mem_mb)] for _, r in table.iterrows()]
+    diff = f"diff vs {reference}"
+    header = ["method", "mid_dim", "n", f"{metric} (mean ± std [95 % CI])", f"{metric} − {reference} (paired, 95 % CI)",
+              "final hidden err", "NTK sign err", "NTK std err", "output err", "params", "s/step", "peak MB"]
+
+    def cell(r: Any) -> str:
+        return fmt_estimate(Estimate(r[f"{metric} mean"], r[f"{metric} std"], r[f"{metric} ci_low"], r[f"{metric} ci_high"], int(r.seeds)))
+
+    def dcell(r: Any) -> str:
+        if r.method == reference:
+            return "(reference)"
+        return fmt_difference(Estimate(r[diff], math.nan, r[f"{diff} ci_low"], r[f"{diff} ci_high"], int(r[f"{diff} n"])))
+
+    rows = [[r.method, fmt(r.mid_dim if not pd.isna(r.mid_dim) else None), str(r.seeds), cell(r), dcell(r),
+             fmt(r.hidden_rel_err), fmt(r.ntk_sign_rel_err), fmt(r.ntk_std_rel_err), fmt(r.output_rel_err), fmt(r.params),
+             fmt(r.step_time_s, 3), fmt(r.peak_mem_mb)] for _, r in table.iterrows()]
     text = [f"# Sweep report: {folder.name}", "",
-            f"Completed runs, mean over seeds; `{metric}` is the task metric. NTK errors: relative Frobenius error of "
-            "the sign (Adam) and standard kernels over the compressed layers' MLP parameters; output err: mean relative "
-            "error of the compressed MLPs' outputs.", "",
-            markdown_table(header, rows) if rows else "_No completed runs._"]
+            f"Completed runs; `{metric}` is the task metric: mean ± std over seeds [95 % Student-t interval], n = seeds (no "
+            f"interval for n = 1). The paired column is the per-seed difference from `{reference}` at the same mid_dim (full "
+            "fine-tuning is paired with the reference when that has one width), mean [95 % interval], **bold** where the "
+            "interval excludes 0. Error columns are means over seeds: final hidden err, the relative error of the model's last "
+            "hidden states at setup; NTK errors, the relative Frobenius error of the sign (Adam) and standard kernels over the "
+            "compressed layers' MLP parameters; output err, the mean relative error of the compressed MLPs' outputs.", "",
+            markdown_table(header, rows) if rows else "_No completed runs._\n"]
     if len(others):
-        text += ["", "## Runs not in the table", "",
+        text += ["## Runs not in the table", "",
                  markdown_table(["run", "status", "method", "mid_dim", "seed", "error"],
-                                [[r.run, r.status, r.method, _fmt(r.mid_dim), _fmt(r.seed), _first_line(r.error)]
+                                [[r.run, r.status, r.method, fmt(r.mid_dim), fmt(r.seed), _first_line(r.error)]
                                  for r in others.itertuples()])]
-    return "\n".join(text) + "\n"
+    return "\n".join(text)
 
 
 # ---------------------------------------------------------------------------------------------
 # plots
 
 
-def plot_vs_mid_dim(table: pd.DataFrame, mean: str, std: str, ylabel: str, path: Path) -> None:
-    """``mean`` against mid_dim, one line per method with std error bars; width-less rows as bands."""
-    import matplotlib
+def _yerr(g: pd.DataFrame, mean: str, low: str, high: str) -> list[list[float]]:
+    """Asymmetric error bars from interval columns; 0 where there is no interval (n = 1)."""
+    return [(g[mean] - g[low]).fillna(0).tolist(), (g[high] - g[mean]).fillna(0).tolist()]
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_vs_mid_dim(table: pd.DataFrame, mean: str, low: str, high: str, ylabel: str, path: Path) -> None:
+    """``mean`` against mid_dim, one line per method with 95 % interval error bars; width-less rows as bands."""
     widths = sorted({int(w) for w in table["mid_dim"].dropna()})
-    for i, (method, g) in enumerate(table.dropna(subset=[mean]).groupby("method", sort=True)):
-        color = f"C{i % 10}"
-        if g["mid_dim"].isna().all():  # e.g. full fine-tuning: the same at every width
-            y, e = float(g[mean].iloc[0]), float(g[std].fillna(0).iloc[0])
-            ax.axhline(y, linestyle="--", color=color, label=method)
-            ax.axhspan(y - e, y + e, color=color, alpha=0.15)
-            continue
-        g = g.dropna(subset=["mid_dim"]).sort_values("mid_dim")
-        ax.errorbar(g["mid_dim"].astype(int), g[mean], yerr=g[std].fillna(0), color=color, marker="o", capsize=3, label=method)
-    if widths:
-        ax.set_xticks(widths)
-    ax.set_xlabel("mid_dim (compressed MLP width)")
-    ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no completed runs with this metric", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    with figure(path, (6, 4)) as (_, ax):
+        for i, (method, g) in enumerate(table.dropna(subset=[mean]).groupby("method", sort=True)):
+            color = f"C{i % 10}"
+            if g["mid_dim"].isna().all():  # e.g. full fine-tuning: the same at every width
+                y, lo, hi = (float(g[c].iloc[0]) for c in (mean, low, high))
+                ax.axhline(y, linestyle="--", color=color, label=method)
+                if not math.isnan(lo):
+                    ax.axhspan(lo, hi, color=color, alpha=0.15)
+                continue
+            g = g.dropna(subset=["mid_dim"]).sort_values("mid_dim")
+            ax.errorbar(g["mid_dim"].astype(int), g[mean], yerr=_yerr(g, mean, low, high), color=color, marker="o", capsize=3, label=method)
+        if widths:
+            ax.set_xticks(widths)
+        ax.set_xlabel("mid_dim (compressed MLP width)")
+        ax.set_ylabel(f"{ylabel} (95 % CI)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no completed runs with this metric", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+
+
+def plot_by_method(table: pd.DataFrame, metric: str, path: Path) -> None:
+    """The task metric of every (method, mid_dim) row as a point with its 95 % interval, best first."""
+    rows = table.dropna(subset=[f"{metric} mean"]).sort_values(f"{metric} mean", ascending=False)
+    labels = [m if pd.isna(k) else f"{m} k={k}" for m, k in zip(rows["method"], rows["mid_dim"])]
+    with figure(path, (7, 0.5 * len(rows) + 1.5)) as (_, ax):
+        err = _yerr(rows, f"{metric} mean", f"{metric} ci_low", f"{metric} ci_high")
+        ax.errorbar(rows[f"{metric} mean"], range(len(rows)), xerr=err, fmt="o", capsize=4)
+        ax.set_yticks(range(len(rows)), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{metric}: mean over seeds, 95 % t interval")
+        ax.grid(alpha=0.3, axis="x")
 
 
 # ---------------------------------------------------------------------------------------------
 # entry point
 
 
-def build_report(folder: str | Path, metric: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Gather, summarise and write ``report.md``, ``report.csv`` and the two plots into ``folder``.
+def build_report(folder: str | Path, metric: str | None = None, reference: str = "ntk_cluster") -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Gather, summarise and write ``report.md``, ``report.csv`` and the three plots into ``folder``.
 
     Returns (summary table, runs left out, Markdown text).
     """
@@ -230,14 +252,15 @@ def build_report(folder: str | Path, metric: str | None = None) -> tuple[pd.Data
     if len(setups) > 1:  # rows are per method and width only
         log.warning("the runs span %d task/model pairs (%s): their rows mix; report one sweep at a time",
                     len(setups), ", ".join(f"{t}/{m}" for t, m in setups.itertuples(index=False)))
-    table = summarize(done, metric)
-    text = to_markdown(table, others, metric, folder)
+    table = summarize(done, metric, reference)
+    text = to_markdown(table, others, metric, folder, reference)
     write_text(folder / "report.md", text)
     write_text(folder / "report.csv", table.to_csv(index=False))
-    plot_vs_mid_dim(table, f"{metric} mean", f"{metric} std", metric, folder / "task_metric_vs_mid_dim.png")
-    plot_vs_mid_dim(table, "ntk_sign_rel_err", "ntk_sign_rel_err std", "NTK (sign kernel) relative error",
+    plot_vs_mid_dim(table, f"{metric} mean", f"{metric} ci_low", f"{metric} ci_high", metric, folder / "task_metric_vs_mid_dim.png")
+    plot_vs_mid_dim(table, "ntk_sign_rel_err", "ntk_sign_rel_err low", "ntk_sign_rel_err high", "NTK (sign kernel) relative error",
                     folder / "ntk_sign_err_vs_mid_dim.png")
-    log.info("%d runs: %d completed, %d left out; wrote report.md, report.csv and 2 plots to %s",
+    plot_by_method(table, metric, folder / "task_metric_by_method.png")
+    log.info("%d runs: %d completed, %d left out; wrote report.md, report.csv and 3 plots to %s",
              len(runs), len(done), len(others), folder)
     return table, others, text
 
@@ -246,10 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a multirun folder (logs/multiruns/<time>_<sweep>)")
     parser.add_argument("--metric", help="the run metric to report (default: the monitor's test counterpart, e.g. test/acc)")
+    parser.add_argument("--reference", default="ntk_cluster", help="the method the others are paired with, seed by seed (ntk_cluster)")
+    # `reference=svd` / `metric=...` as in the other entry points' key=value overrides
+    argv = [a for kv in (sys.argv[1:] if argv is None else argv)
+            for a in ((f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1]) if kv.split("=", 1)[0] in ("reference", "metric") else (kv,))]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        _, _, text = build_report(args.folder, args.metric)
+        _, _, text = build_report(args.folder, args.metric, args.reference)
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

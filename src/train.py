@@ -13,12 +13,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils.config  # noqa: F401  (registers the config resolvers)
-from src.builders import build_callbacks, build_data_and_module, preflight
+from src.builders import build_callbacks, build_data_and_module
 from src.callbacks.guards import TrainingDiverged
+from src.preflight import preflight, resolve_ckpt_path
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
 from src.utils.loggers import build_loggers, close_loggers
-from src.validation import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for k, v in res.items()})
     for cb in callbacks:
         metrics.update(getattr(cb, "summary_metrics", {}))
-    metrics.update(getattr(module, "perf_summary", {}))
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
         metrics[f"best/{cfg.task.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
     close_loggers(trainer.loggers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,26 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import src.utils.config  # noqa: F401  (resolvers)
+from hydra.utils import instantiate
+
+from src.utils.config import ffn_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 # Small and quick: a tiny model, a few steps, a few samples.
 FAST = ["trainer.max_steps=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "task.max_train_samples=32",
         "task.max_eval_samples=16", "task.batch_size=8", "task.eval_batch_size=8", "task.max_seq_length=32"]
+
+
+# The compression methods, discovered from the ffn_mode config group (the one registry).
+METHODS = [m for m in ffn_modes() if m != "none"]
+
+
+def compress_fn(method: str) -> Callable:
+    """The method's compression function with its config's options (``conf/ffn_mode/<method>.yaml``)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return instantiate(compose("train", overrides=[f"ffn_mode={method}"]).ffn_mode.compress)
 
 
 # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.

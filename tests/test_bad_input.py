@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from hydra.errors import HydraException
 
-import src.builders
+import src.train
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import run_cli
@@ -19,7 +19,7 @@ from tests.conftest import run_cli
 
 @pytest.fixture(autouse=True)
 def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(src.builders, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    monkeypatch.setattr(src.train, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
 
 
 def _sst2_dir(root: Path, drop: str | None = None, bad_label: bool = False, splits=("train", "validation")) -> Path:

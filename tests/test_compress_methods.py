@@ -5,8 +5,12 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from src.compress import METHODS, cluster, mmd, ntk_cluster, prune, sketch, svd
+from src.compress import cluster, mmd, ntk_cluster, prune, sketch, svd
 from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
+from tests.conftest import METHODS as NAMES
+from tests.conftest import compress_fn
+
+METHODS = {name: compress_fn(name) for name in NAMES}
 
 H, D = 16, 64
 

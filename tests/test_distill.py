@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from src.builders import build_callbacks, preflight
+from src.builders import build_callbacks
+from src.preflight import preflight
 from src.callbacks.distill import DistillCallback, HiddenStateDistillation, hidden_mse
 from src.models import mlp_io
 from src.models.build import build_model

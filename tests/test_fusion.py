@@ -17,11 +17,12 @@ from src.models.build import build_model
 from src.models.fuse import apply_spec, compress_model, count_params
 from src.train import train
 from src.utils.errors import ConfigError
+from tests.conftest import METHODS
 
-METHODS = ["ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune"]
 TINY = {
     "tiny_bert": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 128},
     "tiny_gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 2, "n_inner": 64, "vocab_size": 128},
+    "tiny_distilbert": {"model_type": "distilbert", "dim": 32, "n_layers": 4, "n_heads": 2, "hidden_dim": 64, "vocab_size": 128},
     "tiny_llama": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 128},
 }
 
@@ -90,7 +91,7 @@ def test_train_every_method_tiny_bert(compose_cfg, method: str) -> None:
 def test_train_with_metrics_other_families(compose_cfg, arch: str) -> None:
     cfg = compose_cfg([f"model={arch}", "ffn_mode=ntk_cluster", "approx_metrics.probe_size=8"])
     metrics = train(cfg)
-    for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/output_rel_err/layer_3", "fusion/logits_rel_err"):
+    for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/output_rel_err/layer_3", "fusion/hidden_rel_err"):
         assert 0 <= metrics[key] < 10, key
     import pandas as pd
 
@@ -151,5 +152,6 @@ def test_metrics_on_pairs_regression_and_generation(compose_cfg, tmp_path: Path,
     else:
         over[0] = "model=tiny_gpt2"
     metrics = train(compose_cfg(over))
-    for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/ntk_probe_sign_rel_err", "fusion/output_rel_err", "fusion/logits_rel_err"):
+    keys = ["fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/ntk_probe_sign_rel_err", "fusion/output_rel_err", "fusion/hidden_rel_err"]
+    for key in keys + ([] if task == "rt_review" else ["fusion/logits_rel_err"]):
         assert 0 <= metrics[key] < 100, key

@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from src.builders import preflight
+from src.preflight import preflight
 from src.data.generation import GenerationDataModule, load_rt_review, pad
 from src.models.build import load_tokenizer
 from src.modules.causal_lm import CausalLMModule, generate_texts
@@ -70,7 +70,7 @@ def test_references_grouped_and_length_rule(compose_cfg) -> None:
     assert p["input_ids"][-1] == dm.eos_token_id  # [SEP]: MiniLM's WordPiece tokenizer has no EOS
     cut = second["pairs"][0]["input_ids"]
     assert len(cut) == 16 and cut[-1] != dm.eos_token_id  # cut to max_seq_length, so no EOS
-    probe = dm.probe_batch(2)
+    probe = dm.probe_batch(2, seed=0)
     assert probe["input_ids"].shape == probe["labels"].shape == probe["attention_mask"].shape
     assert (probe["labels"][probe["attention_mask"] == 0] == -100).all()
 

@@ -20,10 +20,10 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
-from src.models.modules import LowRankLinear, ScaledLinear
+from src.models.layers import LowRankLinear, ScaledLinear
 from src.models.mlp_io import (
     build_from_spec,
-    check_supported,
+    family_of,
     fold_scales,
     intermediate_sizes,
     layer_spec,
@@ -38,7 +38,7 @@ from src.models.mlp_io import (
 )
 
 H, D, L, V = 32, 64, 4, 50
-ARCHS = ["bert", "gpt2", "llama"]
+ARCHS = ["bert", "distilbert", "gpt2", "llama"]
 
 
 def make(arch: str, seed: int = 0) -> nn.Module:
@@ -195,10 +195,10 @@ def test_unsupported_models_raise():
     with pytest.raises(ValueError, match="unsupported architecture Sequential"):
         num_layers(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="'t5' is not supported"):
-        check_supported(T5Config())
-    assert check_supported(AutoConfig.for_model("roberta")) == "bert"
-    assert check_supported(GPT2Config()) == "gpt2"
-    assert check_supported(AutoConfig.for_model("qwen2")) == "gated"
+        family_of(T5Config())
+    assert family_of(AutoConfig.for_model("roberta")).name == "bert"
+    assert family_of(GPT2Config()).name == "gpt2"
+    assert family_of(AutoConfig.for_model("qwen2")).name == "gated"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -206,6 +206,7 @@ def test_mlp_forward_matches_hooked_forward(arch):
     model = make(arch)
     write_mlp(model, 2, rand_fused(model, 2, 16, scaled=True))
     out_module = {"bert": lambda i: model.bert.encoder.layer[i].output.dense,  # before dropout/residual/LN
+                  "distilbert": lambda i: model.distilbert.transformer.layer[i].ffn,  # eval: dropout is identity
                   "gpt2": lambda i: model.transformer.h[i].mlp,
                   "llama": lambda i: model.model.layers[i].mlp}[arch]
     seen = {}

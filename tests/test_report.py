@@ -64,9 +64,11 @@ def test_report_table_csv_and_plots(sweep: Path) -> None:
     assert len(csv) == 5 and {"test/acc mean", "test/acc std", "seeds", "ntk_sign_rel_err", "ntk_std_rel_err",
                               "output_rel_err", "params", "step_time_s", "peak_mem_mb"} <= set(csv.columns)
     md = (sweep / "report.md").read_text()
-    assert md == text and "| ntk_cluster | 16 | 2 | 0.815 ± 0.007071 |" in md
+    assert md == text and "| ntk_cluster | 16 | 2 | 0.815 ± 0.0071 [0.7515, 0.8785] | (reference) |" in md
+    # cluster is 0.1 below ntk_cluster on both seeds: the paired interval is a point, and excludes 0
+    assert "| cluster | 16 | 2 | 0.715 ± 0.0071 [0.6515, 0.7785] | **-0.1 [-0.1, -0.1]** |" in md
     assert "## Runs not in the table" in md and "RuntimeError: out of memory" in md and "| running |" in md
-    for png in ("task_metric_vs_mid_dim.png", "ntk_sign_err_vs_mid_dim.png"):
+    for png in ("task_metric_vs_mid_dim.png", "ntk_sign_err_vs_mid_dim.png", "task_metric_by_method.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -28,7 +28,7 @@ def _compose_sweep(name: str):
 
 @pytest.mark.parametrize(
     "name,model,launcher,runs",
-    [("minilm_rt_sweep", "minilm", "BasicLauncher", 8), ("minilm_rt_sweep_joblib", "minilm", "JoblibLauncher", 8),
+    [("minilm_rt_sweep", "minilm", "BasicLauncher", 8), ("minilm_rt_methods", "minilm", "BasicLauncher", 35), ("minilm_rt_sweep_joblib", "minilm", "JoblibLauncher", 8),
      ("roberta_sst2_sweep", "roberta_base", "BasicLauncher", 90), ("roberta_sst2_full_ft", "roberta_base", "BasicLauncher", 5),
      ("roberta_sst2_sweep_slurm", "roberta_base", "SlurmLauncher", 90)],
 )
@@ -43,6 +43,10 @@ def test_sweep_files_compose(name: str, model: str, launcher: str, runs: int) ->
     assert cfg.hydra.sweep.dir.endswith(f"_{name.removesuffix('_joblib').removesuffix('_slurm')}")
     if launcher == "SlurmLauncher":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min > 0 and cfg.trainer.accelerator == "gpu"
+    if name == "minilm_rt_methods":  # the study: every method of the registry, five seeds
+        from src.utils.config import ffn_modes
+
+        assert sorted(cfg.hydra.sweeper.params.ffn_mode.split(",")) == ffn_modes() and cfg.task.max_train_samples == 3000
     if name == "roberta_sst2_sweep":
         assert cfg.hydra.sweeper.params.seed == "42,2,4,6,8" and cfg.ffn_mode.layers == list(range(4, 12))
 

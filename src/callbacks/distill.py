@@ -30,14 +30,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from src.data.base import MODEL_INPUTS
 from src.models import mlp_io
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-# What the Hugging Face base models take; labels and sample indices are left out (labels unused).
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse settings distillation cannot use (ConfigError naming them), before any weights load."""
@@ -51,8 +48,8 @@ def check_config(cfg: DictConfig) -> None:
         value = d[key]
         if (value is not None or not nullable) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"distill.{key}={value!r} must be a positive integer" + (" or null." if nullable else "."))
-    if d.lr is not None and not (isinstance(d.lr, (int, float)) and d.lr > 0):
-        raise ConfigError(f"distill.lr={d.lr!r} must be a positive number, or null for optim.lr.")
+    if isinstance(d.lr, bool) or not (isinstance(d.lr, (int, float)) and d.lr > 0):
+        raise ConfigError(f"distill.lr={d.lr!r} must be a positive number (default: optim.lr).")
 
 
 def hidden_mse(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], mask: Tensor) -> Tensor:
@@ -126,7 +123,7 @@ class DistillCallback(L.Callback):
         """From the run's config (``preflight`` resolves ``cfg.ffn_mode.layers``) and the checkpoint the run resumes, if any."""
         d, t = cfg.distill, cfg.trainer
         return cls(
-            layers=list(cfg.ffn_mode.layers), lr=float(d.lr if d.lr is not None else cfg.optim.lr), epochs=d.epochs,
+            layers=list(cfg.ffn_mode.layers), lr=float(d.lr), epochs=d.epochs,
             max_steps=d.max_steps, log_every_n_steps=d.log_every_n_steps,
             # the outer run's hardware settings, so the stage runs where fine-tuning runs
             trainer_kwargs={"accelerator": t.accelerator, "devices": t.devices, "strategy": t.get("strategy", "auto"),

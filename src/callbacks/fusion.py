@@ -18,59 +18,87 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
 
 from src.compress.cache import FusionCache
-from src.metrics.approx import approximation_metrics
+from src.metrics import ntk
+from src.metrics.approximation import approximation_metrics
 from src.models import mlp_io
-from src.models.build import model_identity
+from src.models.source import model_identity
 from src.models.fuse import FusionReport, apply_spec, compress_model
 
 log = logging.getLogger(__name__)
 
 
 class FusionCallback(L.Callback):
-    """Compress ``layers`` to width ``mid_dim`` with ``fn``; log parameters, time and approximation metrics."""
+    """Compress ``layers`` to width ``mid_dim`` with ``compress``; log parameters, time and approximation metrics.
+
+    Built from ``conf/ffn_mode/_base.yaml`` (``callback``); ``src.approx`` builds the same object
+    and calls ``compress_and_measure`` without a Trainer.
+    """
 
     def __init__(
         self,
         method: str,
-        fn: partial,
+        compress: partial,
         layers: list[int],
         mid_dim: int,
         seed: int,
-        re_init_layers: list[int] | None = None,
-        cache_dir: str | None = None,
-        identity: str = "",
-        metrics: dict[str, Any] | None = None,
+        re_init_layers: list[int],
+        cache: bool,
+        cache_dir: str,
+        model: dict[str, Any],
+        metrics: dict[str, Any],
         ckpt_path: str | None = None,
     ) -> None:
-        self.method, self.fn, self.layers, self.mid_dim, self.seed = method, fn, list(layers), mid_dim, seed
-        self.re_init_layers = list(re_init_layers or [])
-        self.cache = FusionCache(Path(cache_dir) / method) if cache_dir else None
-        self.identity = identity
-        self.metrics_cfg = {"enabled": True, "probe_size": 32, "chunk_size": 8, **(metrics or {})}
+        self.method, self.fn, self.layers, self.mid_dim, self.seed = method, compress, list(layers), mid_dim, seed
+        self.re_init_layers = list(re_init_layers)
+        self.cache = FusionCache(Path(cache_dir) / method) if cache else None
+        self.identity = model_identity(model)  # part of the cache key: the exact weights compressed
+        self.metrics_cfg = metrics
         self.ckpt_path = ckpt_path  # a run resumed or evaluated from a checkpoint rebuilds its structure
         self.spec: dict[str, Any] | None = None
         self.summary_metrics: dict[str, float] = {}
         self.layer_rows: list[dict[str, Any]] = []
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, ckpt_path: str | None = None) -> FusionCallback:
-        f = cfg.ffn_mode
-        return cls(
-            method=f.name, fn=instantiate(f.compress), layers=list(f.layers), mid_dim=f.mid_dim, seed=f.seed,
-            re_init_layers=list(f.re_init_layers or []), cache_dir=f.cache_dir if f.cache else None,
-            identity=model_identity(cfg.model), metrics=OmegaConf.to_container(cfg.approx_metrics, resolve=True),
-            ckpt_path=ckpt_path,
-        )
-
     @property
     def options(self) -> dict[str, Any]:
         """The method's own settings (k-means restarts, sketch_keep, ...), part of the cache key."""
         return dict(self.fn.keywords)
+
+    def compress_and_measure(
+        self, model: torch.nn.Module, device: torch.device | str,
+        batch: dict[str, torch.Tensor] | None = None, probe_fns: dict[str, ntk.ProbeFn] | None = None,
+    ) -> FusionReport:
+        """Compress ``model`` in place (cache, re-init ablation) and, given a probe ``batch`` and
+        ``probe_fns``, measure it against a copy of the original (METHOD.md section 4).
+
+        Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
+        """
+        original = copy.deepcopy(model) if batch is not None else None
+        report = compress_model(
+            model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
+            options={**self.options, "identity": self.identity}, cache=self.cache, device=device,
+        )
+        self.spec = report.spec
+        for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights
+            mlp_io.reinit_mlp(model, layer)
+            log.info("re-initialised the MLP weights of layer %d (ffn_mode.re_init_layers)", layer)
+        self.summary_metrics = report.metrics()
+        if original is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, self.metrics_cfg["chunk_size"])
+            for row in rows:
+                row.update(report.layer_stats.get(row["layer"], {}))
+            self.summary_metrics.update(metrics)
+            self.layer_rows = rows
+            log.info(
+                "compression %s k=%d: params %d -> %d; final hidden states rel err %.4f; NTK sign rel err %.4f, std %.4f; "
+                "mean MLP output rel err %.4f", self.method, self.mid_dim, report.params_before, report.params_after,
+                metrics["fusion/hidden_rel_err"], metrics["fusion/ntk_sign_rel_err"], metrics["fusion/ntk_std_rel_err"],
+                metrics["fusion/output_rel_err"],
+            )
+        return report
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.spec is not None:  # fit then test: compressed already
@@ -80,21 +108,14 @@ class FusionCallback(L.Callback):
         ckpt_spec = self._spec_from_checkpoint(self.ckpt_path)
         if ckpt_spec is not None:
             apply_spec(model, ckpt_spec)
-            self.spec = pl_module.fusion_spec = ckpt_spec
+            self.spec = ckpt_spec
             log.info("rebuilt the compressed structure recorded in %s (no clustering)", self.ckpt_path)
             return
         distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
         if trainer.is_global_zero:
-            original = copy.deepcopy(model) if self.metrics_cfg["enabled"] else None
-            report = compress_model(
-                model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
-                options={**self.options, "identity": self.identity}, cache=self.cache, device=trainer.strategy.root_device,
-            )
-            self.spec = report.spec
-            self._reinit(model)
-            self.summary_metrics = report.metrics()
-            if original is not None:
-                self._measure(trainer, pl_module, original, report)
+            m = self.metrics_cfg
+            batch = trainer.datamodule.probe_batch(m["probe_size"], m["probe_seed"]) if m["enabled"] else None
+            self.compress_and_measure(model, trainer.strategy.root_device, batch, pl_module.probe_fns)
         if distributed:
             self.spec = trainer.strategy.broadcast(self.spec, src=0)
             if not trainer.is_global_zero:
@@ -103,31 +124,10 @@ class FusionCallback(L.Callback):
                 dist.broadcast(t.data, src=0)  # exact bits from rank zero
         digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in self._compressed_tensors(model))).hexdigest()[:16]
         log.info("rank %d: compressed weights sha256 %s", trainer.global_rank, digest)
-        pl_module.fusion_spec = self.spec
-
-    def _reinit(self, model: torch.nn.Module) -> None:
-        for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights
-            mlp_io.reinit_mlp(model, layer)
-            log.info("re-initialised the MLP weights of layer %d (ffn_mode.re_init_layers)", layer)
 
     def _compressed_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """Every parameter and buffer (the count scale) of the compressed layers' MLPs, in a fixed order."""
         return [t for i in self.layers for m in mlp_io.mlp_modules(model, i).values() for t in m.state_dict(keep_vars=True).values()]
-
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, original: torch.nn.Module, report: FusionReport) -> None:
-        """Approximation metrics on the fixed probe set (the first validation samples)."""
-        batch = trainer.datamodule.probe_batch(self.metrics_cfg["probe_size"])
-        batch = {k: v.to(trainer.strategy.root_device) for k, v in batch.items()}
-        metrics, rows = approximation_metrics(original, pl_module.model, self.layers, batch, pl_module.probe_fns, self.metrics_cfg["chunk_size"])
-        for row in rows:
-            row.update(report.layer_stats.get(row["layer"], {}))
-        self.summary_metrics.update(metrics)
-        self.layer_rows = rows
-        log.info(
-            "compression %s k=%d: params %d -> %d; NTK sign rel err %.4f, std %.4f; mean MLP output rel err %.4f",
-            self.method, self.mid_dim, report.params_before, report.params_after, metrics["fusion/ntk_sign_rel_err"],
-            metrics["fusion/ntk_std_rel_err"], metrics["fusion/output_rel_err"],
-        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.summary_metrics:

@@ -12,7 +12,6 @@ import lightning as L
 import torch
 
 
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
@@ -34,6 +33,7 @@ class PerfMonitor(L.Callback):
 
     def __init__(self, skip_first: int = 2) -> None:
         self.skip_first, self.times, self._t0 = skip_first, [], 0.0
+        self.summary_metrics: dict[str, float] = {}  # read into results.json, as every callback's
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._t0 = time.perf_counter()
@@ -54,10 +54,9 @@ class PerfMonitor(L.Callback):
         return out
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        stats = self.summary(trainer.strategy.root_device)
+        self.summary_metrics = self.summary(trainer.strategy.root_device)
         for logger in trainer.loggers:
-            logger.log_metrics(stats, step=trainer.global_step)
-        pl_module.perf_summary = stats
+            logger.log_metrics(self.summary_metrics, step=trainer.global_step)
 
 
 class ValidateAtMaxSteps(L.Callback):

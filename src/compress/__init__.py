@@ -1,21 +1,8 @@
 """Compression methods: pure functions ``compress(w, mid_dim, *, seed, **options)`` of one MLP.
 
-Each takes an :class:`MLPWeights` and returns a :class:`FusedMLP` (width ``mid_dim``) or, for
-``svd``, a :class:`LowRankMLP`; none needs data, all run on the device of the weights.
+Each module ``src/compress/<method>.py`` takes an :class:`MLPWeights` and returns a
+:class:`FusedMLP` (width ``mid_dim``) or, for ``svd``, a :class:`LowRankMLP`; none needs data, all
+run on the device of the weights. Each has a ``VERSION`` (part of the cache key) and may have a
+``check`` hook for its own options. The registry of methods is the ``ffn_mode`` config group
+(``conf/ffn_mode/<method>.yaml``, see ``src.utils.config.ffn_modes``), not this package.
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable
-
-from . import cluster, mmd, ntk_cluster, prune, sketch, svd
-from .types import Compressed
-
-METHODS: dict[str, Callable[..., Compressed]] = {
-    "ntk_cluster": ntk_cluster.compress,
-    "cluster": cluster.compress,
-    "sketch": sketch.compress,
-    "mmd": mmd.compress,
-    "svd": svd.compress,
-    "prune": prune.compress,
-}

@@ -8,6 +8,9 @@ from .common import mlp_from_points
 from .ntk_cluster import cluster_sub_mlps
 from .types import FusedMLP, MLPWeights
 
+# Bumped whenever this method's output changes: part of the compression cache key.
+VERSION = "1"
+
 
 @torch.no_grad()
 def compress(

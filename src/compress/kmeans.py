@@ -26,13 +26,14 @@ class KMeansResult:
 
 @torch.no_grad()
 def kmeans(
-    x: Tensor, k: int, *, seed: int, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4
+    x: Tensor, k: int, *, seed: int, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4, identity_at_n: bool = True
 ) -> KMeansResult:
     """Cluster the rows of ``x`` [n, D] into ``k`` clusters; keeps the best of ``n_init`` restarts.
 
     Lloyd stops when no label changes or when the squared centroid shift summed over clusters is
     below ``tol`` times the mean per-feature variance of ``x`` (sklearn's rule). ``k == n`` returns
-    every point as its own cluster, exactly and in order. Deterministic for a seed on a device.
+    every point as its own cluster, exactly and in order, unless ``identity_at_n`` is False (then
+    Lloyd runs, and finds the same clusters in another order). Deterministic for a seed on a device.
     """
     n = x.shape[0]
     if x.ndim != 2:
@@ -43,7 +44,7 @@ def kmeans(
         raise ValueError(f"n_init and max_iter must be >= 1, got {n_init}, {max_iter}")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x = x.to(dtype)
-    if k == n:
+    if k == n and identity_at_n:
         ones = torch.ones(n, dtype=torch.long, device=x.device)
         return KMeansResult(x.clone(), torch.arange(n, device=x.device), ones, 0.0, 0, 0)
 

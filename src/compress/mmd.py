@@ -9,9 +9,20 @@ import torch
 from torch import Tensor
 
 from .common import check_mid_dim, mlp_from_points, sub_mlp_points
-from .types import FusedMLP, MLPWeights
+from .types import FusedMLP, MLPWeights, OptionError
 
 log = logging.getLogger(__name__)
+
+# Bumped whenever this method's output changes: part of the compression cache key.
+VERSION = "1"
+
+
+def check(width: int, mid_dim: int, *, mmd_steps: int = 100, lr: float = 1e-2, **_: object) -> None:
+    """At least one AdamW step, at a positive learning rate."""
+    if isinstance(mmd_steps, bool) or not isinstance(mmd_steps, int) or mmd_steps < 0:
+        raise OptionError("mmd_steps", mmd_steps, "must be a non-negative integer.")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise OptionError("lr", lr, "must be a positive number.")
 
 
 @torch.no_grad()
@@ -26,8 +37,7 @@ def compress(
     folded in as ``cluster`` folds √n; ``down_bias`` is left as it is.
     """
     check_mid_dim(w, mid_dim)
-    if mmd_steps < 0 or lr <= 0:
-        raise ValueError(f"mmd_steps must be >= 0 and lr > 0, got {mmd_steps}, {lr}")
+    check(w.width, mid_dim, mmd_steps=mmd_steps, lr=lr)
     x = sub_mlp_points(w)  # [d, P]
     d = x.shape[0]
     gen = torch.Generator(device=x.device).manual_seed(seed)

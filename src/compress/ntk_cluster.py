@@ -12,6 +12,9 @@ from .types import FusedMLP, MLPWeights
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever this method's output changes: part of the compression cache key.
+VERSION = "1"
+
 
 def cluster_sub_mlps(
     w: MLPWeights, mid_dim: int, *, seed: int, n_init: int, max_iter: int, tol: float

@@ -7,6 +7,9 @@ import torch
 from .common import check_mid_dim, importance, mlp_from_points, sub_mlp_points, top_sub_mlps
 from .types import FusedMLP, MLPWeights
 
+# Bumped whenever this method's output changes: part of the compression cache key.
+VERSION = "1"
+
 
 @torch.no_grad()
 def compress(w: MLPWeights, mid_dim: int, *, seed: int) -> FusedMLP:

@@ -8,6 +8,9 @@ from torch import Tensor
 from .common import check_mid_dim, compute_dtype
 from .types import LowRankMLP, MLPWeights
 
+# Bumped whenever this method's output changes: part of the compression cache key.
+VERSION = "1"
+
 
 def svd_rank(h: int, d: int, mid_dim: int, gated: bool, biased: bool) -> int:
     """Largest r with n_mats·r·(h + d) <= mid_dim·P, P the sub-MLP length (153 for 768, 3072, 768).

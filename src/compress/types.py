@@ -78,3 +78,14 @@ class LowRankMLP:
 
 
 Compressed = FusedMLP | LowRankMLP
+
+
+class OptionError(ValueError):
+    """A method's option is out of range: ``str(e)`` reads ``<option>=<value> <what is allowed>``.
+
+    Raised by a method's ``check`` hook (which its ``compress`` calls too); the preflight turns it
+    into the run's one-sentence refusal, naming the setting as ``ffn_mode.<option>``.
+    """
+
+    def __init__(self, option: str, value: object, allowed: str) -> None:
+        super().__init__(f"{option}={value!r} {allowed}")

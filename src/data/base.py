@@ -14,6 +14,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+# The batch keys a Hugging Face model takes as inputs (labels and sample indices are not among them).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def probe_indices(size: int, n: int, seed: int) -> list[int]:
+    """``min(n, size)`` distinct indices of a split, a seeded sample in increasing order (the probe set)."""
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=g)[:n].tolist())
+
 
 class EpochSeededSampler(Sampler[int]):
     """Shuffles with ``randperm`` seeded by ``seed + epoch`` (Lightning calls ``set_epoch``)."""

@@ -11,7 +11,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from src.data.base import TaskDataModule
+from src.data.base import TaskDataModule, probe_indices
 from src.data.files import check_columns, read_task_splits, rotten_tomatoes_corpus, seeded_split
 from src.utils.errors import ConfigError
 
@@ -85,9 +85,8 @@ class ClassificationDataModule(TaskDataModule):
             if split in self.raw:
                 self.data[split] = self._encode(self.raw[split], t.max_eval_samples)
 
-    def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
-        """The first ``n`` validation samples, padded: the fixed probe set of the NTK metrics."""
+    def probe_batch(self, n: int, seed: int) -> dict[str, torch.Tensor]:
+        """``n`` validation samples drawn with ``seed``, padded: the probe set of the NTK metrics."""
         self.setup()
         ds = self.data[next(iter(self.task.eval_splits.values()))]
-        n = min(n, len(ds))
-        return self.eval_collate([{k: v for k, v in ds[i].items() if k != "idx"} for i in range(n)])
+        return self.eval_collate([{k: v for k, v in ds[i].items() if k != "idx"} for i in probe_indices(len(ds), n, seed)])

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from src.models.build import package_dir
+from src.models.source import package_dir
 from src.utils.errors import ConfigError
 from src.utils.hub import require_hub
 

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from src.data.base import TaskDataModule
+from src.data.base import TaskDataModule, probe_indices
 from src.data.files import check_columns, read_task_splits, rotten_tomatoes_corpus, seeded_split
 from src.utils.errors import ConfigError
 
@@ -227,8 +227,8 @@ class GenerationDataModule(TaskDataModule):
         batch["references"] = [it["references"] for it in items]
         return batch
 
-    def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
-        """The first ``n`` validation sources with their first reference, padded: the NTK metrics' probe set."""
+    def probe_batch(self, n: int, seed: int) -> dict[str, torch.Tensor]:
+        """``n`` validation sources drawn with ``seed``, each with its first reference, padded: the NTK metrics' probe set."""
         self.setup()
-        items = self.data[next(iter(self.task.eval_splits.values()))][:n]
-        return self.train_collate([it["pairs"][0] for it in items])
+        items = self.data[next(iter(self.task.eval_splits.values()))]
+        return self.train_collate([items[i]["pairs"][0] for i in probe_indices(len(items), n, seed)])

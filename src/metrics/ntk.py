@@ -19,11 +19,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from src.data.base import MODEL_INPUTS  # every tensor in the batch (labels included) reaches the probe
+
 ProbeFn = Callable[[Tensor, dict[str, Tensor]], Tensor]
 Kernels = tuple[Tensor, Tensor]  # (K_std, K_sign), each [n, n] float64
-
-# Batch keys handed to the model; every tensor in the batch (labels included) reaches the probe.
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 # transformers 5.x decides, per batch, whether a mask can be skipped (no padding -> `is_causal` or
 # no mask) by reading the mask's values (`padding_mask.all()`): data-dependent control flow that

@@ -17,9 +17,6 @@ from transformers import AutoConfig, PreTrainedModel
 from src.models import mlp_io
 from src.models.fuse import apply_spec
 
-WIDTH_ATTRS = ("intermediate_size", "n_inner", "hidden_dim")  # where each family keeps its MLP width
-
-
 def uniform_width(model: nn.Module) -> int | None:
     """The common width if every layer is a plain (Linear or Conv1D) MLP of one width, else None."""
     specs = [mlp_io.layer_spec(model, i) for i in range(mlp_io.num_layers(model))]
@@ -32,8 +29,7 @@ def prepare_for_export(model: PreTrainedModel) -> None:
     mlp_io.fold_scales(model)
     width = uniform_width(model)
     if width is not None:
-        attr = next(a for a in WIDTH_ATTRS if hasattr(model.config, a))
-        setattr(model.config, attr, width)
+        mlp_io.set_config_width(model.config, width)
         if hasattr(model.config, "mlp_fusion"):
             del model.config.mlp_fusion
     else:

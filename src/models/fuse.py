@@ -6,12 +6,15 @@ The method sees only ``MLPWeights`` (pure function); this module reads each laye
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +26,20 @@ log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> int:
+    """Number of parameters (frozen count scales are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """An independent seed for each (run seed, layer): random methods draw anew in every layer."""
+    return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0])
+
+
+def method_version(fn: Callable[..., Compressed]) -> str:
+    """The ``VERSION`` string of the module defining a compression function (a partial's too): it
+    changes whenever the method's output changes, so the cache never serves an older method's result."""
+    func = fn.func if isinstance(fn, functools.partial) else fn
+    return str(getattr(inspect.getmodule(func), "VERSION", "0"))
 
 
 @dataclass
@@ -56,18 +72,21 @@ def compress_model(
     cache: FusionCache | None = None,
     device: torch.device | str = "cpu",
 ) -> FusionReport:
-    """Replace the MLP of each layer in ``layers`` by ``fn(weights, mid_dim, seed=seed)``, computed on ``device``."""
+    """Replace the MLP of each layer in ``layers`` by ``fn(weights, mid_dim, seed=layer_seed(seed, layer))``,
+    computed on ``device``; the cache key includes the method's ``VERSION``."""
     layers = list(layers)
     before, start, stats = count_params(model), time.perf_counter(), {}
+    version = method_version(fn)
     for layer in layers:
         t0 = time.perf_counter()
         w = mlp_io.read_mlp(model, layer)
         w_dev = type(w)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
-        key = cache_key(w, method=method, options=options or {}, mid_dim=mid_dim, seed=seed, device=torch.device(device).type)
+        s = layer_seed(seed, layer)
+        key = cache_key(w, method=method, version=version, options=options or {}, mid_dim=mid_dim, seed=s, device=torch.device(device).type)
         result = cache.get(key, device) if cache else None
         hit = result is not None
         if result is None:
-            result = fn(w_dev, mid_dim, seed=seed)
+            result = fn(w_dev, mid_dim, seed=s)
             if cache:
                 cache.put(key, result)
         mlp_io.write_mlp(model, layer, result)

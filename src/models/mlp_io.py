@@ -18,7 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
-from src.models.modules import LowRankLinear, ScaledLinear
+from src.models.layers import LowRankLinear, ScaledLinear
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,27 @@ class MLPLayer:
 # discovery
 
 
-def check_supported(config: PretrainedConfig) -> str:
+def family_of(config: PretrainedConfig) -> Family:
     """The MLP family of a model from its config alone (before loading); ValueError if unsupported."""
     for fam in FAMILIES:
         if config.model_type in fam.model_types:
-            return fam.name
+            return fam
     raise ValueError(f"model_type {config.model_type!r} is not supported; supported MLP families: {_SUPPORTED}")
+
+
+def config_width(config: PretrainedConfig) -> int:
+    """The pretrained MLP intermediate size a config describes (GPT-2: ``n_inner=None`` means 4h)."""
+    return getattr(config, family_of(config).width_attr) or 4 * config.hidden_size
+
+
+def mlp_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(number of transformer blocks, MLP intermediate size) from a config alone, before weights load."""
+    return config.num_hidden_layers, config_width(config)
+
+
+def set_config_width(config: PretrainedConfig, width: int) -> None:
+    """Write a uniform MLP width into the config (a stock model of that width, for export)."""
+    setattr(config, family_of(config).width_attr, width)
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -303,11 +318,6 @@ def write_mlp(model: nn.Module, layer: int, compressed: MLPWeights | FusedMLP | 
 # structure records (resume without re-compressing), re-init, export
 
 
-def _native_width(model: nn.Module, fam: Family) -> int:
-    cfg = _config(model)
-    return getattr(cfg, fam.width_attr) or 4 * cfg.hidden_size  # GPT-2: n_inner=None means 4h
-
-
 def layer_spec(model: nn.Module, layer: int) -> dict:
     """The layer's current MLP structure, e.g. {"kind": "fused", "width": 16, "scaled": True,
     "rank": None, "up_bias": True, "down_bias": True}; kind is "dense" (pretrained modules and
@@ -318,7 +328,7 @@ def layer_spec(model: nn.Module, layer: int) -> dict:
     native = Conv1D if mlp.family.conv1d else nn.Linear
     if isinstance(down, LowRankLinear):
         kind = "lowrank"
-    elif all(type(m) is native for m in mods.values()) and width == _native_width(model, mlp.family):
+    elif all(type(m) is native for m in mods.values()) and width == config_width(_config(model)):
         kind = "dense"
     else:
         kind = "fused"

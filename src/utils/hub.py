@@ -1,4 +1,4 @@
-"""Fail fast, with a clear message, when something must come from the Hugging Face Hub offline."""
+"""Network reachability, and failing fast with a clear message when something must come from the Hub offline."""
 
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ from urllib.parse import urlparse
 from src.utils.errors import ConfigError
 
 
+def reachable(url: str, timeout: float) -> bool:
+    """True if a TCP connection to ``url``'s host (port 443 unless it names one) opens within ``timeout`` seconds."""
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except (OSError, TypeError):  # TypeError: no host in the URL
+        return False
+
+
 @cache
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """True if a TCP connection to the Hub opens within ``timeout`` seconds (and offline mode is off)."""
+    """True if the Hugging Face Hub answers (``HF_ENDPOINT``) and offline mode (``HF_HUB_OFFLINE``) is off."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
 def require_hub(what: str, setting: str, hint: str) -> None:

@@ -1,14 +1,14 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it.
+"""Atomic writes of files and folders: write to a temporary path beside the target, then rename.
 
-An interrupted write leaves at most a stray ``.tmp`` file, never a half-written target that a later
-run would load as valid.
+An interrupted write leaves at most a stray ``.tmp`` file or folder, never a half-written target
+that a later run would load as valid.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +25,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -45,5 +43,34 @@ def write_json(target: str | Path, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+@contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target`` to fill; on success it becomes ``target``.
+
+    An interrupted write leaves no half folder at ``target``. With ``overwrite`` an existing
+    ``target`` is replaced (moved aside, then removed); without it, FileExistsError if ``target``
+    exists by then (e.g. a concurrent writer finished first).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = None
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target} exists")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -13,16 +12,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.hub import reachable
+
 log = logging.getLogger(__name__)
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def wandb_group(cfg: DictConfig) -> str:
@@ -42,7 +34,7 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 
         w = cfg.logger.wandb
         online = w.online or os.environ.get("WANDB_MODE") == "online"
-        if online and not wandb_reachable():
+        if online and not reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout=3.0):
             log.warning("W&B servers are unreachable: logging offline instead (upload later with `wandb sync %s/wandb`).", cfg.paths.output_dir)
             online = False
         if not online:

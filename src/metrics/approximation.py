@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.data.base import MODEL_INPUTS
 from src.metrics import ntk
 from src.models import mlp_io
 
@@ -18,21 +19,20 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _mlp_inputs(model: nn.Module, layers: list[int], batch: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Real hidden states entering each layer's MLP ([B, T, h]) and the model's output, from one forward."""
+def _mlp_inputs(model: nn.Module, layers: list[int], batch: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Real hidden states entering each layer's MLP ([B, T, h]), the final hidden states [B, T, h] and
+    the logits, from one forward."""
     captured: dict[int, torch.Tensor] = {}
     hooks = [
         mlp_io.mlp_input_module(model, i).register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0].detach()))
         for i in layers
     ]
     try:
-        out = model(**{k: v for k, v in batch.items() if k in ntk.MODEL_INPUTS}, output_hidden_states=True)
+        out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
-    # Classifiers: the logits; language models: the final hidden states (logits are a fixed projection of them).
-    final = out.logits if out.logits.ndim == 2 else out.hidden_states[-1]
-    return captured, final
+    return captured, out.hidden_states[-1], out.logits
 
 
 def approximation_metrics(
@@ -56,9 +56,12 @@ def approximation_metrics(
     original.eval(), compressed.eval()
     try:
         mask = batch["attention_mask"].bool()
-        inputs_o, final_o = _mlp_inputs(original, layers, batch)
-        _, final_c = _mlp_inputs(compressed, layers, batch)
-        metrics["fusion/logits_rel_err"] = ntk.output_rel_err(final_c, final_o, mask if final_o.ndim == 3 else None)
+        inputs_o, hidden_o, logits_o = _mlp_inputs(original, layers, batch)
+        _, hidden_c, logits_c = _mlp_inputs(compressed, layers, batch)
+        # The headline output metric: the last layer's output at every non-padding token.
+        metrics["fusion/hidden_rel_err"] = ntk.output_rel_err(hidden_c, hidden_o, mask)
+        if logits_o.ndim == 2:  # a classifier: its head is still untrained (random) at setup, a second metric
+            metrics["fusion/logits_rel_err"] = ntk.output_rel_err(logits_c, logits_o)
         with torch.no_grad():
             for row, i in zip(rows, layers):
                 x = inputs_o[i]  # [B, T, h]: the original's hidden states, fed to both MLPs

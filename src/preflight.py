@@ -1,7 +1,9 @@
-"""Checks that run before any model is loaded or any heavy work starts.
+"""The preflight: every cheap check, before any model weights load or any heavy work starts.
 
-Each raises ConfigError with one sentence naming the setting, its value and what is allowed.
-Unknown group options (``task=foo``) are refused earlier by Hydra, which lists the valid ones.
+``preflight`` fills the values derived from the model's config into the run's config, once
+(``resolve``), then checks every setting and input; each check raises ConfigError with one
+sentence naming the setting, its value and what is allowed. Unknown group options (``task=foo``)
+are refused earlier by Hydra, which lists the valid ones.
 """
 
 from __future__ import annotations
@@ -9,10 +11,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PretrainedConfig
 
+from src.builders import task_classes
+from src.compress.types import OptionError
+from src.models import mlp_io
+from src.models.build import load_hf_config
 from src.utils.errors import ConfigError
+
+
+def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
+    """Resolve the config, then check settings, model files, compression options and data, in that order.
+
+    Returns the model's transformers config and the task's validated data splits.
+    """
+    check_run_settings(cfg)
+    hf = load_hf_config(cfg.model)
+    check_architecture(cfg, hf)
+    resolve(cfg, hf)
+    check_ffn_mode(cfg, hf)
+    if "check" in cfg.distill:
+        instantiate(cfg.distill.check)(cfg)
+    load_splits, _, _ = task_classes(cfg.task.kind)
+    return hf, load_splits(cfg.task)
 
 
 def _positive(value: Any, setting: str) -> None:
@@ -26,33 +49,32 @@ def check_run_settings(cfg: DictConfig) -> None:
         _positive(cfg.task.get(key), f"task.{key}")
 
 
-def mlp_shape(hf: PretrainedConfig) -> tuple[int, int]:
-    """(number of layers, intermediate size) from a transformers config."""
-    n = hf.num_hidden_layers
-    d = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * hf.hidden_size
-    return n, d
+def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
+    """Fill every value derived from the model's config, once, before anything reads it.
 
-
-def resolve_context_length(cfg: DictConfig, hf: PretrainedConfig) -> None:
-    """Fill ``task.model_max_positions`` (where the task declares it) from the model's config.
-
-    Generation tasks cut their sequences to fit it, and check that ``max_new_tokens`` does.
+    ``ffn_mode.layers`` (the top two thirds, as the paper's 4..11 of 12), ``ffn_mode.mid_dim`` (a
+    quarter of the MLP width) and, where the task declares it, ``task.model_max_positions``
+    (generation tasks cut their sequences to fit it).
     """
-    if "model_max_positions" in cfg.task:
-        cfg.task.model_max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+    with open_dict(cfg):
+        if "model_max_positions" in cfg.task:
+            cfg.task.model_max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+        f = cfg.ffn_mode
+        if f.name == "none":
+            return
+        n, d = mlp_io.mlp_shape(hf)
+        if f.get("layers") is None:
+            f.layers = list(range(n - round(2 * n / 3), n))
+        if f.get("mid_dim") is None:
+            f.mid_dim = d // 4
 
 
-def resolve_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
-    """Fill the defaults (top two thirds of the layers, a quarter of the width) and check every option."""
+def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
+    """The options every method shares, then the method's own (its ``check`` hook)."""
     f = cfg.ffn_mode
     if f.name == "none":
         return
-    n, d = mlp_shape(hf)
-    with open_dict(f):
-        if f.get("layers") is None:
-            f.layers = list(range(n - round(2 * n / 3), n))  # the paper: 4..11 of 12
-        if f.get("mid_dim") is None:
-            f.mid_dim = d // 4
+    n, d = mlp_io.mlp_shape(hf)
     layers = list(f.layers) if OmegaConf.is_list(f.layers) else f.layers
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise ConfigError(f"ffn_mode.layers={layers!r} must be a list of layer indices, e.g. [2,3,4,5].")
@@ -66,23 +88,22 @@ def resolve_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
     _positive(f.mid_dim, "ffn_mode.mid_dim")
     if not 1 <= f.mid_dim <= d - 1:
         raise ConfigError(f"ffn_mode.mid_dim={f.mid_dim} is out of range: the model's MLPs have width {d}, so allowed is 1..{d - 1}.")
-    if f.get("sketch_keep") is not None and not 0 <= f.sketch_keep < f.mid_dim:
-        raise ConfigError(f"ffn_mode.sketch_keep={f.sketch_keep} must be in 0..mid_dim-1 = 0..{f.mid_dim - 1}.")
-    if f.get("mmd_steps") is not None:
-        _positive(f.mmd_steps, "ffn_mode.mmd_steps")
     extra = [i for i in f.get("re_init_layers") or [] if i not in layers]
     if extra:
         raise ConfigError(f"ffn_mode.re_init_layers has {extra}, which are not among ffn_mode.layers={layers}.")
+    if "check" in f:
+        try:
+            instantiate(f.check)(d, f.mid_dim, **instantiate(f.compress).keywords)
+        except OptionError as e:
+            raise ConfigError(f"ffn_mode.{e}") from None
 
 
 def check_architecture(cfg: DictConfig, hf: PretrainedConfig) -> None:
     """Compression and distillation need an MLP layout we know."""
     if cfg.ffn_mode.name == "none" and cfg.distill.name == "none":
         return
-    from src.models.mlp_io import check_supported
-
     try:
-        check_supported(hf)
+        mlp_io.family_of(hf)
     except ValueError as e:
         raise ConfigError(f"model={cfg.model.name}: {e}") from None
 

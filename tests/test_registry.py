@@ -1,0 +1,98 @@
+"""The ffn_mode config group is the one method registry: a new method is a function and a YAML file."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from src.compress.common import check_mid_dim, mlp_from_points, sub_mlp_points
+from src.compress.types import FusedMLP, MLPWeights, OptionError
+from src.train import train
+from src.utils.config import ffn_modes
+from src.utils.errors import ConfigError
+from tests.conftest import CONF, FAST, METHODS, ROOT
+
+
+def test_methods_are_discovered_from_the_config_group() -> None:
+    stems = sorted(p.stem for p in (ROOT / "conf" / "ffn_mode").glob("*.yaml") if not p.stem.startswith("_"))
+    assert ffn_modes() == stems and "none" in stems and "ntk_cluster" in METHODS
+    for method in METHODS:  # each names a pure function in src/compress/<method>.py
+        target = (ROOT / "conf" / "ffn_mode" / f"{method}.yaml").read_text().split("_target_: ")[1].split()[0]
+        assert target == f"src.compress.{method}.compress"
+        assert callable(importlib.import_module(f"src.compress.{method}").compress)
+
+
+# ---- a method added from outside the project: one function here, one YAML file in a config dir ----
+
+
+def check(width: int, mid_dim: int, *, stride: int = 1, **_: object) -> None:
+    if stride < 1:
+        raise OptionError("stride", stride, "must be at least 1.")
+
+
+@torch.no_grad()
+def compress(w: MLPWeights, mid_dim: int, *, seed: int, stride: int = 1) -> FusedMLP:
+    """Keep every ``stride``-th sub-MLP, the first ``mid_dim`` of them."""
+    check_mid_dim(w, mid_dim)
+    check(w.width, mid_dim, stride=stride)
+    return FusedMLP(mlp_from_points(sub_mlp_points(w)[::stride][:mid_dim], w))
+
+
+YAML = """defaults:
+  - _base
+  - _self_
+name: every_other
+stride: 2
+compress:
+  _target_: tests.test_registry.compress
+  _partial_: true
+  stride: ${..stride}
+check:
+  _target_: tests.test_registry.check
+  _partial_: true
+"""
+
+
+@pytest.fixture
+def extra_conf(tmp_path: Path) -> Path:
+    (tmp_path / "conf" / "ffn_mode").mkdir(parents=True)
+    (tmp_path / "conf" / "ffn_mode" / "every_other.yaml").write_text(YAML)
+    return tmp_path / "conf"
+
+
+def _compose(extra: Path, tmp_path: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        over = [f"hydra.searchpath=[file://{extra}]", *FAST, "model=tiny_bert", "ffn_mode=every_other", *overrides]
+        cfg = compose("train", overrides=over, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        listed = ffn_modes()
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
+        del cfg.hydra
+    return cfg, listed
+
+
+def test_a_new_method_is_one_function_and_one_yaml(extra_conf: Path, tmp_path: Path) -> None:
+    cfg, listed = _compose(extra_conf, tmp_path, ["approx_metrics.probe_size=4"])
+    assert "every_other" in listed
+    metrics = train(cfg)
+    assert metrics["fusion/params_after"] < metrics["fusion/params_before"] and "fusion/ntk_sign_rel_err" in metrics
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["ffn_mode"] == "every_other"
+    GlobalHydra.instance().clear()
+
+
+def test_a_new_methods_check_hook_refuses_before_loading(extra_conf: Path, tmp_path: Path) -> None:
+    cfg, _ = _compose(extra_conf, tmp_path, ["ffn_mode.stride=0"])
+    with pytest.raises(ConfigError, match=r"^ffn_mode\.stride=0 must be at least 1\.$"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    GlobalHydra.instance().clear()
