@@ -56,14 +56,13 @@ def tiny_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     """The offline sweep file shrunk to tiny_bert and 2 widths, run in one process (basic launcher)
     or through the joblib launcher (2 jobs at once, in worker processes): (name, folder, output)."""
     name, tmp = request.param, tmp_path_factory.mktemp("sweep")
-    sweep_dir = tmp / "2026-01-01_00-00-00_tiny_sweep"
-    proc = run_cli(
+    proc = run_cli(  # from another working directory, with the sweep file's own hydra.sweep.dir, as a user runs it
         "src.train", "-m", "--config-dir", str(SWEEPS), "--config-name", name,
         "model=tiny_bert", "ffn_mode=ntk_cluster", "ffn_mode.layers=[2,3]", "ffn_mode.mid_dim=16,32", "seed=1", *FAST,
-        "approx_metrics.probe_size=8", f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={tmp / 'cache'}",
-        timeout=600,
+        "approx_metrics.probe_size=8", f"paths.cache_dir={tmp / 'cache'}", cwd=tmp, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp / "logs" / "multiruns").glob(f"*_{name.removesuffix('_joblib')}")
     return name, sweep_dir, proc.stdout + proc.stderr
 
 
