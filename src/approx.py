@@ -50,7 +50,8 @@ COLUMNS = [
     ("ntk_std_rel_err", "NTK std err"), ("ntk_probe_sign_rel_err", "probe-layer NTK sign err"), ("logits_rel_err", "logits err (random head)"),
     ("params_after", "params"), ("compress_seconds", "compress s"),
 ]
-LAYER_COLUMNS = [("output_rel_err", "MLP output err"), ("ntk_sign_rel_err", "NTK sign err"), ("ntk_std_rel_err", "NTK std err")]
+LAYER_COLUMNS = [("width", "width"), ("output_rel_err", "MLP output err (probe)"), ("calib_err", "MLP output err (calibration)"),
+                 ("ntk_sign_rel_err", "NTK sign err"), ("ntk_std_rel_err", "NTK std err")]
 PAIRED = ["hidden_rel_err", "output_rel_err", "ntk_sign_rel_err", "ntk_probe_sign_rel_err"]
 CHART = [("hidden_rel_err", "final hidden states"), ("output_rel_err", "MLP output"), ("ntk_sign_rel_err", "NTK sign (Adam)"),
          ("ntk_std_rel_err", "NTK std (SGD)")]
@@ -69,7 +70,9 @@ def method_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         raise ConfigError(f"methods={methods} compresses nothing: add a method to compare with, e.g. methods=[none,ntk_cluster].")
     out = {}
     for m in methods:
-        mc = compose("approx", overrides=[*user, f"ffn_mode={m}"])
+        # none has no compression options: it is measured at the other methods' layers
+        over = [o for o in user if not (m == "none" and o.lstrip("+~").startswith("ffn_mode."))]
+        mc = compose("approx", overrides=[*over, f"ffn_mode={m}"])
         mc.paths = cfg.paths  # the hydra: resolvers only resolve in the running app's config
         out[m] = mc
     return out
@@ -111,11 +114,14 @@ def summarize(runs: list[dict[str, Any]], reference: str) -> tuple[dict[str, dic
 def to_markdown(meta: dict[str, Any], summary: dict[str, dict[str, Estimate]], diffs: dict[str, dict[str, Estimate]], reference: str) -> str:
     n = len(meta["seeds"])
     stat = "mean over seeds ± std [95 % t interval]" if n > 1 else "one seed (n = 1): no interval"
-    text = [f"# {meta['model']} on {meta['task']}: layers {meta['layers']}, mid_dim {meta['mid_dim']}", "",
+    width = f"budget {meta['budget']} of the MLP parameters" if meta["budget"] is not None else f"mid_dim {meta['mid_dim']}"
+    calib = f", calibration {meta['calib_size']} training inputs ({'sequential' if meta['calib_sequential'] else 'original inputs'})"
+    text = [f"# {meta['model']} on {meta['task']}: layers {meta['layers']}, {width}, refit {meta['refit']}{calib}", "",
             f"n = {n} seed(s) {meta['seeds']} (each sets the task head's initialisation, the probe sample of {meta['probe_size']} "
             f"validation inputs and the methods' randomness); cells: {stat}. Final hidden err: relative error of the last "
             "layer's output at every non-padding probe token (the headline); MLP output err: each compressed MLP on the "
-            "original's hidden states; NTK errors: relative Frobenius error of the sign (Adam) and standard kernels over the "
+            "original's hidden states of the probe set (validation) and, where the method read calibration data, of the "
+            "calibration tokens (training split); NTK errors: relative Frobenius error of the sign (Adam) and standard kernels over the "
             "compressed layers' MLP parameters; probe-layer: θ = the first uncompressed layer's MLP.", ""]
     rows = [[m, str(est.get("hidden_rel_err", estimate([])).n)] + [fmt_estimate(est.get(k, estimate([]))) for k, _ in COLUMNS]
             for m, est in summary.items()]
@@ -160,8 +166,10 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
     first = next(iter(compressing.values()))
     layers, reference = list(first.ffn_mode.layers), cfg.reference
     out = Path(cfg.paths.output_dir)
-    meta = {"model": cfg.model.name, "task": cfg.task.name, "layers": layers, "mid_dim": first.ffn_mode.mid_dim, "seeds": seeds,
-            "probe_size": cfg.approx_metrics.probe_size, "reference": reference}
+    f = first.ffn_mode
+    meta = {"model": cfg.model.name, "task": cfg.task.name, "layers": layers, "mid_dim": f.mid_dim, "seeds": seeds,
+            "probe_size": cfg.approx_metrics.probe_size, "reference": reference, "refit": f.refit, "budget": f.budget,
+            "calib_size": f.calib.size, "calib_sequential": f.calib.sequential}
     datamodule, _ = build_data_and_module(first, checked[next(iter(compressing))][1])
     runs: list[dict[str, Any]] = []
     for seed in seeds:
@@ -175,7 +183,7 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
                 metrics.update({"fusion/params_after": float(count_params(original)), "fusion/compress_seconds": 0.0})
             else:
                 callback = instantiate(_with_seed(mc, seed).ffn_mode.callback)  # the object a training run compresses with
-                callback.compress_and_measure(copy.deepcopy(original), "cpu", batch, module.probe_fns)
+                callback.compress_and_measure(copy.deepcopy(original), "cpu", datamodule, module.probe_fns)
                 metrics = callback.summary_metrics
             runs.append({"method": m, "seed": seed, "metrics": _flat(metrics)})
             log.info("seed %d, %s: final hidden err %.4f, NTK sign err %.4f", seed, m, metrics["fusion/hidden_rel_err"], metrics["fusion/ntk_sign_rel_err"])

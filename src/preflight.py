@@ -19,6 +19,7 @@ from src.builders import task_classes
 from src.compress.types import OptionError
 from src.models import mlp_io
 from src.models.build import load_hf_config
+from src.models.fuse import needs_calibration
 from src.utils.errors import ConfigError
 
 
@@ -91,9 +92,23 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
     extra = [i for i in f.get("re_init_layers") or [] if i not in layers]
     if extra:
         raise ConfigError(f"ffn_mode.re_init_layers has {extra}, which are not among ffn_mode.layers={layers}.")
+    c = f.calib
+    if isinstance(c.size, bool) or not isinstance(c.size, int) or c.size < 0:
+        raise ConfigError(f"ffn_mode.calib.size={c.size!r} must be a non-negative integer (0 = data-free).")
+    _positive(c.batch_size, "ffn_mode.calib.batch_size")
+    if f.refit not in ("none", "lstsq"):
+        raise ConfigError(f"ffn_mode.refit={f.refit!r} must be none or lstsq.")
+    if not isinstance(f.refit_ridge, (int, float)) or f.refit_ridge <= 0:
+        raise ConfigError(f"ffn_mode.refit_ridge={f.refit_ridge!r} must be a positive number.")
+    if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):
+        raise ConfigError(f"ffn_mode.budget={f.budget!r} must be a fraction of the chosen layers' MLP parameters in (0, 1), e.g. 0.25.")
+    fn = instantiate(f.compress)
+    if c.size == 0 and needs_calibration(fn, f.refit, f.budget):
+        what = "refit=lstsq" if f.refit != "none" else "a budget" if f.budget is not None else f"ffn_mode={f.name} with these options"
+        raise ConfigError(f"ffn_mode.calib.size=0 is data-free, but {what} needs calibration data: set ffn_mode.calib.size > 0.")
     if "check" in f:
         try:
-            instantiate(f.check)(d, f.mid_dim, **instantiate(f.compress).keywords)
+            instantiate(f.check)(d, f.mid_dim, calib_size=c.size, **fn.keywords)
         except OptionError as e:
             raise ConfigError(f"ffn_mode.{e}") from None
 
@@ -130,7 +145,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         )
     fusion = ckpt.get("fusion")  # written by the fusion callback
     mode = fusion["method"] if fusion else "none"
-    if mode != cfg.ffn_mode.name or (fusion and (list(fusion["layers"]) != list(cfg.ffn_mode.layers) or fusion["mid_dim"] != cfg.ffn_mode.mid_dim)):
+    if mode != cfg.ffn_mode.name or (fusion and (list(fusion["layers"]) != list(cfg.ffn_mode.layers) or fusion["mid_dim"] != cfg.ffn_mode.mid_dim
+                                                 or fusion.get("budget") != cfg.ffn_mode.get("budget"))):
         got = f"ffn_mode={mode}" + (f" layers={fusion['layers']} mid_dim={fusion['mid_dim']}" if fusion else "")
         now = f"ffn_mode={cfg.ffn_mode.name}" + (f" layers={list(cfg.ffn_mode.layers)} mid_dim={cfg.ffn_mode.mid_dim}" if fusion or cfg.ffn_mode.name != "none" else "")
         raise ConfigError(f"ckpt_path={str(path)!r} was compressed with {got}, but this run asks for {now}.")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.builders import build_callbacks, build_data_and_module
-from src.callbacks.guards import TrainingDiverged
+from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
 from src.preflight import preflight, resolve_ckpt_path
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @rank_zero_only
 def write_results(cfg: DictConfig, status: str, **fields: object) -> None:
-    """``results.json`` in the run folder: the status (running, completed, failed) and final metrics."""
+    """``results.json`` in the run folder: the status (running, completed, interrupted, failed) and final metrics."""
     summary = {"task": cfg.task.name, "model": cfg.model.name, "ffn_mode": cfg.ffn_mode.name,
                "mid_dim": cfg.ffn_mode.get("mid_dim"), "layers": OmegaConf.to_container(cfg.ffn_mode.get("layers")) if cfg.ffn_mode.get("layers") is not None else None,
                "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor}
@@ -44,6 +44,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+    if stop is not None and stop.received is not None:  # a signal during validation: the last save stands
+        raise RunInterrupted(stop.received, trainer.global_step, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else None
@@ -62,6 +65,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
+    except RunInterrupted as e:
+        write_results(cfg, "interrupted", error=str(e))
+        log.error("%s", e)
+        sys.exit(128 + e.signum)  # as the shell reports a process ended by the signal: a scheduler sees a failure
     except (ConfigError, TrainingDiverged) as e:
         write_results(cfg, "failed", error=str(e))
         log.error("%s", e)

@@ -1,18 +1,31 @@
 """The compression methods on small random MLPs: exactness at k = d, fusion properties, baselines."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from src.compress import cluster, mmd, ntk_cluster, prune, sketch, svd
-from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
+from src.compress.types import FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
+from src.models.fuse import needs_calibration
 from tests.conftest import METHODS as NAMES
 from tests.conftest import compress_fn
 
-METHODS = {name: compress_fn(name) for name in NAMES}
+
+
+def _with_calibration(fn):
+    """Methods that read calibration data (wanda_sp) get a fixed random sample of inputs."""
+    if not needs_calibration(fn):
+        return fn
+    x = torch.randn(64, H, generator=torch.Generator().manual_seed(7))
+    return functools.partial(fn, calib=MLPCalibration(x=x, y=torch.zeros_like(x)))
+
 
 H, D = 16, 64
+METHODS = {name: _with_calibration(compress_fn(name)) for name in NAMES}
+
 
 
 def make_mlp(h=H, d=D, *, gated=False, bias=True, act="gelu", std=0.02, seed=0) -> MLPWeights:

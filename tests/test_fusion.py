@@ -14,7 +14,8 @@ from transformers import AutoModelForSequenceClassification
 from src.compress.cache import FusionCache
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.fuse import apply_spec, compress_model, count_params
+from src.models.calibration import Calibrator
+from src.models.fuse import apply_spec, compress_model, count_params, needs_calibration
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS
@@ -43,7 +44,9 @@ def _fn(compose_cfg, method: str):
 def test_every_method_on_every_family(compose_cfg, arch: str, method: str) -> None:
     model = _model(arch)
     ids = torch.randint(1, 128, (2, 7))
-    report = compress_model(model, method=method, fn=_fn(compose_cfg, method), layers=[1, 3], mid_dim=16, seed=0)
+    fn = _fn(compose_cfg, method)
+    calibrator = Calibrator([{"input_ids": torch.randint(1, 128, (4, 9))}]) if needs_calibration(fn) else None  # wanda_sp
+    report = compress_model(model, method=method, fn=fn, layers=[1, 3], mid_dim=16, seed=0, calibrator=calibrator)
     assert mlp_io.intermediate_sizes(model)[0] == 64 and report.params_after < report.params_before == count_params(_model(arch))
     assert torch.isfinite(model(input_ids=ids).logits).all()
     if method == "ntk_cluster":  # the counts are a frozen buffer, not a parameter

@@ -1,4 +1,4 @@
-"""Resume after SIGKILL mid-epoch reaches the metrics of an uninterrupted run (slow tier)."""
+"""Resume after SIGKILL, SIGTERM or SIGINT mid-epoch reaches the metrics of an uninterrupted run (slow tier)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,19 @@ def _final(run: Path) -> dict:
     return res["metrics"]
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
-    cache = f"paths.cache_dir={tmp_path / 'cache'}"
-    straight = tmp_path / "straight"
-    assert run_cli("src.train", *ARGS, cache, f"hydra.run.dir={straight}", timeout=900).returncode == 0
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The uninterrupted run (folder) and the shared cache setting."""
+    tmp = tmp_path_factory.mktemp("resume")
+    cache = f"paths.cache_dir={tmp / 'cache'}"
+    assert run_cli("src.train", *ARGS, cache, f"hydra.run.dir={tmp / 'straight'}", timeout=900).returncode == 0
+    return tmp / "straight", cache
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_resume_after_a_signal_matches_uninterrupted(tmp_path: Path, straight: tuple[Path, str], sig: signal.Signals) -> None:
+    straight, cache = straight
     killed = tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "-m", "src.train", *ARGS, cache, f"hydra.run.dir={killed}"], cwd=ROOT, env=env,
@@ -42,9 +49,14 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
             step = torch.load(last, weights_only=True, map_location="cpu")["global_step"] if last.exists() else 0
         except Exception:  # being written
             pass
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    code = proc.wait()
     assert 3 <= step < 20, f"no mid-run checkpoint to resume from (step {step})"
+    if sig != signal.SIGKILL:  # saved at the next batch's end, marked interrupted, and a failure for the scheduler
+        assert code == 128 + sig, code
+        res = json.loads((killed / "results.json").read_text())
+        assert res["status"] == "interrupted" and signal.Signals(sig).name in res["error"], res
+        assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] >= step
 
     resumed = run_cli("src.train", *ARGS, cache, f"hydra.run.dir={killed}", "ckpt_path=last", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

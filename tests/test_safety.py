@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import torch
 from src.callbacks.guards import TrainingDiverged
 from src.train import train
 from src.utils.io import atomic_path
+from tests.conftest import ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("src", "bench") for p in (ROOT / d).rglob("*.py")]
@@ -70,3 +75,23 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
             raise RuntimeError("killed mid-write")
     assert not target.exists() and list(tmp_path.iterdir()) == []
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_last_ckpt_marks_interrupted_and_exits_nonzero(tmp_path: Path, sig: signal.Signals) -> None:
+    run = tmp_path / "run"
+    args = ["model=tiny_bert", "approx_metrics.enabled=false", "trainer.max_steps=100000", "trainer.max_epochs=1000",
+            "task.max_train_samples=64", "task.batch_size=4", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run / "metrics.csv").exists():  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "interrupted" and "resume with ckpt_path=last" in res["error"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] > 0 and "fusion" in ckpt and "Traceback" not in err

@@ -25,7 +25,8 @@ from src.metrics import ntk
 from src.metrics.approximation import approximation_metrics
 from src.models import mlp_io
 from src.models.source import model_identity
-from src.models.fuse import FusionReport, apply_spec, compress_model
+from src.models.calibration import Calibrator
+from src.models.fuse import FusionReport, apply_spec, compress_model, needs_calibration
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class FusionCallback(L.Callback):
         cache_dir: str,
         model: dict[str, Any],
         metrics: dict[str, Any],
+        calib: dict[str, Any] | None = None,
+        refit: str = "none",
+        refit_ridge: float = 1e-3,
+        budget: float | None = None,
         ckpt_path: str | None = None,
     ) -> None:
         self.method, self.fn, self.layers, self.mid_dim, self.seed = method, compress, list(layers), mid_dim, seed
@@ -56,6 +61,8 @@ class FusionCallback(L.Callback):
         self.cache = FusionCache(Path(cache_dir) / method) if cache else None
         self.identity = model_identity(model)  # part of the cache key: the exact weights compressed
         self.metrics_cfg = metrics
+        self.calib_cfg = calib or {"size": 0}
+        self.refit, self.refit_ridge, self.budget = refit, refit_ridge, budget
         self.ckpt_path = ckpt_path  # a run resumed or evaluated from a checkpoint rebuilds its structure
         self.spec: dict[str, Any] | None = None
         self.summary_metrics: dict[str, float] = {}
@@ -67,18 +74,25 @@ class FusionCallback(L.Callback):
         return dict(self.fn.keywords)
 
     def compress_and_measure(
-        self, model: torch.nn.Module, device: torch.device | str,
-        batch: dict[str, torch.Tensor] | None = None, probe_fns: dict[str, ntk.ProbeFn] | None = None,
+        self, model: torch.nn.Module, device: torch.device | str, datamodule: Any, probe_fns: dict[str, ntk.ProbeFn],
     ) -> FusionReport:
-        """Compress ``model`` in place (cache, re-init ablation) and, given a probe ``batch`` and
-        ``probe_fns``, measure it against a copy of the original (METHOD.md section 4).
+        """Compress ``model`` in place (calibration from ``datamodule``'s training split where the
+        settings use it, cache, re-init ablation) and, with the metrics enabled, measure it against a
+        copy of the original on the probe set (METHOD.md section 4).
 
         Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
         """
-        original = copy.deepcopy(model) if batch is not None else None
+        m = self.metrics_cfg
+        original = copy.deepcopy(model) if m["enabled"] else None
+        calibrator = None
+        if needs_calibration(self.fn, self.refit, self.budget):
+            c = self.calib_cfg
+            batches = [{k: v.to(device) for k, v in b.items()} for b in datamodule.calib_batches(c["size"], c["seed"], c["batch_size"])]
+            calibrator = Calibrator(batches, sequential=c["sequential"])
         report = compress_model(
             model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
             options={**self.options, "identity": self.identity}, cache=self.cache, device=device,
+            calibrator=calibrator, refit=self.refit, refit_ridge=self.refit_ridge, budget=self.budget,
         )
         self.spec = report.spec
         for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights
@@ -86,7 +100,7 @@ class FusionCallback(L.Callback):
             log.info("re-initialised the MLP weights of layer %d (ffn_mode.re_init_layers)", layer)
         self.summary_metrics = report.metrics()
         if original is not None:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in datamodule.probe_batch(m["probe_size"], m["probe_seed"]).items()}
             metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, self.metrics_cfg["chunk_size"])
             for row in rows:
                 row.update(report.layer_stats.get(row["layer"], {}))
@@ -113,9 +127,7 @@ class FusionCallback(L.Callback):
             return
         distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
         if trainer.is_global_zero:
-            m = self.metrics_cfg
-            batch = trainer.datamodule.probe_batch(m["probe_size"], m["probe_seed"]) if m["enabled"] else None
-            self.compress_and_measure(model, trainer.strategy.root_device, batch, pl_module.probe_fns)
+            self.compress_and_measure(model, trainer.strategy.root_device, trainer.datamodule, pl_module.probe_fns)
         if distributed:
             self.spec = trainer.strategy.broadcast(self.spec, src=0)
             if not trainer.is_global_zero:

@@ -1,10 +1,12 @@
-"""Small training-run guards: stop on a non-finite loss, measure step time and peak memory."""
+"""Small training-run guards: stop on a non-finite loss, save and stop on SIGTERM/SIGINT, measure step time and peak memory."""
 
 from __future__ import annotations
 
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -79,3 +81,50 @@ class RNGStateCheckpoint(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped training; ``last.ckpt`` holds the state to resume from (``ckpt_path=last``)."""
+
+    def __init__(self, signum: int, step: int, path: str | None) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        where = (f"; the state after step {step} is in {path}: resume with ckpt_path=last" if path else
+                 " outside a training step; the last checkpoint written stays as it was")
+        super().__init__(f"{name} received: training stopped{where}.")
+
+
+class GracefulStop(L.Callback):
+    """On SIGTERM or SIGINT (preemption, ``timeout``, a closed terminal, Ctrl-C), saves ``last.ckpt`` at
+    the end of the current training batch and stops the run with ``RunInterrupted``.
+
+    The signal only sets a flag; the save happens at a batch boundary, where the checkpoint's
+    mid-epoch position, RNG state and optimizer agree, so the run resumes exactly. Under DDP the
+    ranks agree on the flag (any rank's signal stops all) before anyone saves. SIGUSR1 (Lightning's
+    SLURM requeue) is left to Lightning.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            path = f"{self.dirpath}/last.ckpt"
+            trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
+            raise RunInterrupted(self.received or signal.SIGTERM, trainer.global_step, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.activations import ACT2FN
 
 from .types import MLPWeights
 
@@ -71,7 +72,17 @@ def importance(w: MLPWeights) -> Tensor:
     return score if w.gate is None else score * w.gate.to(dtype).norm(dim=1)
 
 
-def top_sub_mlps(w: MLPWeights, t: int) -> tuple[Tensor, Tensor]:
-    """Indices of the ``t`` most important sub-MLPs and of the others, each in original order."""
-    order = importance(w).argsort(descending=True, stable=True)  # stable: ties break by index
+def top_sub_mlps(w: MLPWeights, t: int, score: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Indices of the ``t`` sub-MLPs of largest ``score`` [d] (default: ``importance``) and of the
+    others, each in original order."""
+    order = (importance(w) if score is None else score).argsort(descending=True, stable=True)  # stable: ties break by index
     return order[:t].sort().values, order[t:].sort().values
+
+
+def activations(w: MLPWeights, x: Tensor) -> Tensor:
+    """Each neuron's activation on inputs x [T, h] -> [T, d]: act(up x + b), or act(gate x) * (up x)
+    gated; in the compute dtype."""
+    dtype = compute_dtype(w.up)
+    x, act = x.to(dtype), ACT2FN[w.activation]
+    pre = x @ w.up.to(dtype).T + (0 if w.up_bias is None else w.up_bias.to(dtype))
+    return act(x @ w.gate.to(dtype).T) * pre if w.is_gated else act(pre)

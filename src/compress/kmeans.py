@@ -26,14 +26,17 @@ class KMeansResult:
 
 @torch.no_grad()
 def kmeans(
-    x: Tensor, k: int, *, seed: int, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4, identity_at_n: bool = True
+    x: Tensor, k: int, *, seed: int, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4, identity_at_n: bool = True,
+    weights: Tensor | None = None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` [n, D] into ``k`` clusters; keeps the best of ``n_init`` restarts.
 
     Lloyd stops when no label changes or when the squared centroid shift summed over clusters is
     below ``tol`` times the mean per-feature variance of ``x`` (sklearn's rule). ``k == n`` returns
     every point as its own cluster, exactly and in order, unless ``identity_at_n`` is False (then
-    Lloyd runs, and finds the same clusters in another order). Deterministic for a seed on a device.
+    Lloyd runs, and finds the same clusters in another order). ``weights`` [n] (>= 0) make each
+    centroid the weighted mean of its points and the inertia weighted (the seeding and the counts
+    are not). Deterministic for a seed on a device.
     """
     n = x.shape[0]
     if x.ndim != 2:
@@ -44,6 +47,10 @@ def kmeans(
         raise ValueError(f"n_init and max_iter must be >= 1, got {n_init}, {max_iter}")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x = x.to(dtype)
+    if weights is not None:
+        assert weights.shape == (n,) and (weights >= 0).all(), "weights must be [n], non-negative"
+        # a floor keeps a cluster of all-zero-weight points (dead neurons) at their plain mean
+        weights = weights.to(dtype).clamp_min(1e-9 * max(weights.max().item(), 1e-30))
     if k == n and identity_at_n:
         ones = torch.ones(n, dtype=torch.long, device=x.device)
         return KMeansResult(x.clone(), torch.arange(n, device=x.device), ones, 0.0, 0, 0)
@@ -64,11 +71,12 @@ def kmeans(
         counts = _bincount(labels, k)  # [R, k]
         if (counts == 0).any():
             n_fixed += _fix_empty(labels, counts, dmin + x2)
-        c_old, c = c, _means(x, labels, counts)
+        c_old, c = c, _means(x, labels, counts, weights)
         if ((c - c_old) ** 2).sum((1, 2)).max().item() <= tol:
             break
 
-    inertia = ((x - c.gather(1, labels.unsqueeze(-1).expand(-1, -1, x.shape[1]))) ** 2).sum((1, 2))
+    sq = ((x - c.gather(1, labels.unsqueeze(-1).expand(-1, -1, x.shape[1]))) ** 2).sum(-1)  # [R, n]
+    inertia = (sq if weights is None else sq * weights).sum(1)
     r = int(inertia.argmin())
     return KMeansResult(c[r], labels[r], counts[r], inertia[r].item(), n_iter, int(n_fixed[r]))
 
@@ -101,8 +109,11 @@ def _bincount(labels: Tensor, k: int) -> Tensor:
     return counts.scatter_add_(1, labels, torch.ones_like(labels))
 
 
-def _means(x: Tensor, labels: Tensor, counts: Tensor) -> Tensor:
-    """Centroids [R, k, D] of x [n, D] under labels [R, n] (every cluster non-empty)."""
+def _means(x: Tensor, labels: Tensor, counts: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Centroids [R, k, D] of x [n, D] under labels [R, n] (every cluster non-empty), weighted by ``weights`` [n]."""
+    if weights is not None:  # weighted sums over the weight totals: the means of [w x, w]
+        sums = _means(torch.cat([x * weights[:, None], weights[:, None]], 1), labels, counts)
+        return sums[..., :-1] / sums[..., -1:]
     R, k = counts.shape
     if x.is_cuda:
         # index_add_ uses float atomics on CUDA (run-to-run noise); a one-hot matmul does not

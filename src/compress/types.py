@@ -47,6 +47,23 @@ class MLPWeights:
 
 
 @dataclass(frozen=True)
+class MLPCalibration:
+    """One MLP's behaviour on the T non-padding calibration tokens (METHOD.md section 6).
+
+    ``x`` are the MLP's inputs (from the original model or, sequentially, from the model whose
+    earlier chosen layers are compressed already) and ``y`` the original MLP's outputs on them.
+    Both are kept, not only XᵀX: a refit needs the compressed MLP's activations on X, which depend
+    on the method's output.
+    """
+
+    x: Tensor  # [T, h]
+    y: Tensor  # [T, h]
+
+    def __post_init__(self) -> None:
+        assert self.x.ndim == 2 and self.x.shape == self.y.shape, f"x {tuple(self.x.shape)} vs y {tuple(self.y.shape)}"
+
+
+@dataclass(frozen=True)
 class FusedMLP:
     """A width-k MLP, optionally with a frozen per-neuron scale applied after the activation.
 

@@ -91,6 +91,14 @@ class TaskDataModule(L.LightningDataModule):
         return ResumableDataLoader(dataset, sampler=EpochSeededSampler(len(dataset), self.seed), generator=torch.Generator(), skip=skip,
                                    batch_size=bs, collate_fn=self.train_collate, num_workers=self.task.num_workers)
 
+    def calib_batches(self, n: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
+        """``n`` training inputs drawn with ``seed``, collated in batches: the compression's calibration
+        sample (METHOD.md section 6; the probe set comes from the validation split, so they are disjoint)."""
+        self.setup()
+        train = self.data["train"]
+        idx = probe_indices(len(train), n, seed)
+        return [self.train_collate([train[i] for i in idx[j : j + batch_size]]) for j in range(0, len(idx), batch_size)]
+
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.data[split], batch_size=self.task.eval_batch_size, collate_fn=self.eval_collate,
                           num_workers=self.task.num_workers, generator=torch.Generator())

@@ -6,9 +6,12 @@ The method sees only ``MLPWeights`` (pure function); this module reads each laye
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,9 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.compress.budget import allocate, candidate_widths
 from src.compress.cache import FusionCache, cache_key
-from src.compress.types import Compressed
+from src.compress.refit import refit as refit_down
+from src.compress.refit import rel_error as calib_rel_error
+from src.compress.types import Compressed, MLPCalibration, MLPWeights
 from src.models import mlp_io
+from src.models.calibration import Calibrator
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ def method_version(fn: Callable[..., Compressed]) -> str:
 class FusionReport:
     """What a compression did: the structure to record in checkpoints and the numbers to log."""
 
-    spec: dict[str, Any]  # {"method", "layers", "mid_dim", "seed", "layer_specs": {layer: layer_spec}}
+    spec: dict[str, Any]  # {"method", "layers", "mid_dim", "seed", "widths", "budget", "refit", "layer_specs": {layer: layer_spec}}
     params_before: int
     params_after: int
     seconds: float
@@ -60,6 +67,14 @@ class FusionReport:
         return out
 
 
+def needs_calibration(fn: Callable[..., Compressed], refit: str = "none", budget: float | None = None) -> bool:
+    """Whether a compression reads calibration data: a refit, a budget, or a method that declares it
+    (its module's ``needs_calibration(**options)``, e.g. wanda_sp, or activation weighting)."""
+    func = fn.func if isinstance(fn, functools.partial) else fn
+    declared = getattr(inspect.getmodule(func), "needs_calibration", None)
+    return refit != "none" or budget is not None or bool(declared and declared(**getattr(fn, "keywords", {})))
+
+
 def compress_model(
     model: nn.Module,
     *,
@@ -71,30 +86,80 @@ def compress_model(
     options: dict[str, Any] | None = None,
     cache: FusionCache | None = None,
     device: torch.device | str = "cpu",
+    calibrator: Calibrator | None = None,
+    refit: str = "none",
+    refit_ridge: float = 1e-3,
+    budget: float | None = None,
 ) -> FusionReport:
-    """Replace the MLP of each layer in ``layers`` by ``fn(weights, mid_dim, seed=layer_seed(seed, layer))``,
-    computed on ``device``; the cache key includes the method's ``VERSION``."""
+    """Replace the MLP of each layer in ``layers`` by ``fn(weights, width, seed=layer_seed(seed, layer))``,
+    computed on ``device``; the cache key includes the method's ``VERSION``.
+
+    With calibration (``needs_calibration``; ``calibrator`` then required): the method receives the
+    layer's ``MLPCalibration`` if it takes ``calib``, ``refit="lstsq"`` re-fits each down projection
+    (``src.compress.refit``), and ``budget`` (a fraction of the chosen layers' MLP parameters)
+    replaces the one ``mid_dim`` by per-layer widths (``src.compress.budget``). The layers are
+    compressed in order; with ``calibrator.sequential`` each layer's calibration inputs come from the
+    model whose earlier layers are compressed already.
+    """
     layers = list(layers)
     before, start, stats = count_params(model), time.perf_counter(), {}
-    version = method_version(fn)
+    version, dev = method_version(fn), torch.device(device)
+    takes_calib = "calib" in inspect.signature(fn).parameters
+    if needs_calibration(fn, refit, budget) and calibrator is None:
+        raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data (a Calibrator)")
+    uses_calib = calibrator is not None and needs_calibration(fn, refit, budget)
+    original = calibrator.collect(model, layers) if uses_calib and (not calibrator.sequential or budget is not None) else {}
+
+    def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None) -> tuple[Compressed, bool]:
+        w_dev = type(w)(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
+        s = layer_seed(seed, layer)
+        settings = {"method": method, "version": version, "options": options or {}, "mid_dim": width, "seed": s, "device": dev.type}
+        if calib is not None:
+            settings.update(calib=calib_hash(calib), refit=refit, refit_ridge=refit_ridge)
+        key = cache_key(w, **settings)
+        result = cache.get(key, dev) if cache else None
+        if result is not None:
+            return result, True
+        result = fn(w_dev, width, seed=s, **({"calib": calib} if takes_calib and calib is not None else {}))
+        if refit == "lstsq":
+            result = refit_down(result, calib, refit_ridge)
+        elif calib is not None:
+            result = dataclasses.replace(result, stats={**result.stats, "calib_err": calib_rel_error(result, calib)})
+        if cache:
+            cache.put(key, result)
+        return result, False
+
+    widths = {layer: mid_dim for layer in layers}
+    if budget is not None:  # each layer's calibration error at a few widths, then the allocation
+        curves = {}
+        for layer in layers:
+            w = mlp_io.read_mlp(model, layer)
+            curves[layer] = {k: compress_layer(w, k, layer, original[layer])[0].stats["calib_err"] for k in candidate_widths(w.width, budget)}
+        total = math.floor(budget * sum(mlp_io.read_mlp(model, layer).width for layer in layers))
+        widths = allocate(curves, total)
+        log.info("budget %.3f of the chosen layers' MLP parameters: widths %s (%d neurons)", budget, widths, total)
     for layer in layers:
         t0 = time.perf_counter()
         w = mlp_io.read_mlp(model, layer)
-        w_dev = type(w)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
-        s = layer_seed(seed, layer)
-        key = cache_key(w, method=method, version=version, options=options or {}, mid_dim=mid_dim, seed=s, device=torch.device(device).type)
-        result = cache.get(key, device) if cache else None
-        hit = result is not None
-        if result is None:
-            result = fn(w_dev, mid_dim, seed=s)
-            if cache:
-                cache.put(key, result)
+        calib = None
+        if uses_calib:
+            calib = calibrator.collect(model, [layer])[layer] if calibrator.sequential else original[layer]
+        result, hit = compress_layer(w, widths[layer], layer, calib)
         mlp_io.write_mlp(model, layer, result)
-        stats[layer] = {**{k: float(v) for k, v in result.stats.items()}, "seconds": time.perf_counter() - t0, "cache_hit": float(hit)}
-        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method, mid_dim, stats[layer]["seconds"], " (cache hit)" if hit else "")
-    spec = {"method": method, "layers": layers, "mid_dim": mid_dim, "seed": seed,
-            "layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in layers}}
+        stats[layer] = {**{k: float(v) for k, v in result.stats.items()}, "width": float(widths[layer]),
+                        "seconds": time.perf_counter() - t0, "cache_hit": float(hit)}
+        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method, widths[layer], stats[layer]["seconds"], " (cache hit)" if hit else "")
+    spec = {"method": method, "layers": layers, "mid_dim": mid_dim, "seed": seed, "widths": {str(i): k for i, k in widths.items()},
+            "budget": budget, "refit": refit, "layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in layers}}
     return FusionReport(spec, before, count_params(model), time.perf_counter() - start, stats)
+
+
+def calib_hash(calib: MLPCalibration) -> str:
+    """sha256 of a layer's calibration tensors: the calibration sample's identity in the cache key."""
+    h = hashlib.sha256()
+    for t in (calib.x, calib.y):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def apply_spec(model: nn.Module, spec: dict[str, Any]) -> None:

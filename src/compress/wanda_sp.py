@@ -1,0 +1,35 @@
+"""Wanda-sp: structured activation-aware pruning, the usual baseline of LLM width pruning.
+
+Keeps the ``mid_dim`` neurons with the largest ‖down[:, i]‖₂ · ‖a_i‖₂, a_i = neuron i's activation
+over the calibration tokens (act(gate)·up for gated MLPs): the structured form of Wanda's
+|weight| × ‖activation‖ score (METHOD.md section 6). Needs calibration data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import activations, check_mid_dim, compute_dtype, mlp_from_points, sub_mlp_points, top_sub_mlps
+from .types import FusedMLP, MLPCalibration, MLPWeights
+
+# Bumped whenever this method's output changes: part of the compression cache key.
+VERSION = "1"
+
+
+def needs_calibration(**_: object) -> bool:
+    """Always: the score reads the calibration activations."""
+    return True
+
+
+def scores(w: MLPWeights, calib: MLPCalibration) -> torch.Tensor:
+    """‖down[:, i]‖₂ · ‖a_i‖₂ over the calibration tokens, [d]."""
+    return w.down.to(compute_dtype(w.up)).norm(dim=0) * activations(w, calib.x).norm(dim=0)
+
+
+@torch.no_grad()
+def compress(w: MLPWeights, mid_dim: int, *, seed: int, calib: MLPCalibration) -> FusedMLP:
+    """Keep the top ``mid_dim`` neurons by activation-weighted norm, in original order (``seed`` unused)."""
+    check_mid_dim(w, mid_dim)
+    score = scores(w, calib)
+    keep, _ = top_sub_mlps(w, mid_dim, score)
+    return FusedMLP(mlp_from_points(sub_mlp_points(w)[keep], w), stats={"kept_score_frac": (score[keep].sum() / score.sum()).item()})

@@ -1,0 +1,157 @@
+"""Calibration-aware compression (METHOD.md section 6): calibration hooks, refit, wanda_sp, activation
+weighting, the width budget, and runs whose checkpoints have per-layer widths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from src.compress import budget, kmeans, refit, wanda_sp
+from src.compress.common import activations
+from src.compress.types import MLPCalibration
+from src.models import mlp_io
+from src.models.calibration import Calibrator
+from src.models.exported import load_exported
+from src.models.fuse import compress_model
+from src.preflight import preflight
+from src.train import train
+from src.utils.errors import ConfigError
+from tests.conftest import METHODS, compress_fn, run_cli
+from tests.test_compress_methods import make_mlp
+
+H, D = 16, 64
+
+
+def _calib(w, n: int = 200, seed: int = 3) -> MLPCalibration:
+    x = torch.randn(n, H, generator=torch.Generator().manual_seed(seed))
+    y = activations(w, x) @ w.down.T + (0 if w.down_bias is None else w.down_bias)
+    return MLPCalibration(x=x, y=y)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("method", METHODS)
+def test_refit_never_raises_the_calibration_error(method: str, gated: bool) -> None:
+    w = make_mlp(gated=gated, act="silu", std=0.3)
+    calib = _calib(w)
+    fn = compress_fn(method)
+    c = fn(w, 12, seed=0, **({"calib": calib} if method == "wanda_sp" else {}), **({"mmd_steps": 3} if method == "mmd" else {}))
+    before, fitted = refit.rel_error(c, calib), refit.refit(c, calib)
+    after = refit.rel_error(fitted, calib)
+    assert after <= before + 1e-9 and fitted.stats["calib_err"] == pytest.approx(after)
+    assert after < 0.999 * before, (method, before, after)  # on random weights least squares always finds better
+    if method == "ntk_cluster":  # the frozen counts stay as they are, part of the design matrix
+        assert torch.equal(fitted.scale, c.scale)
+
+
+def test_refit_keeps_the_original_when_the_ridge_would_raise_the_error() -> None:
+    w = make_mlp(std=0.3)
+    calib = _calib(w)
+    c = compress_fn("prune")(w, D - 1, seed=0)
+    fitted = refit.refit(c, calib, ridge=1e6)  # a huge ridge: the solution shrinks towards 0
+    assert torch.equal(fitted.weights.down, c.weights.down)
+
+
+def test_wanda_sp_keeps_the_largest_activation_weighted_norms() -> None:
+    w = make_mlp(std=0.3)
+    calib = _calib(w)
+    score = w.down.norm(dim=0) * activations(w, calib.x).norm(dim=0)
+    expected = score.argsort(descending=True)[:10].sort().values
+    c = wanda_sp.compress(w, 10, seed=0, calib=calib)
+    torch.testing.assert_close(c.weights.up, w.up[expected])
+    torch.testing.assert_close(c.weights.down, w.down[:, expected])
+
+
+def test_weighted_kmeans_centroids_are_weighted_means() -> None:
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    wts = torch.rand(40, generator=torch.Generator().manual_seed(1))
+    km = kmeans.kmeans(x, 4, seed=0, weights=wts)
+    for j in range(4):
+        members = km.labels == j
+        torch.testing.assert_close(km.centroids[j], (x[members] * wts[members, None]).sum(0) / wts[members].sum())
+        assert km.counts[j] == members.sum()  # counts stay point counts
+
+
+def test_activation_weighting_changes_the_clusters() -> None:
+    w = make_mlp(std=0.3)
+    calib = _calib(w)
+    plain = compress_fn("ntk_cluster")(w, 12, seed=0)
+    weighted = compress_fn("ntk_cluster")(w, 12, seed=0, weighting="activation", calib=calib)
+    assert not torch.allclose(plain.weights.up, weighted.weights.up) and weighted.scale.sum() == D
+
+
+def test_budget_allocation_fills_the_budget_and_favours_steep_curves() -> None:
+    errors = {0: {8: 0.9, 16: 0.6, 32: 0.3, 48: 0.2}, 1: {8: 0.4, 16: 0.38, 32: 0.36, 48: 0.35}}
+    widths = budget.allocate(errors, 50)
+    assert sum(widths.values()) == 50 and widths[0] > widths[1]
+    with pytest.raises(ValueError, match="outside"):
+        budget.allocate(errors, 100)
+    assert budget.candidate_widths(64, 0.25) == [4, 8, 12, 16, 24, 32, 48]
+
+
+def _tiny() -> torch.nn.Module:
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=H * 2, num_hidden_layers=4, num_attention_heads=2, intermediate_size=D, vocab_size=100)
+    return AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def _batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(10) < torch.randint(4, 11, (8, 1), generator=g)).long()
+    return [{"input_ids": torch.randint(1, 100, (8, 10), generator=g) * mask, "attention_mask": mask}]
+
+
+def test_calibrator_drops_padding_and_is_sequential() -> None:
+    model = _tiny()
+    cal = Calibrator(_batches(), sequential=True)
+    got = cal.collect(model, [1, 3])
+    assert got[1].x.shape == (int(_batches()[0]["attention_mask"].sum()), H * 2)
+    torch.testing.assert_close(got[3].y, mlp_io.mlp_forward(model, 3, got[3].x))
+    compress_model(model, method="prune", fn=compress_fn("prune"), layers=[1], mid_dim=8, seed=0)
+    assert not torch.allclose(cal.collect(model, [3])[3].x, got[3].x)  # layer 3's inputs follow the compressed layer 1
+
+
+def test_budget_widths_sum_to_the_budget_in_a_model() -> None:
+    model = _tiny()
+    report = compress_model(model, method="ntk_cluster", fn=compress_fn("ntk_cluster"), layers=[1, 2, 3], mid_dim=16, seed=0,
+                            calibrator=Calibrator(_batches()), budget=0.25, refit="lstsq")
+    widths = mlp_io.intermediate_sizes(model)
+    assert sum(widths[1:]) == int(0.25 * 3 * D) and widths[0] == D
+    assert report.spec["widths"] == {str(i): widths[i] for i in (1, 2, 3)} and report.spec["budget"] == 0.25
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["ffn_mode=wanda_sp", "ffn_mode.calib.size=0"], "ffn_mode.calib.size=0 is data-free, but ffn_mode=wanda_sp"),
+    (["ffn_mode.refit=lstsq", "ffn_mode.calib.size=0"], "but refit=lstsq needs calibration data"),
+    (["ffn_mode.refit=exact"], "ffn_mode.refit='exact' must be none or lstsq"),
+    (["ffn_mode.budget=1.5"], "ffn_mode.budget=1.5 must be a fraction"),
+    (["ffn_mode.weighting=energy"], "ffn_mode.weighting='energy' must be one of ['none', 'activation']"),
+    (["ffn_mode.calib.size=-1"], "ffn_mode.calib.size=-1 must be a non-negative integer"),
+])
+def test_refusals(compose_cfg, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        preflight(compose_cfg(["model=tiny_bert", *overrides]))
+
+
+def test_budget_run_resumes_and_exports(compose_cfg, tmp_path: Path) -> None:
+    over = ["model=tiny_bert", "ffn_mode=wanda_sp", "ffn_mode.budget=0.31", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=16",
+            "approx_metrics.probe_size=4", "trainer.max_steps=2"]
+    metrics = train(compose_cfg(over))
+    assert any(k.startswith("fusion/width/layer_") for k in metrics) and "fusion/calib_err/layer_3" in metrics
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    widths = ckpt["fusion"]["widths"]
+    assert sum(widths.values()) == int(0.31 * 3 * 64) == 59 and len(set(widths.values())) > 1  # 59 neurons: per-layer widths
+    resumed = train(compose_cfg([*over, "trainer.max_steps=4", "ckpt_path=last"]))  # rebuilds the widths, no compression
+    assert "fusion/params_after" not in resumed and resumed["test/acc"] >= 0
+    out = tmp_path / "exported"
+    proc = run_cli("src.export", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = load_exported(out, AutoModelForSequenceClassification)
+    assert mlp_io.intermediate_sizes(model)[1:] == [widths[str(i)] for i in (1, 2, 3)]
+    assert "mlp_fusion" in json.loads((out / "config.json").read_text())
