@@ -179,7 +179,8 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
         batch = datamodule.probe_batch(cfg.approx_metrics.probe_size, _with_seed(first, seed).approx_metrics.probe_seed)
         for m, mc in configs.items():
             if m == "none":  # the same measurement of the uncompressed model: exactly 0 errors
-                metrics, _ = approximation_metrics(original, copy.deepcopy(original), layers, batch, module.probe_fns, cfg.approx_metrics.chunk_size)
+                metrics, _ = approximation_metrics(original, copy.deepcopy(original), layers, batch, module.probe_fns,
+                                                   cfg.approx_metrics.chunk_size, cfg.approx_metrics.max_memory_gb)
                 metrics.update({"fusion/params_after": float(count_params(original)), "fusion/compress_seconds": 0.0})
             else:
                 callback = instantiate(_with_seed(mc, seed).ffn_mode.callback)  # the object a training run compresses with

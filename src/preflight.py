@@ -33,6 +33,7 @@ def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
     check_architecture(cfg, hf)
     resolve(cfg, hf)
     check_ffn_mode(cfg, hf)
+    check_approx_metrics(cfg, hf)
     if "check" in cfg.distill:
         instantiate(cfg.distill.check)(cfg)
     load_splits, _, _ = task_classes(cfg.task.kind)
@@ -111,6 +112,22 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
             instantiate(f.check)(d, f.mid_dim, calib_size=c.size, **fn.keywords)
         except OptionError as e:
             raise ConfigError(f"ffn_mode.{e}") from None
+
+
+def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig) -> None:
+    """The probe set's size, and a memory budget that holds at least one layer's per-sample gradients."""
+    m = cfg.approx_metrics
+    if cfg.ffn_mode.name == "none" or not m.enabled:
+        return
+    _positive(m.probe_size, "approx_metrics.probe_size")
+    _positive(m.chunk_size, "approx_metrics.chunk_size")
+    need = m.probe_size * mlp_io.mlp_param_count(hf) * 4  # float32 gradients of one layer's MLP, every probe sample
+    if not isinstance(m.max_memory_gb, (int, float)) or m.max_memory_gb * 2**30 < need:
+        raise ConfigError(
+            f"approx_metrics.max_memory_gb={m.max_memory_gb!r} cannot hold the per-sample gradients of one layer's MLP "
+            f"({m.probe_size} probe samples x {mlp_io.mlp_param_count(hf):,} parameters x 4 bytes = {need / 2**30:.2f} GB): "
+            "raise it, lower approx_metrics.probe_size, or set approx_metrics.enabled=false."
+        )
 
 
 def check_architecture(cfg: DictConfig, hf: PretrainedConfig) -> None:

@@ -42,6 +42,7 @@ CASES = {  # name: (overrides, part of the message)
     "batch_size": (["task.batch_size=-4"], "task.batch_size=-4 must be a positive integer"),
     "ckpt_missing": (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path='/nonexistent/x.ckpt': no checkpoint file"),
     "ckpt_last_missing": (["ckpt_path=last"], "ckpt_path=last resumes the run in hydra.run.dir"),
+    "approx_memory_too_small": (["approx_metrics.max_memory_gb=0.0001"], "approx_metrics.max_memory_gb=0.0001 cannot hold the per-sample gradients of one layer's MLP (64 probe samples x 4,192 parameters"),
     "model_folder_missing": (["model.name_or_path=/nonexistent/model"], "model.name_or_path='/nonexistent/model' is not an existing folder"),
 }
 

@@ -101,7 +101,7 @@ class FusionCallback(L.Callback):
         self.summary_metrics = report.metrics()
         if original is not None:
             batch = {k: v.to(device) for k, v in datamodule.probe_batch(m["probe_size"], m["probe_seed"]).items()}
-            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, self.metrics_cfg["chunk_size"])
+            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"], m["max_memory_gb"])
             for row in rows:
                 row.update(report.layer_stats.get(row["layer"], {}))
             self.summary_metrics.update(metrics)

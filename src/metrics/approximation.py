@@ -42,12 +42,14 @@ def approximation_metrics(
     batch: dict[str, torch.Tensor],
     probe_fns: dict[str, ntk.ProbeFn],
     chunk_size: int = 8,
+    max_memory_gb: float = 2.0,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics ``fusion/...`` (first probe fn unqualified, others under ``fusion/<probe>/``) and one row per layer.
 
     θ groups: each compressed layer's MLP (names differ between the models when the structure
     changed, so each model gets its own names) and the first uncompressed layer's MLP (the research
-    code's probe layer: same parameters in both models).
+    code's probe layer: same parameters in both models). The per-sample gradients of the groups
+    measured together stay under ``max_memory_gb`` (more passes over the probe set otherwise).
     """
     probe_layer = next(i for i in range(mlp_io.num_layers(original)) if i not in layers) if len(layers) < mlp_io.num_layers(original) else None
     metrics: dict[str, float] = {}
@@ -76,8 +78,9 @@ def approximation_metrics(
             return g
 
         for n, (probe_name, fn) in enumerate(probe_fns.items()):
-            k_o = ntk.per_sample_kernels(original, groups(original), batch, fn, chunk_size)
-            k_c = ntk.per_sample_kernels(compressed, groups(compressed), batch, fn, chunk_size)
+            budget = int(max_memory_gb * 2**30)
+            k_o = ntk.per_sample_kernels(original, groups(original), batch, fn, chunk_size, budget)
+            k_c = ntk.per_sample_kernels(compressed, groups(compressed), batch, fn, chunk_size, budget)
             prefix = "fusion" if n == 0 else f"fusion/{probe_name}"
             layer_keys = [f"layer_{i}" for i in layers]
             for kind, j in (("std", 0), ("sign", 1)):

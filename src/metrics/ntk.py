@@ -94,7 +94,7 @@ def per_sample_kernels(
     batch: dict[str, Tensor],
     probe_fn: ProbeFn,
     chunk_size: int = 8,
-    max_grad_bytes: int = 8 << 30,
+    max_grad_bytes: int = 2 << 30,
 ) -> dict[str, Kernels]:
     """(K_std, K_sign), each [n, n] float64, for every named group of parameters (vectorised).
 

@@ -93,6 +93,12 @@ def mlp_shape(config: PretrainedConfig) -> tuple[int, int]:
     return config.num_hidden_layers, config_width(config)
 
 
+def mlp_param_count(config: PretrainedConfig) -> int:
+    """Parameters of one pretrained MLP of a config: 3hd gated (no biases), else 2hd + d + h."""
+    fam, h, d = family_of(config), config.hidden_size, config_width(config)
+    return 3 * h * d if fam.gate else 2 * h * d + d + h
+
+
 def set_config_width(config: PretrainedConfig, width: int) -> None:
     """Write a uniform MLP width into the config (a stock model of that width, for export)."""
     setattr(config, family_of(config).width_attr, width)
