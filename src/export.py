@@ -1,33 +1,79 @@
-"""Export a fine-tuned (compressed) checkpoint as a Hugging Face folder: ``python -m src.export ckpt_path=... out=DIR``."""
+"""Export a fine-tuned (compressed) checkpoint: ``python -m src.export ckpt_path=... out=DIR [format=hf|onnx|both]``.
+
+``hf``: a Hugging Face folder (count scales folded; a stock model when the MLP widths are uniform,
+else the recorded structure and ``load_exported``). ``onnx``: ``model.onnx`` with dynamic batch and
+sequence axes, from the folded model, any per-layer widths (causal LMs: logits without a KV
+cache); the export checks itself against PyTorch with ONNX Runtime. Both write the tokenizer, a
+model card (``README.md``) and ``export.json``, which marks the folder as an export, so that a
+later export may replace it; any other existing folder is refused unless ``overwrite=true``. The
+folder is written beside ``out`` and renamed: an interrupted export leaves no half folder.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 from src.builders import task_classes
+from src.models import mlp_io
 from src.models.build import load_tokenizer
-from src.models.exported import prepare_for_export
-from src.models.fuse import apply_spec
+from src.models.exported import export_onnx, prepare_for_export
+from src.models.fuse import apply_spec, count_params
 from src.utils.errors import ConfigError
 from src.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("hf", "onnx", "both")
+MARKER = "export.json"
+# real inputs for the ONNX self-check (and the card's example)
+SAMPLES = ["a gripping, beautifully acted film", "the plot is thin and the jokes fall flat, but the cast tries hard"]
 
-def export(ckpt_path: str, out: str) -> Path:
-    """Rebuild the checkpoint's model (structure from ``checkpoint["fusion"]``), fold scales, save with tokenizer."""
-    path = Path(ckpt_path)
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))) and not overwrite:
+        raise ConfigError(f"out={str(out)!r} exists and is not an earlier export (no {MARKER}): choose another folder, or overwrite=true to replace it.")
+
+
+def _card(meta: dict[str, Any]) -> str:
+    load = ("`AutoModelFor*.from_pretrained(folder)` (a stock model: every MLP has width "
+            f"{meta['uniform_width']})" if meta["uniform_width"] else
+            "`src.models.exported.load_exported(folder, AutoModelFor...)` (per-layer MLP widths, recorded under "
+            "`mlp_fusion` in config.json)") if "hf" in meta["formats"] else "(no Hugging Face weights in this export)"
+    metrics = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(meta["metrics"].items()) if k.startswith(("test/", "best/", "val/")))
+    return "\n".join([
+        f"# {meta['model']} fine-tuned on {meta['task']}, MLPs compressed with {meta['method']}", "",
+        f"Exported by mlp-fusion's `src.export` from `{meta['ckpt']}`.", "",
+        f"- compression: `ffn_mode={meta['method']}`, layers {meta['layers']}, widths {meta['widths']}",
+        f"- parameters: {meta['params']:,} (count scales folded into the down projections; same outputs)",
+        f"- Hugging Face weights: load with {load}",
+        "- ONNX: `model.onnx`, inputs " + ", ".join(f"`{n}`" for n in meta.get("onnx_inputs", [])) + ", output `logits`, dynamic batch "
+        f"and sequence axes{'; no KV cache (each call recomputes the whole sequence)' if meta['kind'] == 'generation' else ''}; "
+        f"ONNX Runtime matches PyTorch to a relative error of {meta['onnx_rel_err']:.1e}" if "onnx" in meta["formats"] else "- ONNX: not exported",
+        "", "| metric (the run's) | value |", "|---|---|", metrics or "| (no results.json beside the checkpoint) | |", ""])
+
+
+def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False) -> Path:
+    """Rebuild the checkpoint's model (structure from ``checkpoint["fusion"]``), fold scales, write ``fmt``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not an export format; allowed: {list(FORMATS)}.")
+    path, dest = Path(ckpt_path), Path(out)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
-    if "model" not in hp or "task" not in hp:
+    _check_out(dest, overwrite)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a readable checkpoint: {e}") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "model" not in hp or "task" not in hp or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a checkpoint of this project (no model/task hyper-parameters).")
     _, _, module_cls = task_classes(hp["task"]["kind"])
     module = module_cls(hp["model"], hp["task"], hp["optim"])  # builds the pretrained architecture
@@ -36,18 +82,34 @@ def export(ckpt_path: str, out: str) -> Path:
     module.load_state_dict(ckpt["state_dict"])
     model = module.model.eval()
     prepare_for_export(model)
-    dest = Path(out)
-    with atomic_dir(dest, overwrite=True) as tmp:  # an interrupted export never leaves a half folder at `out`
-        model.save_pretrained(tmp)
-        load_tokenizer(hp["model"]).save_pretrained(tmp)
-    log.info("exported %s to %s%s", path, dest, " (per-layer widths in config.json: load with src.models.exported.load_exported)" if hasattr(model.config, "mlp_fusion") else "")
+    tokenizer = load_tokenizer(hp["model"])
+    fusion = ckpt.get("fusion") or {}
+    results = path.parent.parent / "results.json"  # the run folder's, when the checkpoint is still in it
+    meta: dict[str, Any] = {
+        "ckpt": str(path), "model": hp["model"]["name"], "task": hp["task"]["name"], "kind": hp["task"]["kind"],
+        "method": fusion.get("method", "none"), "layers": fusion.get("layers", []), "widths": mlp_io.intermediate_sizes(model),
+        "params": count_params(model), "uniform_width": getattr(model.config, "mlp_fusion", None) is None and mlp_io.intermediate_sizes(model)[0],
+        "formats": ["hf", "onnx"] if fmt == "both" else [fmt],
+        "metrics": json.loads(results.read_text()).get("metrics", {}) if results.is_file() else {},
+    }
+    with atomic_dir(dest, overwrite=True) as tmp:
+        if "hf" in meta["formats"]:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if "onnx" in meta["formats"]:
+            samples = dict(tokenizer(SAMPLES, padding=True, return_tensors="pt"))
+            meta["onnx_inputs"], meta["onnx_rel_err"] = export_onnx(model, tmp / "model.onnx", samples)
+        (tmp / "README.md").write_text(_card(meta))
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    log.info("exported %s to %s (%s)%s", path, dest, "+".join(meta["formats"]),
+             "" if meta["uniform_width"] else "; per-layer widths: load with src.models.exported.load_exported")
     return dest
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
-        export(cfg.ckpt_path, cfg.out)
+        export(cfg.ckpt_path, cfg.out, cfg.format, cfg.overwrite)
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

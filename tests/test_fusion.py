@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -142,6 +143,66 @@ def test_export_round_trip(compose_cfg, tmp_path: Path, layers: str, uniform: bo
     ids = torch.randint(1, 30000, (2, 9))
     torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, ref.model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()
+    # the ONNX model (any per-layer widths) on inputs of another batch size and length than it was traced with
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["formats"] == ["hf", "onnx"] and meta["onnx_rel_err"] < 1e-4
+    card = (out / "README.md").read_text()
+    assert ("from_pretrained(folder)" if uniform else "load_exported") in card and "ntk_cluster" in card
+    _assert_onnx_matches(out, ref.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)})
+
+
+def _assert_onnx_matches(out: Path, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(["logits"], {n: inputs[n].numpy() for n in names})[0]
+    ref = model.eval()(**{n: inputs[n] for n in names}).logits.detach().numpy()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_onnx_export_of_a_fused_causal_lm(compose_cfg, tmp_path: Path) -> None:
+    from src.export import export
+    from src.modules.causal_lm import CausalLMModule
+
+    cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "ffn_mode=ntk_cluster", "ffn_mode.layers=[1,3]",
+                       "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    out = export(str(ckpt), str(tmp_path / "export"), fmt="onnx")
+    assert (out / "model.onnx").is_file() and not (out / "model.safetensors").exists()
+    c = torch.load(ckpt, weights_only=True)
+    ref = CausalLMModule(c["hyper_parameters"]["model"], c["hyper_parameters"]["task"], c["hyper_parameters"]["optim"])
+    apply_spec(ref.model, c["fusion"])
+    ref.load_state_dict(c["state_dict"])
+    assert mlp_io.intermediate_sizes(ref.model) == [64, 16, 64, 16]
+    ids = torch.randint(1, 30000, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    _assert_onnx_matches(out, ref.model, {"input_ids": ids, "attention_mask": mask})
+    assert "no KV cache" in (out / "README.md").read_text()
+
+
+def test_export_refusals(compose_cfg, tmp_path: Path) -> None:
+    from src.export import export
+
+    cfg = compose_cfg(["model=tiny_bert", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
+    train(cfg)
+    ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"format='tflite' is not an export format; allowed: \['hf', 'onnx', 'both'\]"):
+        export(ckpt, str(tmp_path / "x"), fmt="tflite")
+    mine = tmp_path / "my_folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not an earlier export"):
+        export(ckpt, str(mine), fmt="hf")
+    assert (mine / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ConfigError, match="is not a checkpoint of this project"):
+        export(str(other), str(tmp_path / "y"))
+    first = export(ckpt, str(tmp_path / "again"), fmt="hf")
+    assert export(ckpt, str(first), fmt="hf") == first  # an earlier export may be replaced
 
 
 @pytest.mark.parametrize("task", ["mnli", "stsb", "rt_review"])

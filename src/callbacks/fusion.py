@@ -50,10 +50,10 @@ class FusionCallback(L.Callback):
         cache_dir: str,
         model: dict[str, Any],
         metrics: dict[str, Any],
-        calib: dict[str, Any] | None = None,
-        refit: str = "none",
-        refit_ridge: float = 1e-3,
-        budget: float | None = None,
+        calib: dict[str, Any],
+        refit: str,
+        refit_ridge: float,
+        budget: float | None,
         ckpt_path: str | None = None,
     ) -> None:
         self.method, self.fn, self.layers, self.mid_dim, self.seed = method, compress, list(layers), mid_dim, seed
@@ -61,7 +61,7 @@ class FusionCallback(L.Callback):
         self.cache = FusionCache(Path(cache_dir) / method) if cache else None
         self.identity = model_identity(model)  # part of the cache key: the exact weights compressed
         self.metrics_cfg = metrics
-        self.calib_cfg = calib or {"size": 0}
+        self.calib_cfg = calib
         self.refit, self.refit_ridge, self.budget = refit, refit_ridge, budget
         self.ckpt_path = ckpt_path  # a run resumed or evaluated from a checkpoint rebuilds its structure
         self.spec: dict[str, Any] | None = None

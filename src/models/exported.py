@@ -3,19 +3,25 @@
 When every layer's MLP is a plain MLP of one common width, the folder is a stock transformers
 model with that ``intermediate_size`` and loads with ``AutoModelFor*.from_pretrained``. Otherwise
 ``config.json`` also records the per-layer structure under ``mlp_fusion`` and
-:func:`load_exported` rebuilds it.
+:func:`load_exported` rebuilds it. :func:`export_onnx` writes the folded model as ONNX, whatever
+its per-layer widths, and checks it with ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedModel
 
 from src.models import mlp_io
 from src.models.fuse import apply_spec
+
+ONNX_RTOL = 1e-4  # ONNX Runtime's logits against PyTorch's: relative Frobenius error allowed
 
 def uniform_width(model: nn.Module) -> int | None:
     """The common width if every layer is a plain (Linear or Conv1D) MLP of one width, else None."""
@@ -53,3 +59,45 @@ def load_exported(folder: str | Path, auto_cls: type) -> PreTrainedModel:
         raise ValueError(f"{folder}: weights do not match the recorded structure (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     return model.eval()
+
+
+class _Logits(nn.Module):
+    """``model(**inputs).logits`` with positional inputs, no KV cache: the graph ``torch.onnx`` traces."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra, **self.kwargs).logits
+
+
+@torch.no_grad()
+def export_onnx(model: PreTrainedModel, path: Path, samples: dict[str, Tensor]) -> tuple[list[str], float]:
+    """Write ``model`` (scales folded) to ``path`` with dynamic batch and sequence axes; check ONNX
+    Runtime's logits on ``samples`` (real tokenized inputs) against PyTorch's.
+
+    Returns (input names, relative error); ValueError naming the numbers if the error exceeds ``ONNX_RTOL``.
+    """
+    import onnxruntime as ort
+
+    params = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in samples and "token_type_ids" in params else [])
+    wrapper = _Logits(model.eval()).eval()
+    example = tuple(samples[n] for n in names)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with warnings.catch_warnings():  # the exporter's notes on renamed axes and deprecations are not the user's
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=["logits"], dynamo=True,
+                          dynamic_shapes={n: {0: batch, 1: seq} for n in names}, external_data=False)
+    # the check runs other shapes than the traced ones: the axes must really be dynamic
+    check = {n: torch.cat([samples[n], samples[n][:1]]) for n in names}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(["logits"], {n: t.numpy() for n, t in check.items()})[0])
+    ref = wrapper(*check.values())
+    err = (torch.linalg.norm(got.double() - ref.double()) / torch.linalg.norm(ref.double())).item()
+    if not err <= ONNX_RTOL:
+        raise ValueError(f"the ONNX export's logits differ from PyTorch's by {err:.2e} (relative; allowed {ONNX_RTOL:.0e}) on {len(got)} inputs")
+    return names, err
