@@ -1,4 +1,4 @@
-"""Reliability: non-finite loss, W&B without network, safe loading, atomic writes."""
+"""Reliability: non-finite loss, W&B without network, safe loading, atomic writes, signals, a shared cache, a full disk."""
 
 from __future__ import annotations
 
@@ -95,3 +95,65 @@ def test_a_signal_saves_last_ckpt_marks_interrupted_and_exits_nonzero(tmp_path: 
     assert res["status"] == "interrupted" and "resume with ckpt_path=last" in res["error"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] > 0 and "fusion" in ckpt and "Traceback" not in err
+
+
+_CACHE_WRITER = """
+import sys, time, torch
+from src.compress.cache import FusionCache
+from src.compress.ntk_cluster import compress
+from src.models.build import build_model
+from src.models.fuse import compress_model
+torch.manual_seed(0)
+cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256, "vocab_size": 64}
+model = build_model({"name": "t", "config": cfg}, "classification", num_labels=2)
+while time.time() < float(sys.argv[2]):  # start together
+    time.sleep(0.01)
+r = compress_model(model, method="ntk_cluster", fn=compress, layers=[0, 1], mid_dim=64, seed=0, cache=FusionCache(sys.argv[1]))
+print(sum(s["cache_hit"] for s in r.layer_stats.values()))
+"""
+
+
+def test_two_processes_share_one_cache_entry_per_layer(tmp_path: Path) -> None:
+    """Two runs compressing the same layers at once: one valid entry per layer, no stray temporary files."""
+    root, start = tmp_path / "cache", time.time() + 3
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CACHE_WRITER, str(root), str(start)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
+    files = sorted(root.iterdir())
+    assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files), files  # one per layer, nothing half-written
+    from src.compress.cache import FusionCache
+
+    cache = FusionCache(root)
+    assert all(cache.get(f.stem) is not None for f in files)  # both readable, checksums valid
+
+
+def test_a_full_disk_keeps_the_previous_cache_entry_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import src.compress.cache
+    from src.compress.cache import FusionCache
+    from src.compress.types import FusedMLP, MLPWeights
+    from src.utils.io import atomic_dir
+
+    cache = FusionCache(tmp_path / "cache")
+    w = MLPWeights(up=torch.ones(4, 2), down=torch.ones(2, 4))
+    cache.put("k", FusedMLP(w))
+    before = cache.path("k").read_bytes()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(src.compress.cache, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        cache.put("k", FusedMLP(MLPWeights(up=torch.zeros(4, 2), down=torch.zeros(2, 4))))
+    assert cache.path("k").read_bytes() == before and sorted(p.name for p in cache.root.iterdir()) == ["k.safetensors"]
+
+    folder = tmp_path / "export"
+    with atomic_dir(folder) as tmp:
+        (tmp / "model.onnx").write_text("v1")
+    with pytest.raises(OSError, match="No space left"), atomic_dir(folder, overwrite=True) as tmp:
+        (tmp / "model.onnx").write_text("v2 half")
+        full()
+    assert (folder / "model.onnx").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "export"]
