@@ -152,6 +152,8 @@ def chart(summary: dict[str, dict[str, Estimate]], path: Path, title: str) -> No
             ax.bar(x + (j - (len(CHART) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=label)
         ax.set_xticks(x, methods)
         ax.set_yscale("log")
+        low = min((summary[m][k].mean for m in methods for k, _ in CHART if summary[m].get(k) and summary[m][k].mean > 0), default=1e-3)
+        ax.set_ylim(bottom=low / 3)  # an interval reaching below 0 would otherwise stretch the log axis to 1e-8
         ax.set_ylabel("relative error")
         ax.set_title(title)
         ax.legend(fontsize=8)

@@ -105,9 +105,9 @@ def compress_model(
     before, start, stats = count_params(model), time.perf_counter(), {}
     version, dev = method_version(fn), torch.device(device)
     takes_calib = "calib" in inspect.signature(fn).parameters
-    if needs_calibration(fn, refit, budget) and calibrator is None:
+    uses_calib = needs_calibration(fn, refit, budget)
+    if uses_calib and calibrator is None:
         raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data (a Calibrator)")
-    uses_calib = calibrator is not None and needs_calibration(fn, refit, budget)
     original = calibrator.collect(model, layers) if uses_calib and (not calibrator.sequential or budget is not None) else {}
 
     def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None) -> tuple[Compressed, bool]:
