@@ -176,9 +176,10 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         L.seed_everything(seed)  # the task head is random: seed it as a training run does, so the probe matches
-        module = build_module(_with_seed(first, seed))
+        seeded = _with_seed(first, seed)
+        module = build_module(seeded)
         original = module.model.eval()
-        batch = datamodule.probe_batch(cfg.approx_metrics.probe_size, _with_seed(first, seed).approx_metrics.probe_seed)
+        batch = datamodule.probe_batch(cfg.approx_metrics.probe_size, seeded.approx_metrics.probe_seed)
         for m, mc in configs.items():
             if m == "none":  # the same measurement of the uncompressed model: exactly 0 errors
                 metrics, _ = approximation_metrics(original, copy.deepcopy(original), layers, batch, module.probe_fns,
