@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 
@@ -10,6 +11,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils.config  # noqa: F401  (registers the config resolvers)
@@ -32,6 +34,13 @@ def write_results(cfg: DictConfig, status: str, **fields: object) -> None:
     write_json(f"{cfg.paths.output_dir}/results.json", {"status": status, **summary, **fields})
 
 
+def _raise_if_signalled(trainer: L.Trainer, stop: GracefulStop | None) -> None:
+    """A signal that arrived where nothing acted on it (the last validation or test batch) still stops the run."""
+    signum = (stop.received if stop is not None else None) or (signal.SIGTERM if trainer.received_sigterm else None)
+    if signum is not None:
+        raise RunInterrupted(signum, trainer.global_step, None)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Check everything cheap, compress (in the fusion callback's setup), fine-tune, test."""
     _, splits = preflight(cfg)
@@ -42,16 +51,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg, ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg))
     start = time.time()
-    if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
-    if stop is not None and stop.received is not None:  # a signal during validation: the last save stands
-        raise RunInterrupted(stop.received, trainer.global_step, None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else None
-        for res in trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path)):
-            metrics.update({k: float(v) for k, v in res.items()})
+    try:
+        if cfg.train:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        _raise_if_signalled(trainer, stop)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if cfg.test:
+            best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else None
+            for res in trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path)):
+                metrics.update({k: float(v) for k, v in res.items()})
+        _raise_if_signalled(trainer, stop)
+    except SIGTERMException:  # Lightning's own handler, outside training (sanity check, test): a bare SystemExit(None)
+        raise RunInterrupted(signal.SIGTERM, trainer.global_step, None) from None
     for cb in callbacks:
         metrics.update(getattr(cb, "summary_metrics", {}))
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:

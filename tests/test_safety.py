@@ -17,7 +17,7 @@ import torch
 from src.callbacks.guards import TrainingDiverged
 from src.train import train
 from src.utils.io import atomic_path
-from tests.conftest import ROOT
+from tests.conftest import FAST, ROOT, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("src", "bench") for p in (ROOT / d).rglob("*.py")]
@@ -77,24 +77,30 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_last_ckpt_marks_interrupted_and_exits_nonzero(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(("sig", "hook"), [("SIGTERM", "on_train_batch_start"), ("SIGINT", "on_train_batch_start"),
+                                           ("SIGTERM", "on_validation_batch_start")], ids=["SIGTERM-train", "SIGINT-train", "SIGTERM-val"])
+def test_a_signal_saves_last_ckpt_marks_interrupted_and_exits_nonzero(tmp_path: Path, sig: str, hook: str) -> None:
+    """Mid-step and mid-validation (where Lightning's own handler used to exit 0 with nothing saved)."""
     run = tmp_path / "run"
-    args = ["model=tiny_bert", "approx_metrics.enabled=false", "trainer.max_steps=100000", "trainer.max_epochs=1000",
-            "task.max_train_samples=64", "task.batch_size=4", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (run / "metrics.csv").exists():  # training has started
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err[-2000:]
-    res = json.loads((run / "results.json").read_text())
-    assert res["status"] == "interrupted" and "resume with ckpt_path=last" in res["error"]
+    res = run_cli("src.train", "model=tiny_bert", "approx_metrics.enabled=false", "trainer.max_steps=100000", "trainer.max_epochs=1000",
+                  "task.max_train_samples=64", "task.batch_size=4", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}",
+                  "+callbacks.signal_at._target_=tests.signals.SignalAt", f"+callbacks.signal_at.hook={hook}",
+                  f"+callbacks.signal_at.sig={sig}", "+callbacks.signal_at.after_step=3", timeout=180)
+    assert res.returncode == 128 + signal.Signals[sig], res.stderr[-2000:]
+    out = json.loads((run / "results.json").read_text())
+    assert out["status"] == "interrupted" and "resume with ckpt_path=last" in out["error"] and sig in out["error"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert ckpt["global_step"] > 0 and "fusion" in ckpt and "Traceback" not in err
+    assert ckpt["global_step"] >= 3 and "fusion" in ckpt and "Traceback" not in res.stderr
+
+
+def test_sigterm_during_test_is_interrupted_not_success(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = run_cli("src.train", *FAST, "model=tiny_bert", "approx_metrics.enabled=false", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}",
+                  "+callbacks.signal_at._target_=tests.signals.SignalAt", "+callbacks.signal_at.hook=on_test_batch_start",
+                  "+callbacks.signal_at.after_step=0", timeout=180)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-2000:]
+    out = json.loads((run / "results.json").read_text())
+    assert out["status"] == "interrupted" and "outside a training step" in out["error"] and "Traceback" not in res.stderr
 
 
 _CACHE_WRITER = """

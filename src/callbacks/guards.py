@@ -99,9 +99,11 @@ class GracefulStop(L.Callback):
     the end of the current training batch and stops the run with ``RunInterrupted``.
 
     The signal only sets a flag; the save happens at a batch boundary, where the checkpoint's
-    mid-epoch position, RNG state and optimizer agree, so the run resumes exactly. Under DDP the
-    ranks agree on the flag (any rank's signal stops all) before anyone saves. SIGUSR1 (Lightning's
-    SLURM requeue) is left to Lightning.
+    mid-epoch position, RNG state and optimizer agree, so the run resumes exactly. The handlers go in
+    at ``on_train_start``, after Lightning's own SIGTERM handler: that one would raise a bare
+    ``SystemExit`` (exit status 0) at its own points, mid-validation included, with nothing saved.
+    Under DDP the ranks agree on the flag (any rank's signal stops all) before anyone saves. SIGUSR1
+    (Lightning's SLURM requeue) is left to Lightning.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -114,11 +116,7 @@ class GracefulStop(L.Callback):
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread() and not self._previous:
-            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:  # before Lightning's teardown restores what it found at fit start
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
@@ -128,3 +126,13 @@ class GracefulStop(L.Callback):
             path = f"{self.dirpath}/last.ckpt"
             trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
             raise RunInterrupted(self.received or signal.SIGTERM, trainer.global_step, path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
