@@ -88,9 +88,9 @@ def export_onnx(model: PreTrainedModel, path: Path, samples: dict[str, Tensor]) 
     wrapper = _Logits(model.eval()).eval()
     example = tuple(samples[n] for n in names)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    with warnings.catch_warnings():  # the exporter's notes on renamed axes and deprecations are not the user's
+    with warnings.catch_warnings():  # the exporter's notes (renamed axes, deprecations) and progress lines are not the user's
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=["logits"], dynamo=True,
+        torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=["logits"], dynamo=True, verbose=False,
                           dynamic_shapes={n: {0: batch, 1: seq} for n in names}, external_data=False)
     # the check runs other shapes than the traced ones: the axes must really be dynamic
     check = {n: torch.cat([samples[n], samples[n][:1]]) for n in names}
