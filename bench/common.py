@@ -18,15 +18,19 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import get_linear_schedule_with_warmup
 
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.data.classification import load_rt_polarity
-from src.models.build import load_tokenizer
+from src.models.build import load_hf_config, load_tokenizer
+from src.models.fuse import FusionReport
+from src.preflight import resolve
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -50,16 +54,23 @@ class Sizes:
     ntk_reps: int
     step_reps: int  # timed training steps per model (fine-tuning cost)
     overhead_steps: int  # Lightning steps, each followed by a bare step (framework overhead)
+    # inference speed: (model, head, its (batch, length) cases), compressed with the project's defaults
+    inference: tuple[tuple[str, str, tuple[tuple[int, int], ...]], ...]
+    inference_reps: int
 
 
 FULL = Sizes(
     name="full", overrides=("model=minilm",), layers=(2, 3, 4, 5), mid_dim=384, big_layer=(768, 3072, 768),
     probe_size=32, sklearn_n_init=1, fusion_reps=3, ntk_reps=5, step_reps=10, overhead_steps=22,
+    inference=(("minilm", "classification", ((1, 64), (32, 64))), ("smollm2", "generation", ((1, 128), (8, 128)))),
+    inference_reps=7,
 )
 QUICK = Sizes(
     name="quick", overrides=("model=tiny_bert", "task.batch_size=8", "task.max_seq_length=32"), layers=(1, 2, 3),
     mid_dim=16, big_layer=(32, 128, 32), probe_size=8, sklearn_n_init=30, fusion_reps=2, ntk_reps=2, step_reps=3,
     overhead_steps=6,
+    inference=(("tiny_bert", "classification", ((1, 16), (4, 16))), ("tiny_llama", "generation", ((1, 16), (2, 16)))),
+    inference_reps=2,
 )
 
 
@@ -68,14 +79,18 @@ QUICK = Sizes(
 
 
 def compose_config(sizes: Sizes, ffn_mode: str = "ntk_cluster", device: torch.device | None = None,
-                   output_dir: str = str(Path(tempfile.gettempdir()) / "mlp-fusion-bench")) -> DictConfig:
+                   output_dir: str = str(Path(tempfile.gettempdir()) / "mlp-fusion-bench"), model: str | None = None,
+                   default_fusion: bool = False) -> DictConfig:
     """conf/train.yaml composed in-process as ``python -m src.train`` would, resolved.
 
     ``output_dir`` is the run folder the config's paths point to (nothing is written there unless a
     benchmark runs Lightning); on CUDA the trainer is ``trainer=gpu`` kept at fp32, as on CPU.
+    ``model`` replaces the sizes' model; ``default_fusion`` keeps the ffn_mode's own layers and
+    mid_dim instead of the sizes', filled from the model's config as ``python -m src.train`` fills them.
     """
-    overrides = list(sizes.overrides) + [f"ffn_mode={ffn_mode}"]
-    if ffn_mode != "none":
+    overrides = [o for o in sizes.overrides if model is None or not o.startswith("model=")]
+    overrides += ([f"model={model}"] if model else []) + [f"ffn_mode={ffn_mode}"]
+    if ffn_mode != "none" and not default_fusion:
         overrides += [f"ffn_mode.layers=[{','.join(map(str, sizes.layers))}]", f"ffn_mode.mid_dim={sizes.mid_dim}"]
     if device is not None and device.type == "cuda":
         overrides += ["trainer=gpu", "trainer.precision=32-true"]
@@ -87,6 +102,8 @@ def compose_config(sizes: Sizes, ffn_mode: str = "ntk_cluster", device: torch.de
     with open_dict(cfg):
         cfg.paths.output_dir = output_dir
         del cfg.hydra
+    if default_fusion:  # before the interpolations resolve: the fusion callback's settings point to these
+        resolve(cfg, load_hf_config(cfg.model))
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -107,6 +124,14 @@ def real_batches(cfg: DictConfig, n_batches: int, device: torch.device) -> list[
         batch = {**enc, "labels": torch.tensor(rows.label.tolist())}
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
+
+
+def compress(model: nn.Module, cfg: DictConfig, device: torch.device) -> FusionReport:
+    """Compress ``model`` in place as ``python -m src.train`` does at setup: the fusion callback built
+    from ``cfg.ffn_mode`` (same cache, identity and options), with its approximation metrics off (they
+    measure quality, not cost). Methods that need calibration data are not supported (no datamodule)."""
+    callback = instantiate(cfg.ffn_mode.callback, metrics={"enabled": False})
+    return callback.compress_and_measure(model, device, datamodule=None, probe_fns={})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +182,14 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matrix products;
+    element-wise work is not counted): the one FLOP rule of the benchmarks."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def rotated(names: Sequence[str], r: int) -> list[str]:

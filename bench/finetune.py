@@ -17,17 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import (
     BenchResult,
     Sizes,
     adamw,
     compose_config,
+    compress,
+    count_flops,
     forward_backward,
     optimizer_step,
     paired_ratio,
@@ -37,10 +37,7 @@ from bench.common import (
     target,
     timed,
 )
-from src.compress.cache import FusionCache
 from src.models.build import build_model
-from src.models.source import model_identity
-from src.models.fuse import compress_model
 
 MODES = ("none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune")
 BOUND_TARGET = 0.9
@@ -55,11 +52,7 @@ class Trainee:
         torch.manual_seed(cfg.seed)  # a config-built (random) model gets the same weights for every mode
         self.model = build_model(cfg.model, "classification", num_labels=cfg.task.num_labels)
         if self.mode != "none":
-            f = cfg.ffn_mode
-            fn = instantiate(f.compress)
-            compress_model(self.model, method=self.mode, fn=fn, layers=f.layers, mid_dim=f.mid_dim, seed=f.seed,
-                           options={**fn.keywords, "identity": model_identity(cfg.model)},
-                           cache=FusionCache(Path(f.cache_dir) / self.mode) if f.cache else None, device=device)
+            compress(self.model, cfg, device)
         self.model.to(device).train()
         self.opt, self.sched = adamw(self.model, cfg.optim, total_steps)
         self.clip = cfg.trainer.gradient_clip_val
@@ -72,10 +65,9 @@ class Trainee:
 
     def flops(self, batch: dict[str, Tensor]) -> int:
         """FLOPs of forward + backward on ``batch`` (matrix products; the optimizer's work is not counted)."""
-        with FlopCounterMode(display=False) as counter:
-            forward_backward(self.model, batch)
+        flops = count_flops(lambda: forward_backward(self.model, batch))
         self.opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+        return flops
 
     def persistent_bytes(self) -> int:
         """Bytes held between steps: parameters, buffers and the optimizer's state."""
