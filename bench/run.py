@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench.run [--quick] [--device cpu|cuda] [--only NAME] [--out DIR] [--threads N]``.
+"""Run the benchmarks: ``python -m bench.run [NAME ...] [--quick] [--device cpu|cuda] [--out DIR] [--threads N]``.
 
 Each benchmark writes ``<out>/<name>.json`` (atomically) and prints its table of ratios in Markdown,
 headed by the machine it ran on.
@@ -20,7 +20,7 @@ import torch
 import transformers
 from threadpoolctl import threadpool_limits
 
-from bench import finetune, fusion, ntk, overhead
+from bench import finetune, fusion, inference, ntk, overhead
 from bench.common import FULL, QUICK, BenchResult, Sizes, machine
 from src.utils.io import write_json
 
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[Sizes, torch.device], BenchResult]] = {
     "ntk": ntk.run,
     "finetune": finetune.run,
     "overhead": overhead.run,
+    "inference": inference.run,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,7 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (CI smoke run, about a minute)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--only", choices=tuple(BENCHMARKS), help="run one benchmark")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON results (default: bench/results)")
     p.add_argument("--threads", type=int, help="CPU threads of torch, scikit-learn and faiss alike (default: all cores; "
                    "1 with --quick, where a second thread on tiny ops only adds contention)")
@@ -47,13 +48,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen benchmarks in order; print each table and write its JSON."""
     args = parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
         return 2
     device, sizes = torch.device(args.device), QUICK if args.quick else FULL
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     with _quiet(), _threads(threads):
-        for name in [args.only] if args.only else list(BENCHMARKS):
+        for name in args.names or list(BENCHMARKS):
             start = time.perf_counter()
             result = BENCHMARKS[name](sizes, device)
             record = {"mode": sizes.name, "command": _command(argv), "machine": machine(device),

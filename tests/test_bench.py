@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import alternate, rotated
 from bench.finetune import _peak_live_bytes
-from bench.run import BENCHMARKS, format_record, main
+from bench.run import BENCHMARKS, format_record, main, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,19 @@ def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert all(r["bound"] > 1.0 and r["peak_mb"] > 0 for mode, r in steps.items() if mode != "none")
     overhead = records["overhead"]["rows"][0]
     assert overhead["steps"] > 0 and overhead["bare_ms"] > 0 and overhead["lightning_ms"] > 0
+    inference = records["inference"]
+    cases = {(r["model"], r["runtime"], r["batch"]) for r in inference["rows"]}
+    runtimes = ("pytorch", "onnxruntime")
+    assert cases == {(m, rt, b) for m, bs in (("tiny_bert", (1, 4)), ("tiny_llama", (1, 2))) for rt in runtimes for b in bs}
+    assert all(r["original"] > 0 and r["compressed"] > 0 and r["bound"] > 1.0 for r in inference["rows"])
+    assert all(c["layers"] == [1, 2, 3] and c["mid_dim"] == 16 for c in inference["settings"]["compression"].values())  # the defaults
+    assert inference["settings"]["onnxruntime_intra_op_threads"] == 1 and inference["settings"]["versions"]["onnxruntime"]
+
+
+def test_names_choose_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["inference", "--quick"]).names == ["inference"]
+    assert parse_args([]).names == []  # every benchmark
+    assert main(["nope"]) == 2 and "unknown benchmark nope" in capsys.readouterr().err
 
 
 def test_alternate_rotates_the_order_and_skips_warmups() -> None:
