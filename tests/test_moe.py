@@ -61,3 +61,56 @@ def test_layout_reads_every_expert(compose_cfg, name: str) -> None:
     assert mlp_io.layer_spec(model, layer)["experts"] == {"kind": "dense", "width": 64, "scaled": False, "rank": None}
     with pytest.raises(IndexError, match="expert 4 out of range"):
         mlp_io.read_mlp(model, layer, "4")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ntk_cluster_at_full_width_is_exact(compose_cfg, name: str) -> None:
+    model = _model(compose_cfg, name)
+    before, router = _logits(model), _router_weights(model)
+    layers = [i for i in range(mlp_io.num_layers(model)) if mlp_io.is_sparse(model, i)]
+    report = compress_model(model, method="ntk_cluster", fn=_fn(compose_cfg, "ntk_cluster"), layers=layers, mid_dim=64, seed=0)
+    torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
+    spec = mlp_io.layer_spec(model, layers[0])
+    assert spec["experts"] == {"kind": "fused", "width": 64, "scaled": True, "rank": None}
+    scale = model.model.layers[layers[0]].mlp.experts.parametrizations.down_proj[0].scale
+    assert scale.shape == (4, 64) and torch.equal(scale, torch.ones_like(scale)) and not scale.requires_grad
+    assert not any("scale" in n for n, _ in model.named_parameters())
+    assert all(torch.equal(p, _router_weights(model)[n]) for n, p in router.items()) and router
+    assert {(layers[0], p) for p in mlp_io.mlp_parts(model, layers[0])} <= set(report.part_stats)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compressed_experts_fold_rebuild_and_keep_the_router(compose_cfg, name: str) -> None:
+    model = _model(compose_cfg, name)
+    router = _router_weights(model)
+    layer = 1
+    report = compress_model(model, method="ntk_cluster", fn=_fn(compose_cfg, "ntk_cluster"), layers=[layer], mid_dim=16, seed=0)
+    assert mlp_io.intermediate_sizes(model)[layer] == 16 and report.params_after < report.params_before
+    shared = 3 * 32 * (128 - 32) if name == "tiny_qwen2_moe" else 0  # the shared expert: 128 -> 32 (a quarter, as 64 -> 16)
+    assert report.params_before - report.params_after == 4 * 3 * 32 * (64 - 16) + shared
+    assert all(torch.equal(p, _router_weights(model)[n]) for n, p in router.items())
+    ref = _logits(model)
+    assert torch.isfinite(ref).all()
+    # the recorded structure rebuilds on a fresh model, which then loads the weights
+    fresh = _model(compose_cfg, name, seed=1)
+    apply_spec(fresh, report.spec)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(_logits(fresh), ref)
+    # folding the counts into down_proj changes no output and leaves a stock experts module
+    assert mlp_io.fold_scales(model) >= 1 and mlp_io.fold_scales(model) == 0
+    torch.testing.assert_close(_logits(model), ref, atol=1e-5, rtol=1e-5)
+    assert mlp_io.layer_spec(model, layer)["experts"]["scaled"] is False
+    assert type(model.model.layers[layer].mlp.experts) is type(model.model.layers[0 if name != "tiny_qwen2_moe" else 2].mlp.experts)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_subset_of_experts_pads_the_others(compose_cfg, name: str) -> None:
+    model = _model(compose_cfg, name)
+    before = {e: mlp_io.read_mlp(model, 1, str(e)) for e in range(4)}
+    compress_model(model, method="prune", fn=_fn(compose_cfg, "prune"), layers=[1], mid_dim=16, seed=0, experts=[1, 3], shared_expert=False)
+    assert mlp_io.intermediate_sizes(model)[1] == 64  # the widest expert's width
+    scale = model.model.layers[1].mlp.experts.parametrizations.down_proj[0].scale  # [E, k]: 0 on the padding
+    assert scale.sum(1).tolist() == [64, 16, 64, 16]
+    for e in (0, 2):
+        torch.testing.assert_close(mlp_io.read_mlp(model, 1, str(e)).down, before[e].down)
+    assert torch.isfinite(_logits(model)).all()
