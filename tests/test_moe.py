@@ -114,3 +114,18 @@ def test_a_subset_of_experts_pads_the_others(compose_cfg, name: str) -> None:
     for e in (0, 2):
         torch.testing.assert_close(mlp_io.read_mlp(model, 1, str(e)).down, before[e].down)
     assert torch.isfinite(_logits(model)).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_shrinks_and_logs_fusion_metrics(compose_cfg, name: str) -> None:
+    cfg = compose_cfg([f"model={name}", "task=rt_review", "ffn_mode=ntk_cluster", "approx_metrics.probe_size=4", "test=false"])
+    metrics = train(cfg)
+    assert list(cfg.ffn_mode.layers) == [1, 2] and cfg.ffn_mode.mid_dim == 16  # the top two thirds; a quarter of an expert
+    assert metrics["fusion/params_after"] < metrics["fusion/params_before"]
+    for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/output_rel_err/layer_2", "fusion/hidden_rel_err",
+                "fusion/inertia/layer_1/expert_3"):
+        assert 0 <= metrics[key] < 100, key
+    import pandas as pd
+
+    df = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
+    assert {"fusion/ntk_sign_rel_err/layer_1", "fusion/params_after", "fusion/inertia/layer_2/expert_0"} <= set(df.columns)
