@@ -9,11 +9,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from src.compress.types import FusedMLP, MLPCalibration, MLPWeights
+from src.compress.types import MLPCalibration
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.fuse import apply_spec, compress_model, count_params
-from src.models.layers import ExpertScale
+from src.models.fuse import apply_spec, compress_model, count_params, needs_calibration
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS
@@ -129,3 +128,78 @@ def test_train_shrinks_and_logs_fusion_metrics(compose_cfg, name: str) -> None:
 
     df = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
     assert {"fusion/ntk_sign_rel_err/layer_1", "fusion/params_after", "fusion/inertia/layer_2/expert_0"} <= set(df.columns)
+
+
+def test_resume_rebuilds_the_compressed_experts(compose_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    over = ["model=tiny_qwen2_moe", "task=rt_review", "ffn_mode=ntk_cluster", "ffn_mode.experts=[0,2]", "approx_metrics.enabled=false",
+            "trainer.max_steps=-1", "test=false"]
+    train(compose_cfg(over))  # one epoch: 32 samples / batch 8 = 4 steps
+    import src.callbacks.fusion as fusion
+
+    monkeypatch.setattr(fusion, "compress_model", lambda *a, **k: pytest.fail("resume must not compress again"))
+    cfg2 = compose_cfg([*over, "trainer.max_epochs=2", "ckpt_path=last"])
+    train(cfg2)
+    ckpt = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8 and ckpt["fusion"]["experts"] == [0, 2] and ckpt["fusion"]["shared_expert"] is True
+    spec = ckpt["fusion"]["layer_specs"]["1"]
+    assert spec["experts"] == {"kind": "fused", "width": 64, "scaled": True, "rank": None} and spec["shared"]["width"] == 32
+    assert any(k.endswith("experts.parametrizations.down_proj.0.scale") for k in ckpt["state_dict"])
+    with pytest.raises(ConfigError, match="compressed with ffn_mode=ntk_cluster"):
+        train(compose_cfg([*over[:3], "ffn_mode.experts=all", "ckpt_path=last"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_one_moe_layer(compose_cfg, method: str) -> None:
+    model = _model(compose_cfg, "tiny_qwen2_moe")
+    router, fn = _router_weights(model), _fn(compose_cfg, method)
+    before = count_params(model)
+    results = {}
+    for part in mlp_io.mlp_parts(model, 1):
+        w = mlp_io.read_mlp(model, 1, part)
+        extra = {}
+        if needs_calibration(fn):  # wanda_sp: the part's activations on random inputs (its outputs are not read)
+            x = torch.randn(40, w.hidden_size, generator=torch.Generator().manual_seed(0))
+            extra["calib"] = MLPCalibration(x=x, y=torch.zeros_like(x))
+        results[part] = fn(w, w.width // 4, seed=0, **extra)
+    mlp_io.write_parts(model, 1, results)
+    assert count_params(model) < before and torch.isfinite(_logits(model)).all()
+    assert all(torch.equal(p, _router_weights(model)[n]) for n, p in router.items())
+    spec = mlp_io.layer_spec(model, 1)
+    assert spec["experts"]["kind"] == ("lowrank" if method == "svd" else "fused") and spec["shared"]["kind"] in ("fused", "lowrank")
+    fresh = _model(compose_cfg, "tiny_qwen2_moe", seed=1)
+    mlp_io.build_from_spec(fresh, 1, spec)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(_logits(fresh), _logits(model))
+
+
+MOE_CASES = {  # name: (overrides, part of the message)
+    "expert_out_of_range": (["model=tiny_mixtral", "ffn_mode.experts=[1,4]"], "ffn_mode.experts has [4] out of range: model=tiny_mixtral has experts 0..3"),
+    "experts_repeated": (["model=tiny_mixtral", "ffn_mode.experts=[1,1]"], "ffn_mode.experts=[1, 1] repeats an expert"),
+    "experts_not_a_list": (["model=tiny_olmoe", "ffn_mode.experts=some"], "ffn_mode.experts='some' must be all or a non-empty list of expert ids"),
+    "block_without_experts": (["model=tiny_qwen2_moe", "ffn_mode.layers=[0,2]"], "ffn_mode.layers has [0], blocks without experts: model=tiny_qwen2_moe holds experts in blocks [1, 2]"),
+    "experts_on_a_dense_model": (["model=tiny_llama", "ffn_mode.experts=[0]"], "ffn_mode.experts=[0] applies to Mixture-of-Experts models, but model=tiny_llama is dense"),
+    "shared_expert_not_bool": (["model=tiny_qwen2_moe", "ffn_mode.shared_expert=2"], "ffn_mode.shared_expert=2 must be true or false"),
+    "calibration_on_experts": (["model=tiny_mixtral", "ffn_mode=wanda_sp"], "ffn_mode=wanda_sp with refit=none budget=None reads calibration data"),
+    "expert_width": (["model=tiny_olmoe", "ffn_mode.mid_dim=64"], "ffn_mode.mid_dim=64 is out of range: the model's MLPs have width 64"),
+}
+
+
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_moe_settings_are_refused_before_loading(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    import re
+
+    import src.train
+
+    monkeypatch.setattr(src.train, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    overrides, message = MOE_CASES[name]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(compose_cfg(["task=rt_review", *overrides]))
+
+
+@pytest.mark.parametrize("name", ["mixtral_8x7b", "qwen2_moe_a2_7b", "olmoe_1b_7b"])
+def test_hub_moe_models_fail_fast_offline(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    import src.models.source
+
+    monkeypatch.setattr(src.models.source, "hub_reachable", lambda: False)
+    with pytest.raises(ConfigError, match=f"model '{name}' .* must be downloaded from the Hugging Face Hub"):
+        train(compose_cfg([f"model={name}", "task=rt_review"]))
