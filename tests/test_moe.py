@@ -203,3 +203,30 @@ def test_hub_moe_models_fail_fast_offline(compose_cfg, monkeypatch: pytest.Monke
     monkeypatch.setattr(src.models.source, "hub_reachable", lambda: False)
     with pytest.raises(ConfigError, match=f"model '{name}' .* must be downloaded from the Hugging Face Hub"):
         train(compose_cfg([f"model={name}", "task=rt_review"]))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_loads_with_plain_from_pretrained(compose_cfg, tmp_path: Path, name: str) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from src.export import export
+    from src.modules.causal_lm import CausalLMModule
+
+    layers = "[1,2]" if name == "tiny_qwen2_moe" else "[0,1,2]"  # every block that holds experts
+    cfg = compose_cfg([f"model={name}", "task=rt_review", "ffn_mode=ntk_cluster", f"ffn_mode.layers={layers}",
+                       "approx_metrics.enabled=false", "trainer.max_steps=2", "test=false"])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    out = export(str(ckpt), str(tmp_path / "export"), fmt="hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("moe_intermediate_size", config["intermediate_size"]) == 16 and "mlp_fusion" not in config
+    if name == "tiny_qwen2_moe":
+        assert config["shared_expert_intermediate_size"] == 32 and config["intermediate_size"] == 128
+    c = torch.load(ckpt, weights_only=True)
+    ref = CausalLMModule(c["hyper_parameters"]["model"], c["hyper_parameters"]["task"], c["hyper_parameters"]["optim"])
+    apply_spec(ref.model, c["fusion"])
+    ref.load_state_dict(c["state_dict"])
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(loaded), _logits(ref.model.eval()), rtol=1e-5, atol=1e-5)

@@ -202,11 +202,6 @@ def mlp_param_count(config: PretrainedConfig) -> int:
     return 3 * h * d if fam.gate else 2 * h * d + d + h
 
 
-def set_config_width(config: PretrainedConfig, width: int) -> None:
-    """Write a uniform MLP width into the config (a stock model of that width, for export)."""
-    setattr(config, family_of(config).width_attr, width)
-
-
 def _has(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -617,10 +612,11 @@ def layer_spec(model: nn.Module, layer: int) -> dict:
     width), "fused" (width-k Linear/ScaledLinear) or "lowrank". A sparse block: {"kind": "moe",
     "experts": {"kind", "width", "scaled", "rank"}, "shared": the shared expert's spec or None}.
     Plain data, for the run's config."""
-    mlp = _layer(model, layer)
+    mlp, config = _layer(model, layer), _config(model)
     if isinstance(mlp, MoEBlock):
         return _block_spec(model, mlp)
-    return _dense_spec(mlp, config_width(_config(model)))
+    # a dense block of a MoE model (Qwen2-MoE's mlp_only_layers) has config.intermediate_size
+    return _dense_spec(mlp, config.intermediate_size if moe_family(config) else config_width(config))
 
 
 def _dense_spec(mlp: MLPLayer, pretrained_width: int) -> dict:
@@ -721,6 +717,38 @@ def reinit_mlp(model: nn.Module, layer: int) -> None:
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, 0.0, s)
+
+
+def stock_widths(model: nn.Module) -> dict[str, int] | None:
+    """{config attribute: width} when every layer is a plain stock MLP (no count scale, no factors)
+    and each width attribute takes one value across layers: written into ``config.json``, the folder
+    then loads with plain ``from_pretrained``. None otherwise. A sparse block contributes its experts'
+    width and its shared expert's; the dense blocks of a MoE model must keep their pretrained width."""
+    config = _config(model)
+    fam = family_of(config)
+    seen: dict[str, set[int]] = {}
+
+    def add(attr: str, spec: dict) -> bool:
+        seen.setdefault(attr, set()).add(spec["width"])
+        return spec["kind"] != "lowrank" and not spec["scaled"]
+
+    for i, mlp in enumerate(find_mlp_layers(model)):
+        spec = layer_spec(model, i)
+        if isinstance(mlp, MoEBlock):
+            plain = add(fam.width_attr, spec["experts"]) and (spec["shared"] is None or add(fam.shared_width_attr, spec["shared"]))
+        elif isinstance(fam, MoEFamily):  # a dense block of a MoE model: its width is config.intermediate_size
+            plain = spec["kind"] == "dense"
+        else:
+            plain = add(fam.width_attr, spec)
+        if not plain:
+            return None
+    return {attr: ws.pop() for attr, ws in seen.items()} if all(len(ws) == 1 for ws in seen.values()) else None
+
+
+def set_config_widths(config: PretrainedConfig, widths: dict[str, int]) -> None:
+    """Write ``stock_widths``' result into a config (a stock model of those widths, for export)."""
+    for attr, width in widths.items():
+        setattr(config, attr, width)
 
 
 def fold_scales(model: nn.Module) -> int:
