@@ -128,6 +128,9 @@ def test_train_shrinks_and_logs_fusion_metrics(compose_cfg, name: str) -> None:
 
     df = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
     assert {"fusion/ntk_sign_rel_err/layer_1", "fusion/params_after", "fusion/inertia/layer_2/expert_0"} <= set(df.columns)
+    # each probe token goes to its top-2 experts
+    counts = [metrics[f"fusion/router_tokens/layer_1/expert_{e}"] for e in range(4)]
+    assert sum(counts) % 2 == 0 and sum(counts) > 0
 
 
 def test_resume_rebuilds_the_compressed_experts(compose_cfg, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -340,6 +340,15 @@ def _dense_forward(mlp: MLPLayer, x: Tensor) -> Tensor:
     return mlp.module("down")(hid)  # [..., k] -> [..., h]
 
 
+@torch.no_grad()
+def router_counts(model: nn.Module, layer: int, x: Tensor) -> Tensor:
+    """How many of the tokens ``x`` [N, h] the block's router sends to each expert, [E] (each token
+    counts once for each of its top-k experts)."""
+    block = _block(model, layer)
+    _, _, chosen = block.root.get_submodule(block.family.router)(x)  # (logits, top-k weights, top-k ids [N, k])
+    return torch.bincount(chosen.reshape(-1), minlength=block.num_experts)
+
+
 def _activation(model: nn.Module, fam: Family | MoEFamily) -> str:
     act = getattr(_config(model), fam.act_attr)
     if not isinstance(act, str):
