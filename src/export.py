@@ -88,7 +88,7 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
     meta: dict[str, Any] = {
         "ckpt": str(path), "model": hp["model"]["name"], "task": hp["task"]["name"], "kind": hp["task"]["kind"],
         "method": fusion.get("method", "none"), "layers": fusion.get("layers", []), "widths": mlp_io.intermediate_sizes(model),
-        "params": count_params(model), "uniform_width": getattr(model.config, "mlp_fusion", None) is None and mlp_io.intermediate_sizes(model)[0],
+        "params": count_params(model), "uniform_width": getattr(model.config, "mlp_fusion", None) is None and mlp_io.intermediate_sizes(model)[(fusion.get("layers") or [0])[0]],
         "formats": ["hf", "onnx"] if fmt == "both" else [fmt],
         "metrics": json.loads(results.read_text()).get("metrics", {}) if results.is_file() else {},
     }

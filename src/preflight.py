@@ -54,8 +54,9 @@ def check_run_settings(cfg: DictConfig) -> None:
 def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
     """Fill every value derived from the model's config, once, before anything reads it.
 
-    ``ffn_mode.layers`` (the top two thirds, as the paper's 4..11 of 12), ``ffn_mode.mid_dim`` (a
-    quarter of the MLP width) and, where the task declares it, ``task.model_max_positions``
+    ``ffn_mode.layers`` (the top two thirds, as the paper's 4..11 of 12; in a Mixture-of-Experts
+    model those of them that hold experts), ``ffn_mode.mid_dim`` (a quarter of the MLP width, an
+    expert's in a Mixture-of-Experts model) and, where the task declares it, ``task.model_max_positions``
     (generation tasks cut their sequences to fit it).
     """
     with open_dict(cfg):
@@ -66,7 +67,9 @@ def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
             return
         n, d = mlp_io.mlp_shape(hf)
         if f.get("layers") is None:
-            f.layers = list(range(n - round(2 * n / 3), n))
+            top = list(range(n - round(2 * n / 3), n))
+            sparse = mlp_io.sparse_layers(hf)  # MoE: the blocks that hold experts, among the top two thirds
+            f.layers = ([i for i in top if i in sparse] or sparse) if sparse else top
         if f.get("mid_dim") is None:
             f.mid_dim = d // 4
 
@@ -87,6 +90,7 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
         raise ConfigError(f"ffn_mode.layers has {bad} out of range: the model has layers 0..{n - 1}.")
     if len(set(layers)) != len(layers):
         raise ConfigError(f"ffn_mode.layers={layers} repeats a layer; each layer can be compressed once.")
+    check_experts(cfg, hf, layers)
     _positive(f.mid_dim, "ffn_mode.mid_dim")
     if not 1 <= f.mid_dim <= d - 1:
         raise ConfigError(f"ffn_mode.mid_dim={f.mid_dim} is out of range: the model's MLPs have width {d}, so allowed is 1..{d - 1}.")
@@ -104,6 +108,9 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
     if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):
         raise ConfigError(f"ffn_mode.budget={f.budget!r} must be a fraction of the chosen layers' MLP parameters in (0, 1), e.g. 0.25.")
     fn = instantiate(f.compress)
+    if mlp_io.num_experts(hf) and (needs_calibration(fn, f.refit, f.budget) or f.budget is not None):
+        raise ConfigError(f"ffn_mode={f.name} with refit={f.refit} budget={f.budget} reads calibration data, which the experts of "
+                          f"model={cfg.model.name} (a Mixture-of-Experts model) do not support yet: use a data-free setting.")
     if c.size == 0 and needs_calibration(fn, f.refit, f.budget):
         what = "refit=lstsq" if f.refit != "none" else "a budget" if f.budget is not None else f"ffn_mode={f.name} with these options"
         raise ConfigError(f"ffn_mode.calib.size=0 is data-free, but {what} needs calibration data: set ffn_mode.calib.size > 0.")
@@ -112,6 +119,31 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
             instantiate(f.check)(d, f.mid_dim, calib_size=c.size, **fn.keywords)
         except OptionError as e:
             raise ConfigError(f"ffn_mode.{e}") from None
+
+
+def check_experts(cfg: DictConfig, hf: PretrainedConfig, layers: list[int]) -> None:
+    """Mixture-of-Experts options: ``ffn_mode.experts`` (all, or expert ids in range), ``ffn_mode.shared_expert``,
+    and every chosen block holds experts; a dense model takes only the default ``experts=all``."""
+    f, name, n_experts = cfg.ffn_mode, cfg.model.name, mlp_io.num_experts(hf)
+    experts = list(f.get("experts", "all")) if OmegaConf.is_list(f.get("experts")) else f.get("experts", "all")
+    if not n_experts:
+        if experts != "all":
+            raise ConfigError(f"ffn_mode.experts={experts!r} applies to Mixture-of-Experts models, but model={name} is dense: leave it at all.")
+        return
+    if experts != "all":
+        if not isinstance(experts, list) or not experts or not all(isinstance(e, int) and not isinstance(e, bool) for e in experts):
+            raise ConfigError(f"ffn_mode.experts={experts!r} must be all or a non-empty list of expert ids, e.g. [0,3].")
+        bad = [e for e in experts if not 0 <= e < n_experts]
+        if bad:
+            raise ConfigError(f"ffn_mode.experts has {bad} out of range: model={name} has experts 0..{n_experts - 1} in each sparse block.")
+        if len(set(experts)) != len(experts):
+            raise ConfigError(f"ffn_mode.experts={experts} repeats an expert; each expert can be compressed once.")
+    if not isinstance(f.get("shared_expert", True), bool):
+        raise ConfigError(f"ffn_mode.shared_expert={f.shared_expert!r} must be true or false.")
+    sparse = mlp_io.sparse_layers(hf)
+    dense = [i for i in layers if i not in sparse]
+    if dense:
+        raise ConfigError(f"ffn_mode.layers has {dense}, blocks without experts: model={name} holds experts in blocks {sparse}.")
 
 
 def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig) -> None:
@@ -162,8 +194,11 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         )
     fusion = ckpt.get("fusion")  # written by the fusion callback
     mode = fusion["method"] if fusion else "none"
+    experts = cfg.ffn_mode.get("experts", "all")
+    experts = list(experts) if OmegaConf.is_list(experts) else experts
     if mode != cfg.ffn_mode.name or (fusion and (list(fusion["layers"]) != list(cfg.ffn_mode.layers) or fusion["mid_dim"] != cfg.ffn_mode.mid_dim
-                                                 or fusion.get("budget") != cfg.ffn_mode.get("budget"))):
+                                                 or fusion.get("budget") != cfg.ffn_mode.get("budget")
+                                                 or fusion.get("experts", experts) != experts)):
         got = f"ffn_mode={mode}" + (f" layers={fusion['layers']} mid_dim={fusion['mid_dim']}" if fusion else "")
         now = f"ffn_mode={cfg.ffn_mode.name}" + (f" layers={list(cfg.ffn_mode.layers)} mid_dim={cfg.ffn_mode.mid_dim}" if fusion or cfg.ffn_mode.name != "none" else "")
         raise ConfigError(f"ckpt_path={str(path)!r} was compressed with {got}, but this run asks for {now}.")

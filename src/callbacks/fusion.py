@@ -54,6 +54,8 @@ class FusionCallback(L.Callback):
         refit: str,
         refit_ridge: float,
         budget: float | None,
+        experts: list[int] | str = "all",
+        shared_expert: bool = True,
         ckpt_path: str | None = None,
     ) -> None:
         self.method, self.fn, self.layers, self.mid_dim, self.seed = method, compress, list(layers), mid_dim, seed
@@ -63,6 +65,7 @@ class FusionCallback(L.Callback):
         self.metrics_cfg = metrics
         self.calib_cfg = calib
         self.refit, self.refit_ridge, self.budget = refit, refit_ridge, budget
+        self.experts, self.shared_expert = experts if experts == "all" else list(experts), shared_expert  # MoE models only
         self.ckpt_path = ckpt_path  # a run resumed or evaluated from a checkpoint rebuilds its structure
         self.spec: dict[str, Any] | None = None
         self.summary_metrics: dict[str, float] = {}
@@ -93,6 +96,7 @@ class FusionCallback(L.Callback):
             model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
             options={**self.options, "identity": self.identity}, cache=self.cache, device=device,
             calibrator=calibrator, refit=self.refit, refit_ridge=self.refit_ridge, budget=self.budget,
+            experts=self.experts, shared_expert=self.shared_expert,
         )
         self.spec = report.spec
         for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights

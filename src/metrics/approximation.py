@@ -46,7 +46,8 @@ def approximation_metrics(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics ``fusion/...`` (first probe fn unqualified, others under ``fusion/<probe>/``) and one row per layer.
 
-    θ groups: each compressed layer's MLP (names differ between the models when the structure
+    θ groups: each compressed layer's MLP (a Mixture-of-Experts block: its experts and shared expert,
+    not the router; the router's token counts per expert are reported too) (names differ between the models when the structure
     changed, so each model gets its own names) and the first uncompressed layer's MLP (the research
     code's probe layer: same parameters in both models). The per-sample gradients of the groups
     measured together stay under ``max_memory_gb`` (more passes over the probe set otherwise).
@@ -69,6 +70,9 @@ def approximation_metrics(
                 x = inputs_o[i]  # [B, T, h]: the original's hidden states, fed to both MLPs
                 err = ntk.output_rel_err(mlp_io.mlp_forward(compressed, i, x), mlp_io.mlp_forward(original, i, x), mask)
                 row["output_rel_err"] = metrics[f"fusion/output_rel_err/layer_{i}"] = err
+                if mlp_io.is_sparse(original, i):  # where the original router sends the probe tokens: does a poor expert matter?
+                    for e, n in enumerate(mlp_io.router_counts(original, i, x[mask]).tolist()):
+                        metrics[f"fusion/router_tokens/layer_{i}/expert_{e}"] = float(n)
         metrics["fusion/output_rel_err"] = sum(r["output_rel_err"] for r in rows) / len(rows)
 
         def groups(model: nn.Module) -> dict[str, list[str]]:

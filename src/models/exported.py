@@ -1,7 +1,8 @@
 """Hugging Face folders of compressed models: write (with scales folded) and load back.
 
-When every layer's MLP is a plain MLP of one common width, the folder is a stock transformers
-model with that ``intermediate_size`` and loads with ``AutoModelFor*.from_pretrained``. Otherwise
+When every layer's MLP is a plain MLP of one common width (a MoE model: every compressed block's
+experts at one width, and its shared experts at one), the folder is a stock transformers model
+with those widths in its config and loads with ``AutoModelFor*.from_pretrained``. Otherwise
 ``config.json`` also records the per-layer structure under ``mlp_fusion`` and
 :func:`load_exported` rebuilds it. :func:`export_onnx` writes the folded model as ONNX, whatever
 its per-layer widths, and checks it with ONNX Runtime.
@@ -23,19 +24,13 @@ from src.models.fuse import apply_spec
 
 ONNX_RTOL = 1e-4  # ONNX Runtime's logits against PyTorch's: relative Frobenius error allowed
 
-def uniform_width(model: nn.Module) -> int | None:
-    """The common width if every layer is a plain (Linear or Conv1D) MLP of one width, else None."""
-    specs = [mlp_io.layer_spec(model, i) for i in range(mlp_io.num_layers(model))]
-    widths = {s["width"] for s in specs}
-    return widths.pop() if len(widths) == 1 and all(s["kind"] != "lowrank" and not s["scaled"] for s in specs) else None
-
-
 def prepare_for_export(model: PreTrainedModel) -> None:
-    """Fold count scales into the down projections (exact) and describe the structure in the config."""
+    """Fold count scales into the down projections (exact) and describe the structure in the config:
+    the widths of a stock model (``mlp_io.stock_widths``), else the per-layer structure."""
     mlp_io.fold_scales(model)
-    width = uniform_width(model)
-    if width is not None:
-        mlp_io.set_config_width(model.config, width)
+    widths = mlp_io.stock_widths(model)
+    if widths is not None:
+        mlp_io.set_config_widths(model.config, widths)
         if hasattr(model.config, "mlp_fusion"):
             del model.config.mlp_fusion
     else:

@@ -13,7 +13,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +37,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def layer_seed(seed: int, layer: int) -> int:
-    """An independent seed for each (run seed, layer): random methods draw anew in every layer."""
-    return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0])
+def layer_seed(seed: int, layer: int, part: str | None = None) -> int:
+    """An independent seed for each (run seed, layer[, part]): random methods draw anew in every layer
+    and in every expert of a Mixture-of-Experts block (routed expert e: 1 + e; the shared expert: 0)."""
+    entropy = [seed, layer] if part is None else [seed, layer, 0 if part == mlp_io.SHARED else 1 + int(part)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def method_version(fn: Callable[..., Compressed]) -> str:
@@ -53,17 +55,21 @@ def method_version(fn: Callable[..., Compressed]) -> str:
 class FusionReport:
     """What a compression did: the structure to record in checkpoints and the numbers to log."""
 
-    spec: dict[str, Any]  # {"method", "layers", "mid_dim", "seed", "widths", "budget", "refit", "layer_specs": {layer: layer_spec}}
+    spec: dict[str, Any]  # {"method", "layers", "mid_dim", "seed", "widths", "budget", "refit", "experts", "shared_expert", "layer_specs": {layer: layer_spec}}
     params_before: int
     params_after: int
     seconds: float
-    layer_stats: dict[int, dict[str, float]] = field(default_factory=dict)  # inertia, seconds, cache_hit
+    layer_stats: dict[int, dict[str, float]] = field(default_factory=dict)  # inertia, seconds, cache_hit (an MoE block: the mean over its parts)
+    part_stats: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)  # (layer, part) of MoE blocks
 
     def metrics(self) -> dict[str, float]:
         out = {"fusion/params_before": float(self.params_before), "fusion/params_after": float(self.params_after),
                "fusion/compress_seconds": self.seconds}
         for layer, stats in self.layer_stats.items():
             out.update({f"fusion/{k}/layer_{layer}": float(v) for k, v in stats.items()})
+        for (layer, part), stats in self.part_stats.items():
+            name = part if part == mlp_io.SHARED else f"expert_{part}"
+            out.update({f"fusion/{k}/layer_{layer}/{name}": float(v) for k, v in stats.items()})
         return out
 
 
@@ -90,6 +96,8 @@ def compress_model(
     refit: str = "none",
     refit_ridge: float = 1e-3,
     budget: float | None = None,
+    experts: Sequence[int] | str = "all",
+    shared_expert: bool = True,
 ) -> FusionReport:
     """Replace the MLP of each layer in ``layers`` by ``fn(weights, width, seed=layer_seed(seed, layer))``,
     computed on ``device``; the cache key includes the method's ``VERSION``.
@@ -100,6 +108,11 @@ def compress_model(
     replaces the one ``mid_dim`` by per-layer widths (``src.compress.budget``). The layers are
     compressed in order; with ``calibrator.sequential`` each layer's calibration inputs come from the
     model whose earlier layers are compressed already.
+
+    In a Mixture-of-Experts block every chosen part is compressed on its own (``experts``: "all" or
+    expert ids; ``shared_expert``): routed experts to ``mid_dim`` (the per-expert width), the shared
+    expert to the same fraction of its width; each part has its own seed and cache key. Calibration
+    is not available for experts (their tokens depend on the router).
     """
     layers = list(layers)
     before, start, stats = count_params(model), time.perf_counter(), {}
@@ -108,12 +121,17 @@ def compress_model(
     uses_calib = needs_calibration(fn, refit, budget)
     if uses_calib and calibrator is None:
         raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data (a Calibrator)")
+    sparse = [layer for layer in layers if mlp_io.is_sparse(model, layer)]
+    if sparse and (uses_calib or budget is not None):
+        raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data, which Mixture-of-Experts layers {sparse} do not support")
     original = calibrator.collect(model, layers) if uses_calib and (not calibrator.sequential or budget is not None) else {}
 
-    def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None) -> tuple[Compressed, bool]:
+    def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None, part: str | None = None) -> tuple[Compressed, bool]:
         w_dev = type(w)(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
-        s = layer_seed(seed, layer)
+        s = layer_seed(seed, layer, part)
         settings = {"method": method, "version": version, "options": options or {}, "mid_dim": width, "seed": s, "device": dev.type}
+        if part is not None:
+            settings["part"] = part
         if calib is not None:
             settings.update(calib=calib_hash(calib), refit=refit, refit_ridge=refit_ridge)
         key = cache_key(w, **settings)
@@ -138,7 +156,25 @@ def compress_model(
         total = math.floor(budget * sum(mlp_io.read_mlp(model, layer).width for layer in layers))
         widths = allocate(curves, total)
         log.info("budget %.3f of the chosen layers' MLP parameters: widths %s (%d neurons)", budget, widths, total)
-    for layer in layers:
+    part_stats: dict[tuple[int, str], dict[str, float]] = {}
+    for layer in sparse:
+        t0, results = time.perf_counter(), {}
+        expert_width = mlp_io.intermediate_sizes(model)[layer]
+        for part in mlp_io.mlp_parts(model, layer, experts, shared_expert):
+            w = mlp_io.read_mlp(model, layer, part)
+            # the shared expert keeps the routed experts' fraction: mid_dim / expert width
+            width = widths[layer] if part != mlp_io.SHARED else max(1, round(widths[layer] * w.width / expert_width))
+            t1 = time.perf_counter()
+            results[part], hit = compress_layer(w, width, layer, None, part)
+            part_stats[(layer, part)] = {**{k: float(v) for k, v in results[part].stats.items()}, "width": float(width),
+                                         "seconds": time.perf_counter() - t1, "cache_hit": float(hit)}
+        mlp_io.write_parts(model, layer, results)
+        rows = [part_stats[(layer, p)] for p in results]
+        stats[layer] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}  # the mean over the block's parts
+        stats[layer].update(width=float(widths[layer]), seconds=time.perf_counter() - t0)
+        log.info("compressed %d parts of MoE layer %d with %s to width %d in %.2fs (%d cache hits)", len(results), layer, method,
+                 widths[layer], stats[layer]["seconds"], sum(int(r["cache_hit"]) for r in rows))
+    for layer in (i for i in layers if i not in sparse):
         t0 = time.perf_counter()
         w = mlp_io.read_mlp(model, layer)
         calib = None
@@ -151,7 +187,10 @@ def compress_model(
         log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method, widths[layer], stats[layer]["seconds"], " (cache hit)" if hit else "")
     spec = {"method": method, "layers": layers, "mid_dim": mid_dim, "seed": seed, "widths": {str(i): k for i, k in widths.items()},
             "budget": budget, "refit": refit, "layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in layers}}
-    return FusionReport(spec, before, count_params(model), time.perf_counter() - start, stats)
+    if sparse:
+        spec.update(experts=experts if experts == "all" else list(experts), shared_expert=shared_expert)
+    stats = {layer: stats[layer] for layer in layers}  # in the order of `layers`
+    return FusionReport(spec, before, count_params(model), time.perf_counter() - start, stats, part_stats)
 
 
 def calib_hash(calib: MLPCalibration) -> str:

@@ -67,3 +67,42 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class ExpertScale(nn.Module):
+    """Parametrization of fused experts' ``down_proj`` [E, h, k]: ``W_e · diag(scale_e)`` for every expert e.
+
+    ``scale`` [E, k] holds each expert's frozen k-means counts (MLP fusion; 1 for unscaled neurons, 0
+    for the padding of an expert narrower than the layer's width). Scaling the down projection's
+    weight gives the same outputs and the same gradients as scaling the activations
+    (∂L/∂W = ∂L/∂W_eff ⊙ scale, like ``ScaledLinear``), and keeps the stock experts forward, so
+    every transformers experts implementation (eager, batched_mm, grouped_mm) still runs.
+    """
+
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        assert scale.ndim == 2, f"scale must be [E, k], got {tuple(scale.shape)}"
+        self.register_buffer("scale", scale.detach().clone(), persistent=True)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.scale[:, None, :].to(weight.dtype)  # [E, h, k] * [E, 1, k]
+
+
+class ExpertLowRank(nn.Module):
+    """Parametrization of a fused experts' weight as per-expert factor products, stacked along dim 1:
+    ``cat_j(left_j @ right_j)`` with left_j [E, out_j, r] and right_j [E, r, in] (gate_up = [gate; up]).
+
+    The factors become the trainable originals (``original0``, ``original1``, ...); ``factors`` only
+    seeds them when the parametrization is registered.
+    """
+
+    def __init__(self, factors: list[tuple[Tensor, Tensor]]) -> None:
+        super().__init__()
+        self._seed = [t for pair in factors for t in pair]
+
+    def forward(self, *factors: Tensor) -> Tensor:
+        return torch.cat([torch.bmm(left, right) for left, right in zip(factors[::2], factors[1::2])], dim=1)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        seed, self._seed = self._seed, []
+        return tuple(t.to(device=weight.device, dtype=weight.dtype) for t in seed)

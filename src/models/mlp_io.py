@@ -5,20 +5,33 @@ A family is recognised by the module structure found in the model (no modeling c
 forked); compressed layers keep the Hugging Face module tree (``intermediate.dense``,
 ``mlp.c_fc``, ``mlp.down_proj``...) with only the projection modules swapped, so the stock
 forward still runs.
+
+Mixture-of-Experts blocks (Mixtral, OLMoE, Qwen2-MoE; transformers 5) hold their routed experts as
+one module with fused 3-D parameters, ``experts.gate_up_proj`` [E, 2d, h] (gate rows first, then up)
+and ``experts.down_proj`` [E, h, d], no biases, a router ``gate.weight`` [E, h] and, in Qwen2-MoE,
+a ``shared_expert`` (a plain gated MLP) with a ``shared_expert_gate`` [1, h]. A block's parts are
+its experts (``"0"``, ``"1"``, ...) and ``"shared"``; each part reads as an ``MLPWeights``. The
+compressed experts of a block are written back as one stock experts module of one width (the
+widest part; narrower experts zero-padded), a frozen ``[E, k]`` count scale applied as a
+parametrization of ``down_proj`` (``ExpertScale``), low-rank experts as a factor parametrization
+(``ExpertLowRank``). The router and the shared-expert gate are never touched.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
-from src.models.layers import LowRankLinear, ScaledLinear
+from src.compress.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
+from src.models.layers import ExpertLowRank, ExpertScale, LowRankLinear, ScaledLinear
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,42 @@ FAMILIES = (
     Family("gated", ("llama", "mistral", "qwen2", "qwen3"), gate="gate_proj", up="up_proj",
            down="down_proj", act="act_fn", input="", act_attr="hidden_act", width_attr="intermediate_size"),
 )
-_SUPPORTED = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+GATED = FAMILIES[-1]
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """A Mixture-of-Experts layout: config attributes, and the block's children (relative to ``mlp``)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    experts_attr: str  # config attribute: number of routed experts
+    width_attr: str  # config attribute: each routed expert's intermediate size
+    shared_width_attr: str | None = None  # config attribute: the shared expert's width (None: no shared expert)
+    act_attr: str = "hidden_act"
+    experts: str = "experts"  # gate_up_proj [E, 2d, h], down_proj [E, h, d]
+    router: str = "gate"  # weight [E, h]
+    shared: str = "shared_expert"  # a gated MLP (gate_proj / up_proj / down_proj)
+
+    def sparse_layers(self, config: PretrainedConfig) -> list[int]:
+        """The blocks that hold experts; Qwen2-MoE's others are dense gated MLPs (``mlp_only_layers``,
+        ``decoder_sparse_step``)."""
+        n = config.num_hidden_layers
+        if self.name != "qwen2_moe":
+            return list(range(n))
+        dense = set(config.mlp_only_layers or [])
+        step = config.decoder_sparse_step
+        return [i for i in range(n) if i not in dense and config.num_experts > 0 and (i + 1) % step == 0]
+
+
+MOE_FAMILIES = (
+    MoEFamily("mixtral", ("mixtral",), experts_attr="num_local_experts", width_attr="intermediate_size"),
+    MoEFamily("olmoe", ("olmoe",), experts_attr="num_experts", width_attr="intermediate_size"),
+    MoEFamily("qwen2_moe", ("qwen2_moe",), experts_attr="num_experts", width_attr="moe_intermediate_size",
+              shared_width_attr="shared_expert_intermediate_size"),
+)
+SHARED = "shared"  # the part name of a block's shared expert; routed experts are "0", "1", ...
+_SUPPORTED = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in (*FAMILIES, *MOE_FAMILIES))
 
 
 @dataclass(frozen=True)
@@ -71,20 +119,59 @@ class MLPLayer:
         self.root.set_submodule(self.family.roles()[role], module)
 
 
+@dataclass(frozen=True)
+class MoEBlock:
+    """One transformer block's sparse MLP (router, routed experts, optional shared expert)."""
+
+    family: MoEFamily
+    path: str
+    root: nn.Module
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.root.get_submodule(self.family.experts)
+
+    @property
+    def shared(self) -> MLPLayer | None:
+        """The shared expert as a plain gated MLP layer (Qwen2-MoE), else None."""
+        if self.family.shared_width_attr is None:
+            return None
+        return MLPLayer(GATED, f"{self.path}.{self.family.shared}", self.root.get_submodule(self.family.shared))
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def width(self) -> int:
+        """The experts' common (padded) intermediate size."""
+        return self.experts.intermediate_dim
+
+
+AnyLayer = MLPLayer | MoEBlock
+
+
 # ---------------------------------------------------------------------------------------------
 # discovery
 
 
-def family_of(config: PretrainedConfig) -> Family:
+def family_of(config: PretrainedConfig) -> Family | MoEFamily:
     """The MLP family of a model from its config alone (before loading); ValueError if unsupported."""
-    for fam in FAMILIES:
+    for fam in (*FAMILIES, *MOE_FAMILIES):
         if config.model_type in fam.model_types:
             return fam
     raise ValueError(f"model_type {config.model_type!r} is not supported; supported MLP families: {_SUPPORTED}")
 
 
+def moe_family(config: PretrainedConfig) -> MoEFamily | None:
+    """The MoE layout of a config, or None for a dense model."""
+    fam = family_of(config)
+    return fam if isinstance(fam, MoEFamily) else None
+
+
 def config_width(config: PretrainedConfig) -> int:
-    """The pretrained MLP intermediate size a config describes (GPT-2: ``n_inner=None`` means 4h)."""
+    """The pretrained MLP intermediate size a config describes (GPT-2: ``n_inner=None`` means 4h; MoE:
+    one routed expert's)."""
     return getattr(config, family_of(config).width_attr) or 4 * config.hidden_size
 
 
@@ -93,15 +180,26 @@ def mlp_shape(config: PretrainedConfig) -> tuple[int, int]:
     return config.num_hidden_layers, config_width(config)
 
 
+def sparse_layers(config: PretrainedConfig) -> list[int]:
+    """The blocks whose MLP holds experts (empty for a dense model)."""
+    fam = moe_family(config)
+    return fam.sparse_layers(config) if fam else []
+
+
+def num_experts(config: PretrainedConfig) -> int:
+    """Routed experts per sparse block (0 for a dense model)."""
+    fam = moe_family(config)
+    return getattr(config, fam.experts_attr) if fam else 0
+
+
 def mlp_param_count(config: PretrainedConfig) -> int:
-    """Parameters of one pretrained MLP of a config: 3hd gated (no biases), else 2hd + d + h."""
+    """Parameters of one pretrained MLP of a config: 3hd gated (no biases), else 2hd + d + h; a sparse
+    block: every routed expert and the shared expert."""
     fam, h, d = family_of(config), config.hidden_size, config_width(config)
+    if isinstance(fam, MoEFamily):
+        shared = getattr(config, fam.shared_width_attr) if fam.shared_width_attr else 0
+        return 3 * h * (num_experts(config) * d + shared)
     return 3 * h * d if fam.gate else 2 * h * d + d + h
-
-
-def set_config_width(config: PretrainedConfig, width: int) -> None:
-    """Write a uniform MLP width into the config (a stock model of that width, for export)."""
-    setattr(config, family_of(config).width_attr, width)
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -120,8 +218,27 @@ def _config(model: nn.Module) -> PretrainedConfig:
     raise ValueError(f"{type(model).__name__} contains no transformers PreTrainedModel")
 
 
-def find_mlp_layers(model: nn.Module) -> list[MLPLayer]:
+def _moe_blocks(model: nn.Module, fam: MoEFamily, config: PretrainedConfig) -> list[AnyLayer]:
+    """Every block's MLP (``...layers.<i>.mlp``) in layer order: sparse ones as MoEBlock, dense ones
+    (Qwen2-MoE's ``mlp_only_layers``) as gated MLP layers."""
+    found: dict[int, AnyLayer] = {}
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-1] == "mlp" and parts[-3] == "layers" and parts[-2].isdigit():
+            sparse = _has(m, fam.experts) and _has(m, fam.router)
+            found[int(parts[-2])] = MoEBlock(fam, name, m) if sparse else MLPLayer(GATED, name, m)
+    if sorted(found) != list(range(config.num_hidden_layers)):
+        raise ValueError(f"unsupported architecture {type(model).__name__}: expected {config.num_hidden_layers} "
+                         f"blocks '...layers.<i>.mlp', found {sorted(found)}")
+    return [found[i] for i in range(config.num_hidden_layers)]
+
+
+def find_mlp_layers(model: nn.Module) -> list[AnyLayer]:
     """The transformer blocks' MLPs in layer order; ValueError for an unsupported architecture."""
+    config = next((m.config for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    moe = next((f for f in MOE_FAMILIES if config is not None and config.model_type in f.model_types), None)
+    if moe is not None:
+        return _moe_blocks(model, moe, config)
     found = {fam.name: [MLPLayer(fam, name, m) for name, m in model.named_modules()
                         if all(_has(m, p) for p in (*fam.roles().values(), fam.act))]
              for fam in FAMILIES}
@@ -138,11 +255,18 @@ def find_mlp_layers(model: nn.Module) -> list[MLPLayer]:
     return layers
 
 
-def _layer(model: nn.Module, layer: int) -> MLPLayer:
+def _layer(model: nn.Module, layer: int) -> AnyLayer:
     layers = find_mlp_layers(model)
     if not 0 <= layer < len(layers):
         raise IndexError(f"layer {layer} out of range: {type(model).__name__} has {len(layers)} MLP layers")
     return layers[layer]
+
+
+def _block(model: nn.Module, layer: int) -> MoEBlock:
+    mlp = _layer(model, layer)
+    if not isinstance(mlp, MoEBlock):
+        raise ValueError(f"layer {layer} of {type(model).__name__} has no experts (a dense MLP)")
+    return mlp
 
 
 def num_layers(model: nn.Module) -> int:
@@ -150,15 +274,46 @@ def num_layers(model: nn.Module) -> int:
     return len(find_mlp_layers(model))
 
 
-def mlp_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
-    """The layer's projection modules by role ("gate" when gated, "up", "down"), whatever their kind."""
+def is_sparse(model: nn.Module, layer: int) -> bool:
+    """Whether the layer's MLP is a Mixture-of-Experts block."""
+    return isinstance(_layer(model, layer), MoEBlock)
+
+
+def mlp_parts(model: nn.Module, layer: int, experts: Sequence[int] | str = "all", shared_expert: bool = True) -> list[str | None]:
+    """What to compress in a layer: ``[None]`` (the MLP itself) for a dense layer; for a sparse block
+    the chosen routed experts (``"0"``, ``"1"``, ...; ``experts="all"`` or a list of ids) and, where
+    the block has one and ``shared_expert`` is set, ``"shared"``."""
     mlp = _layer(model, layer)
+    if not isinstance(mlp, MoEBlock):
+        return [None]
+    ids = range(mlp.num_experts) if experts == "all" else list(experts)
+    bad = [e for e in ids if not 0 <= e < mlp.num_experts]
+    if bad:
+        raise IndexError(f"experts {bad} out of range: layer {layer} has experts 0..{mlp.num_experts - 1}")
+    return [str(e) for e in ids] + ([SHARED] if shared_expert and mlp.shared is not None else [])
+
+
+def mlp_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
+    """The layer's projection modules by role ("gate" when gated, "up", "down"), whatever their kind;
+    a sparse block: its experts module ("experts") and the shared expert's ("shared_gate", ...)."""
+    mlp = _layer(model, layer)
+    if isinstance(mlp, MoEBlock):
+        shared = mlp.shared
+        return {"experts": mlp.experts} | ({f"shared_{r}": shared.module(r) for r in shared.family.roles()} if shared else {})
     return {role: mlp.module(role) for role in mlp.family.roles()}
 
 
 def mlp_param_names(model: nn.Module, layer: int) -> list[str]:
-    """Full names (as in ``model.named_parameters()``) of the layer's MLP projection parameters."""
+    """Full names (as in ``model.named_parameters()``) of the layer's MLP projection parameters (a sparse
+    block: every routed expert's and the shared expert's; never the router's or the shared-expert gate's)."""
     mlp = _layer(model, layer)
+    if isinstance(mlp, MoEBlock):
+        names = [f"{mlp.path}.{mlp.family.experts}.{n}" for n, _ in mlp.experts.named_parameters()]
+        return names + (_dense_param_names(mlp.shared) if mlp.shared else [])
+    return _dense_param_names(mlp)
+
+
+def _dense_param_names(mlp: MLPLayer) -> list[str]:
     prefix = f"{mlp.path}." if mlp.path else ""
     return [f"{prefix}{path}.{name}" for path in mlp.family.roles().values()
             for name, _ in mlp.root.get_submodule(path).named_parameters()]
@@ -167,18 +322,34 @@ def mlp_param_names(model: nn.Module, layer: int) -> list[str]:
 def mlp_input_module(model: nn.Module, layer: int) -> nn.Module:
     """The module whose first positional input is the MLP's input hidden states (for a forward pre-hook)."""
     mlp = _layer(model, layer)
-    return mlp.root.get_submodule(mlp.family.input)
+    return mlp.root if isinstance(mlp, MoEBlock) else mlp.root.get_submodule(mlp.family.input)
 
 
 def mlp_forward(model: nn.Module, layer: int, x: Tensor) -> Tensor:
-    """The layer's MLP on hidden states ``x`` [..., h] -> [..., h]: no dropout, residual or norm."""
+    """The layer's MLP on hidden states ``x`` [..., h] -> [..., h]: no dropout, residual or norm (a
+    sparse block: router, experts and shared expert, as the block computes them)."""
     mlp = _layer(model, layer)
+    if isinstance(mlp, MoEBlock):
+        return mlp.root(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)  # the block takes [B, T, h]
+    return _dense_forward(mlp, x)
+
+
+def _dense_forward(mlp: MLPLayer, x: Tensor) -> Tensor:
     act = mlp.root.get_submodule(mlp.family.act)
     hid = act(mlp.module("gate")(x)) * mlp.module("up")(x) if mlp.family.gate else act(mlp.module("up")(x))
     return mlp.module("down")(hid)  # [..., k] -> [..., h]
 
 
-def _activation(model: nn.Module, fam: Family) -> str:
+@torch.no_grad()
+def router_counts(model: nn.Module, layer: int, x: Tensor) -> Tensor:
+    """How many of the tokens ``x`` [N, h] the block's router sends to each expert, [E] (each token
+    counts once for each of its top-k experts)."""
+    block = _block(model, layer)
+    _, _, chosen = block.root.get_submodule(block.family.router)(x)  # (logits, top-k weights, top-k ids [N, k])
+    return torch.bincount(chosen.reshape(-1), minlength=block.num_experts)
+
+
+def _activation(model: nn.Module, fam: Family | MoEFamily) -> str:
     act = getattr(_config(model), fam.act_attr)
     if not isinstance(act, str):
         raise ValueError(f"config.{fam.act_attr} must name an activation (ACT2FN key), got {act!r}")
@@ -197,8 +368,8 @@ def _bias(m: nn.Module) -> Tensor | None:
 
 
 def intermediate_sizes(model: nn.Module) -> list[int]:
-    """The current intermediate size (width) of every MLP layer."""
-    return [_shape(mlp.module("up"))[0] for mlp in find_mlp_layers(model)]
+    """The current intermediate size (width) of every MLP layer (a sparse block: its experts')."""
+    return [mlp.width if isinstance(mlp, MoEBlock) else _shape(mlp.module("up"))[0] for mlp in find_mlp_layers(model)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,17 +390,42 @@ def _effective_weight(m: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def read_mlp(model: nn.Module, layer: int) -> MLPWeights:
+def read_mlp(model: nn.Module, layer: int, part: str | None = None) -> MLPWeights:
     """The layer's MLP in the [out, in] layout (copies). A compressed layer reads as the dense MLP it
-    computes: scales folded into ``down``, low-rank factors multiplied out."""
+    computes: scales folded into ``down``, low-rank factors multiplied out. In a sparse block ``part``
+    names a routed expert (``"0"``, ...) or ``"shared"``."""
     mlp = _layer(model, layer)
-    mods = mlp_modules(model, layer)
+    if isinstance(mlp, MoEBlock):
+        if part is None:
+            raise ValueError(f"layer {layer} is a Mixture-of-Experts block: name a part, one of {mlp_parts(model, layer)}")
+        return _read_expert(model, mlp, part)
+    if part is not None:
+        raise ValueError(f"layer {layer} is a dense MLP: it has no part {part!r}")
+    return _read_dense(model, mlp)
+
+
+def _read_dense(model: nn.Module, mlp: MLPLayer) -> MLPWeights:
+    mods = {role: mlp.module(role) for role in mlp.family.roles()}
     if "gate" in mods and _bias(mods["gate"]) is not None:
         raise ValueError("gated MLPs with a gate bias (mlp_bias=True) are not supported")
     w = {role: _effective_weight(m).detach().clone() for role, m in mods.items()}
     b = {role: None if _bias(m) is None else _bias(m).detach().clone() for role, m in mods.items()}
     return MLPWeights(up=w["up"], down=w["down"], up_bias=b["up"], down_bias=b["down"], gate=w.get("gate"),
                       activation=_activation(model, mlp.family))
+
+
+def _read_expert(model: nn.Module, block: MoEBlock, part: str) -> MLPWeights:
+    if part == SHARED:
+        if block.shared is None:
+            raise ValueError(f"{block.path} has no shared expert")
+        return _read_dense(model, block.shared)
+    e = int(part)
+    if not 0 <= e < block.num_experts:
+        raise IndexError(f"expert {e} out of range: {block.path} has experts 0..{block.num_experts - 1}")
+    ex, k = block.experts, block.width
+    gate_up, down = ex.gate_up_proj[e], ex.down_proj[e]  # [2k, h] (gate rows, then up rows), [h, k]; parametrizations applied
+    return MLPWeights(up=gate_up[k:].detach().clone(), down=down.detach().clone(), gate=gate_up[:k].detach().clone(),
+                      activation=_activation(model, block.family))
 
 
 def _check_compatible(model: nn.Module, mlp: MLPLayer, activation: str, gated: bool, hidden: int) -> None:
@@ -288,17 +484,29 @@ def _lowrank(left: Tensor, right: Tensor, bias: Tensor | None) -> LowRankLinear:
     return m
 
 
-def write_mlp(model: nn.Module, layer: int, compressed: MLPWeights | FusedMLP | LowRankMLP) -> None:
+def write_mlp(model: nn.Module, layer: int, compressed: MLPWeights | Compressed, part: str | None = None) -> None:
     """Write a layer's MLP: ``MLPWeights`` are copied into the existing same-width modules; a
     ``FusedMLP`` replaces the projections with nn.Linear of width k (down: ScaledLinear when it has a
-    scale); a ``LowRankMLP`` replaces each projection with a LowRankLinear."""
+    scale); a ``LowRankMLP`` replaces each projection with a LowRankLinear. In a sparse block ``part``
+    names the expert (see ``write_parts``, which writes several experts at once)."""
     mlp = _layer(model, layer)
+    if isinstance(mlp, MoEBlock):
+        if part is None:
+            raise ValueError(f"layer {layer} is a Mixture-of-Experts block: name a part, one of {mlp_parts(model, layer)}")
+        write_parts(model, layer, {part: compressed})
+    elif part is not None:
+        raise ValueError(f"layer {layer} is a dense MLP: it has no part {part!r}")
+    else:
+        _write_dense(model, mlp, compressed)
+
+
+def _write_dense(model: nn.Module, mlp: MLPLayer, compressed: MLPWeights | Compressed) -> None:
     if isinstance(compressed, MLPWeights):
         w = compressed
         _check_compatible(model, mlp, w.activation, w.is_gated, w.hidden_size)
         biases = {"gate": None, "up": w.up_bias, "down": w.down_bias}
-        for role, m in mlp_modules(model, layer).items():
-            _copy_dense(m, getattr(w, role), biases[role])
+        for role in mlp.family.roles():
+            _copy_dense(mlp.module(role), getattr(w, role), biases[role])
     elif isinstance(compressed, FusedMLP):
         w = compressed.weights
         _check_compatible(model, mlp, w.activation, w.is_gated, w.hidden_size)
@@ -320,6 +528,89 @@ def write_mlp(model: nn.Module, layer: int, compressed: MLPWeights | FusedMLP | 
         raise TypeError(f"cannot write a {type(compressed).__name__}")
 
 
+def _stock_experts(block: MoEBlock, model: nn.Module, width: int) -> nn.Module:
+    """A new, uninitialised experts module of the block's own (stock transformers) class at ``width``."""
+    old = block.experts
+    cls = type(old).__mro__[1] if parametrize.is_parametrized(old) else type(old)  # past parametrize's injected class
+    config = copy.copy(getattr(old, "config", None) or _config(model))  # keeps _experts_implementation
+    setattr(config, block.family.width_attr, width)
+    device, dtype = _device_dtype(old)
+    with torch.device("meta"):
+        new = cls(config)
+    return new.to_empty(device=device).to(dtype)
+
+
+def _check_expert(model: nn.Module, block: MoEBlock, activation: str, gated: bool, hidden: int) -> None:
+    if activation != _activation(model, block.family) or not gated or hidden != block.experts.hidden_dim:
+        raise ValueError(f"an expert of {block.path} must be a gated {_activation(model, block.family)!r} MLP of hidden "
+                         f"size {block.experts.hidden_dim}, got {'gated' if gated else 'non-gated'} {activation!r} of {hidden}")
+
+
+@torch.no_grad()
+def write_parts(model: nn.Module, layer: int, results: dict[str, MLPWeights | Compressed]) -> None:
+    """Write several parts of a sparse block at once (``{"0": ..., "shared": ...}``, see ``mlp_parts``).
+
+    The routed experts stay one stock experts module of one width: the widest expert's (parts not
+    written keep their current weights); a narrower expert is zero-padded, and its padding neurons
+    get scale 0. A ``FusedMLP``'s count scale, or any padding, becomes an ``ExpertScale``
+    parametrization of ``down_proj`` with a frozen [E, k] scale (1 for unscaled neurons). Low-rank
+    experts (``LowRankMLP``) must cover every expert of the block at one rank: they become an
+    ``ExpertLowRank`` parametrization of ``gate_up_proj`` and ``down_proj``. The shared expert is
+    written like a dense gated MLP; the router is left as it is.
+    """
+    block = _block(model, layer)
+    results = dict(results)
+    if SHARED in results:
+        if block.shared is None:
+            raise ValueError(f"{block.path} has no shared expert")
+        _write_dense(model, block.shared, results.pop(SHARED))
+    if not results:
+        return
+    experts = {int(p): c for p, c in results.items()}
+    if any(not 0 <= e < block.num_experts for e in experts):
+        raise IndexError(f"experts {sorted(experts)} out of range: {block.path} has experts 0..{block.num_experts - 1}")
+    if any(isinstance(c, LowRankMLP) for c in experts.values()):
+        _write_lowrank_experts(model, block, experts)
+        return
+    # every expert as (weights, scale or None): the new results, the current weights for the rest
+    current = {e: (_read_expert(model, block, str(e)), None) for e in range(block.num_experts) if e not in experts}
+    new = {e: (c.weights, c.scale) if isinstance(c, FusedMLP) else (c, None) for e, c in experts.items()}
+    parts = {**current, **new}
+    for w, _ in parts.values():
+        _check_expert(model, block, w.activation, w.is_gated, w.hidden_size)
+    k = max(w.width for w, _ in parts.values())
+    scaled = any(s is not None or w.width < k for w, s in parts.values())
+    module = _stock_experts(block, model, k)
+    gate_up = torch.zeros_like(module.gate_up_proj)  # [E, 2k, h]
+    down = torch.zeros_like(module.down_proj)  # [E, h, k]
+    scale = torch.zeros(block.num_experts, k, dtype=down.dtype, device=down.device)  # [E, k]; padding stays 0
+    for e, (w, s) in parts.items():
+        d = w.width
+        gate_up[e, :d], gate_up[e, k : k + d], down[e, :, :d] = w.gate, w.up, w.down
+        scale[e, :d] = 1 if s is None else s
+    module.gate_up_proj.copy_(gate_up)
+    module.down_proj.copy_(down)
+    if scaled:
+        parametrize.register_parametrization(module, "down_proj", ExpertScale(scale))
+    block.root.set_submodule(block.family.experts, module)
+
+
+def _write_lowrank_experts(model: nn.Module, block: MoEBlock, experts: dict[int, Compressed]) -> None:
+    if sorted(experts) != list(range(block.num_experts)) or not all(isinstance(c, LowRankMLP) for c in experts.values()):
+        raise ValueError(f"low-rank experts must cover every expert of {block.path} (0..{block.num_experts - 1}), all low rank")
+    fs = [experts[e] for e in range(block.num_experts)]
+    if len({c.rank for c in fs}) != 1 or any(set(c.factors) != {"gate", "up", "down"} for c in fs):
+        raise ValueError(f"low-rank experts of {block.path} need gate, up and down factors of one common rank")
+    for c in fs:
+        _check_expert(model, block, c.activation, True, c.factors["down"][0].shape[0])
+    module = _stock_experts(block, model, fs[0].factors["up"][0].shape[0])
+    stack = lambda role, side: torch.stack([c.factors[role][side] for c in fs])  # noqa: E731  [E, out, r] / [E, r, in]
+    gate_up = [(stack("gate", 0), stack("gate", 1)), (stack("up", 0), stack("up", 1))]
+    parametrize.register_parametrization(module, "gate_up_proj", ExpertLowRank(gate_up))
+    parametrize.register_parametrization(module, "down_proj", ExpertLowRank([(stack("down", 0), stack("down", 1))]))
+    block.root.set_submodule(block.family.experts, module)
+
+
 # ---------------------------------------------------------------------------------------------
 # structure records (resume without re-compressing), re-init, export
 
@@ -327,20 +618,40 @@ def write_mlp(model: nn.Module, layer: int, compressed: MLPWeights | FusedMLP | 
 def layer_spec(model: nn.Module, layer: int) -> dict:
     """The layer's current MLP structure, e.g. {"kind": "fused", "width": 16, "scaled": True,
     "rank": None, "up_bias": True, "down_bias": True}; kind is "dense" (pretrained modules and
-    width), "fused" (width-k Linear/ScaledLinear) or "lowrank". Plain data, for the run's config."""
-    mlp = _layer(model, layer)
-    mods = mlp_modules(model, layer)
+    width), "fused" (width-k Linear/ScaledLinear) or "lowrank". A sparse block: {"kind": "moe",
+    "experts": {"kind", "width", "scaled", "rank"}, "shared": the shared expert's spec or None}.
+    Plain data, for the run's config."""
+    mlp, config = _layer(model, layer), _config(model)
+    if isinstance(mlp, MoEBlock):
+        return _block_spec(model, mlp)
+    # a dense block of a MoE model (Qwen2-MoE's mlp_only_layers) has config.intermediate_size
+    return _dense_spec(mlp, config.intermediate_size if moe_family(config) else config_width(config))
+
+
+def _dense_spec(mlp: MLPLayer, pretrained_width: int) -> dict:
+    mods = {role: mlp.module(role) for role in mlp.family.roles()}
     down, width = mods["down"], _shape(mods["up"])[0]
     native = Conv1D if mlp.family.conv1d else nn.Linear
     if isinstance(down, LowRankLinear):
         kind = "lowrank"
-    elif all(type(m) is native for m in mods.values()) and width == config_width(_config(model)):
+    elif all(type(m) is native for m in mods.values()) and width == pretrained_width:
         kind = "dense"
     else:
         kind = "fused"
     return {"kind": kind, "width": width, "scaled": isinstance(down, ScaledLinear),
             "rank": down.rank if kind == "lowrank" else None,
             "up_bias": _bias(mods["up"]) is not None, "down_bias": _bias(down) is not None}
+
+
+def _block_spec(model: nn.Module, block: MoEBlock) -> dict:
+    ex, config = block.experts, _config(model)
+    lowrank = parametrize.is_parametrized(ex, "gate_up_proj")
+    scaled = not lowrank and parametrize.is_parametrized(ex, "down_proj")
+    kind = "lowrank" if lowrank else "dense" if not scaled and block.width == config_width(config) else "fused"
+    rank = ex.parametrizations.gate_up_proj.original0.shape[-1] if lowrank else None
+    shared = block.shared
+    return {"kind": "moe", "experts": {"kind": kind, "width": block.width, "scaled": scaled, "rank": rank},
+            "shared": _dense_spec(shared, getattr(config, block.family.shared_width_attr)) if shared else None}
 
 
 def _empty(fam: Family, spec: dict, role: str, out_f: int, in_f: int) -> nn.Module:
@@ -360,8 +671,17 @@ def build_from_spec(model: nn.Module, layer: int, spec: dict) -> None:
     """Replace the layer's projections with zero-initialised modules of the structure ``spec``
     (from ``layer_spec``), ready for ``load_state_dict`` of a checkpoint."""
     mlp = _layer(model, layer)
-    if spec["kind"] not in ("dense", "fused", "lowrank"):
+    if spec["kind"] == "moe":
+        if not isinstance(mlp, MoEBlock):
+            raise ValueError(f"layer {layer} has no experts, but its recorded structure is a Mixture-of-Experts block")
+        _build_block(model, mlp, spec)
+    elif spec["kind"] not in ("dense", "fused", "lowrank"):
         raise ValueError(f"unknown MLP kind {spec['kind']!r}")
+    else:
+        _build_dense(mlp, spec)
+
+
+def _build_dense(mlp: MLPLayer, spec: dict) -> None:
     h, k = _shape(mlp.module("down"))[0], spec["width"]
     for role in mlp.family.roles():
         new = _empty(mlp.family, spec, role, *((h, k) if role == "down" else (k, h)))
@@ -370,14 +690,36 @@ def build_from_spec(model: nn.Module, layer: int, spec: dict) -> None:
         _replace(mlp, role, new)
 
 
+def _build_block(model: nn.Module, block: MoEBlock, spec: dict) -> None:
+    ex = spec["experts"]
+    if ex["kind"] not in ("dense", "fused", "lowrank"):
+        raise ValueError(f"unknown experts kind {ex['kind']!r}")
+    module = _stock_experts(block, model, ex["width"])
+    module.gate_up_proj.zero_()
+    module.down_proj.zero_()
+    E, h, k = block.num_experts, module.hidden_dim, ex["width"]
+    if ex["kind"] == "lowrank":
+        z = lambda *shape: module.down_proj.new_zeros(shape)  # noqa: E731
+        r = ex["rank"]
+        parametrize.register_parametrization(module, "gate_up_proj", ExpertLowRank([(z(E, k, r), z(E, r, h)), (z(E, k, r), z(E, r, h))]))
+        parametrize.register_parametrization(module, "down_proj", ExpertLowRank([(z(E, h, r), z(E, r, k))]))
+    elif ex["scaled"]:
+        parametrize.register_parametrization(module, "down_proj", ExpertScale(module.down_proj.new_zeros(E, k)))
+    block.root.set_submodule(block.family.experts, module)
+    if spec["shared"] is not None:
+        _build_dense(block.shared, spec["shared"])
+
+
 def reinit_mlp(model: nn.Module, layer: int) -> None:
     """Re-initialise the layer's MLP weights like the model's default init: weights N(0, initializer_range)
-    (GPT-2's down projection / sqrt(2 n_layer)), biases zero; a ScaledLinear's scale is kept."""
+    (GPT-2's down projection / sqrt(2 n_layer)), biases zero; a count scale (ScaledLinear, ExpertScale)
+    is kept. A sparse block: its experts and shared expert, not the router."""
     mlp = _layer(model, layer)
     cfg = _config(model)
     std = getattr(cfg, "initializer_range", 0.02)
+    residual = isinstance(mlp, MLPLayer) and mlp.family.residual_init
     for role, m in mlp_modules(model, layer).items():
-        s = std / math.sqrt(2 * cfg.num_hidden_layers) if role == "down" and mlp.family.residual_init else std
+        s = std / math.sqrt(2 * cfg.num_hidden_layers) if role == "down" and residual else std
         # torch's init, not transformers.initialization: the latter skips params flagged _is_hf_initialized
         for name, p in m.named_parameters():
             if name.endswith("bias"):
@@ -386,9 +728,46 @@ def reinit_mlp(model: nn.Module, layer: int) -> None:
                 nn.init.normal_(p, 0.0, s)
 
 
+def stock_widths(model: nn.Module) -> dict[str, int] | None:
+    """{config attribute: width} when every layer is a plain stock MLP (no count scale, no factors)
+    and each width attribute takes one value across layers: written into ``config.json``, the folder
+    then loads with plain ``from_pretrained``. None otherwise. A sparse block contributes its experts'
+    width and its shared expert's; the dense blocks of a MoE model must keep their pretrained width."""
+    config = _config(model)
+    fam = family_of(config)
+    seen: dict[str, set[int]] = {}
+
+    def add(attr: str, spec: dict) -> bool:
+        seen.setdefault(attr, set()).add(spec["width"])
+        return spec["kind"] != "lowrank" and not spec["scaled"]
+
+    for i, mlp in enumerate(find_mlp_layers(model)):
+        spec = layer_spec(model, i)
+        if isinstance(mlp, MoEBlock):
+            plain = add(fam.width_attr, spec["experts"]) and (spec["shared"] is None or add(fam.shared_width_attr, spec["shared"]))
+        elif isinstance(fam, MoEFamily):  # a dense block of a MoE model: its width is config.intermediate_size
+            plain = spec["kind"] == "dense"
+        else:
+            plain = add(fam.width_attr, spec)
+        if not plain:
+            return None
+    return {attr: ws.pop() for attr, ws in seen.items()} if all(len(ws) == 1 for ws in seen.values()) else None
+
+
+def set_config_widths(config: PretrainedConfig, widths: dict[str, int]) -> None:
+    """Write ``stock_widths``' result into a config (a stock model of those widths, for export)."""
+    for attr, width in widths.items():
+        setattr(config, attr, width)
+
+
 def fold_scales(model: nn.Module) -> int:
-    """Replace every ScaledLinear by its folded nn.Linear (same outputs; for export). Returns how many."""
+    """Fold every count scale into its down projection (same outputs; for export): ScaledLinear becomes
+    nn.Linear, an experts module's ``ExpertScale`` is removed with ``down_proj`` left scaled. Returns how many."""
     scaled = [name for name, m in model.named_modules() if isinstance(m, ScaledLinear)]
     for name in scaled:
         model.set_submodule(name, model.get_submodule(name).fold())
-    return len(scaled)
+    experts = [m for m in model.modules() if parametrize.is_parametrized(m, "down_proj")
+               and isinstance(m.parametrizations.down_proj[0], ExpertScale)]
+    for m in experts:
+        parametrize.remove_parametrizations(m, "down_proj", leave_parametrized=True)
+    return len(scaled) + len(experts)
