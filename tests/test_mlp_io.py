@@ -8,14 +8,14 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     DistilBertConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -189,13 +189,14 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
 
 
 def test_unsupported_models_raise():
-    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=V))
-    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration.*supported MLP families: bert"):
-        read_mlp(t5, 0)
+    bart = BartForConditionalGeneration(BartConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2, vocab_size=V))
+    with pytest.raises(ValueError, match=r"BartForConditionalGeneration.*supported MLP families: bert"):
+        read_mlp(bart, 0)
     with pytest.raises(ValueError, match="unsupported architecture Sequential"):
         num_layers(nn.Sequential(nn.Linear(4, 4)))
-    with pytest.raises(ValueError, match="'t5' is not supported"):
-        family_of(T5Config())
+    with pytest.raises(ValueError, match="'bart' is not supported"):
+        family_of(BartConfig())
     assert family_of(AutoConfig.for_model("roberta")).name == "bert"
     assert family_of(GPT2Config()).name == "gpt2"
     assert family_of(AutoConfig.for_model("qwen2")).name == "gated"

@@ -15,12 +15,24 @@ compressed experts of a block are written back as one stock experts module of on
 widest part; narrower experts zero-padded), a frozen ``[E, k]`` count scale applied as a
 parametrization of ``down_proj`` (``ExpertScale``), low-rank experts as a factor parametrization
 (``ExpertLowRank``). The router and the shared-expert gate are never touched.
+
+Encoder-decoder models (T5, Switch Transformers) number their blocks encoder first, then decoder:
+layer ``i < n_enc`` is ``encoder.block[i]``, layer ``n_enc + j`` is ``decoder.block[j]``; each block's
+MLP sits in its last sub-layer (``layer[-1]``). T5 keeps ``DenseReluDense`` with ``wi`` [d_ff, d] and
+``wo`` [d, d_ff] (gated: ``wi_0`` the gate, ``wi_1`` the up projection), no biases, the activation
+``config.dense_act_fn``. Switch Transformers' sparse blocks (every ``encoder_sparse_step``-th encoder
+block, ``i % step == 1``, and likewise in the decoder) hold ``mlp.router.classifier`` [E, d] and
+``mlp.experts``, a ``ModuleDict`` of ``expert_<e>`` ReLU MLPs in T5's ``wi``/``wo`` layout; the other
+blocks' ``mlp`` is one such MLP, of the same width ``d_ff``. Its compressed experts are written back
+as ``nn.Linear`` modules of one width per block, the count scale a ``ScaledLinear`` ``wo`` per expert
+(the rows of the block's [E, k] scale).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +59,7 @@ class Family:
     act_attr: str  # config attribute naming the activation (an ACT2FN key)
     width_attr: str  # config attribute holding the pretrained intermediate size
     gate: str | None = None
+    gated_attr: str | None = None  # config attribute telling gated from plain MLPs where one model_type has both (T5)
     conv1d: bool = False  # native projections are transformers Conv1D (weight [in, out])
     residual_init: bool = False  # down projection initialised with std / sqrt(2 n_layer) (GPT-2)
 
@@ -65,8 +78,14 @@ FAMILIES = (
            act_attr="activation_function", width_attr="n_inner", conv1d=True, residual_init=True),
     Family("gated", ("llama", "mistral", "qwen2", "qwen3"), gate="gate_proj", up="up_proj",
            down="down_proj", act="act_fn", input="", act_attr="hidden_act", width_attr="intermediate_size"),
+    Family("t5", ("t5",), up="wi", down="wo", act="act", input="", act_attr="dense_act_fn", width_attr="d_ff",
+           gated_attr="is_gated_act"),
+    Family("t5_gated", ("t5",), gate="wi_0", up="wi_1", down="wo", act="act", input="", act_attr="dense_act_fn",
+           width_attr="d_ff", gated_attr="is_gated_act"),
 )
-GATED = FAMILIES[-1]
+GATED = FAMILIES[3]
+# Switch Transformers' dense blocks and each of its experts: T5's wi / wo, reached through MOE_FAMILIES only
+SWITCH_MLP = Family("switch_mlp", (), up="wi", down="wo", act="act", input="", act_attr="dense_act_fn", width_attr="d_ff")
 
 
 @dataclass(frozen=True)
@@ -82,11 +101,19 @@ class MoEFamily:
     experts: str = "experts"  # gate_up_proj [E, 2d, h], down_proj [E, h, d]
     router: str = "gate"  # weight [E, h]
     shared: str = "shared_expert"  # a gated MLP (gate_proj / up_proj / down_proj)
+    block_re: str = r"layers\.\d+\.mlp"  # the end of a block's MLP name (sparse or dense), in block order
+    dense: Family = GATED  # the layout of the dense blocks' MLPs (and of each expert where expert_prefix is set)
+    dense_width_attr: str = "intermediate_size"  # config attribute: the dense blocks' width
+    expert_prefix: str | None = None  # experts module is a ModuleDict of dense MLPs "<prefix><e>" (Switch), not fused
 
     def sparse_layers(self, config: PretrainedConfig) -> list[int]:
         """The blocks that hold experts; Qwen2-MoE's others are dense gated MLPs (``mlp_only_layers``,
-        ``decoder_sparse_step``)."""
-        n = config.num_hidden_layers
+        ``decoder_sparse_step``); Switch Transformers': block i of a stack is sparse when
+        ``i % step == 1`` (every block for step 1, none for step 0)."""
+        n = num_blocks(config)
+        if self.name == "switch":
+            steps = (config.encoder_sparse_step, config.decoder_sparse_step)
+            return [b for rng, step in zip(stacks(config), steps) for i, b in enumerate(rng) if step > 0 and (step == 1 or i % step == 1)]
         if self.name != "qwen2_moe":
             return list(range(n))
         dense = set(config.mlp_only_layers or [])
@@ -99,6 +126,9 @@ MOE_FAMILIES = (
     MoEFamily("olmoe", ("olmoe",), experts_attr="num_experts", width_attr="intermediate_size"),
     MoEFamily("qwen2_moe", ("qwen2_moe",), experts_attr="num_experts", width_attr="moe_intermediate_size",
               shared_width_attr="shared_expert_intermediate_size"),
+    MoEFamily("switch", ("switch_transformers",), experts_attr="num_experts", width_attr="d_ff", act_attr="dense_act_fn",
+              router="router", block_re=r"block\.\d+\.layer\.\d+\.mlp", dense=SWITCH_MLP, dense_width_attr="d_ff",
+              expert_prefix="expert_"),
 )
 SHARED = "shared"  # the part name of a block's shared expert; routed experts are "0", "1", ...
 _SUPPORTED = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in (*FAMILIES, *MOE_FAMILIES))
@@ -142,10 +172,22 @@ class MoEBlock:
     def num_experts(self) -> int:
         return self.experts.num_experts
 
+    def expert(self, e: int) -> MLPLayer:
+        """Routed expert ``e`` as a dense MLP layer (layouts that keep one module per expert: Switch)."""
+        prefix = self.family.expert_prefix
+        assert prefix is not None, f"{self.family.name} fuses its experts into one module"
+        return MLPLayer(self.family.dense, f"{self.path}.{self.family.experts}.{prefix}{e}", self.experts[f"{prefix}{e}"])
+
     @property
     def width(self) -> int:
         """The experts' common (padded) intermediate size."""
+        if self.family.expert_prefix:
+            return _shape(self.expert(0).module("up"))[0]
         return self.experts.intermediate_dim
+
+    @property
+    def hidden_size(self) -> int:
+        return _shape(self.expert(0).module("down"))[0] if self.family.expert_prefix else self.experts.hidden_dim
 
 
 AnyLayer = MLPLayer | MoEBlock
@@ -158,7 +200,9 @@ AnyLayer = MLPLayer | MoEBlock
 def family_of(config: PretrainedConfig) -> Family | MoEFamily:
     """The MLP family of a model from its config alone (before loading); ValueError if unsupported."""
     for fam in (*FAMILIES, *MOE_FAMILIES):
-        if config.model_type in fam.model_types:
+        if config.model_type not in fam.model_types:
+            continue
+        if not isinstance(fam, Family) or fam.gated_attr is None or bool(getattr(config, fam.gated_attr)) == bool(fam.gate):
             return fam
     raise ValueError(f"model_type {config.model_type!r} is not supported; supported MLP families: {_SUPPORTED}")
 
@@ -175,9 +219,29 @@ def config_width(config: PretrainedConfig) -> int:
     return getattr(config, family_of(config).width_attr) or 4 * config.hidden_size
 
 
+def num_blocks(config: PretrainedConfig) -> int:
+    """Transformer blocks with an MLP: an encoder-decoder model's encoder and decoder blocks together."""
+    if getattr(config, "is_encoder_decoder", False):
+        return config.num_layers + config.num_decoder_layers
+    return config.num_hidden_layers
+
+
+def stacks(config: PretrainedConfig) -> list[range]:
+    """The layer indices of each stack: [encoder, decoder] for an encoder-decoder model, else one range."""
+    if getattr(config, "is_encoder_decoder", False):
+        return [range(config.num_layers), range(config.num_layers, num_blocks(config))]
+    return [range(num_blocks(config))]
+
+
+def in_decoder(model: nn.Module, layer: int) -> bool:
+    """Whether the layer is a decoder block of an encoder-decoder model (its tokens are the decoder's)."""
+    config = _config(model)
+    return getattr(config, "is_encoder_decoder", False) and layer >= config.num_layers
+
+
 def mlp_shape(config: PretrainedConfig) -> tuple[int, int]:
     """(number of transformer blocks, MLP intermediate size) from a config alone, before weights load."""
-    return config.num_hidden_layers, config_width(config)
+    return num_blocks(config), config_width(config)
 
 
 def sparse_layers(config: PretrainedConfig) -> list[int]:
@@ -198,7 +262,8 @@ def mlp_param_count(config: PretrainedConfig) -> int:
     fam, h, d = family_of(config), config.hidden_size, config_width(config)
     if isinstance(fam, MoEFamily):
         shared = getattr(config, fam.shared_width_attr) if fam.shared_width_attr else 0
-        return 3 * h * (num_experts(config) * d + shared)
+        per_neuron = 2 * h if fam.expert_prefix and not fam.dense.gate else 3 * h  # Switch: wi, wo
+        return per_neuron * num_experts(config) * d + 3 * h * shared
     return 3 * h * d if fam.gate else 2 * h * d + d + h
 
 
@@ -219,18 +284,19 @@ def _config(model: nn.Module) -> PretrainedConfig:
 
 
 def _moe_blocks(model: nn.Module, fam: MoEFamily, config: PretrainedConfig) -> list[AnyLayer]:
-    """Every block's MLP (``...layers.<i>.mlp``) in layer order: sparse ones as MoEBlock, dense ones
-    (Qwen2-MoE's ``mlp_only_layers``) as gated MLP layers."""
-    found: dict[int, AnyLayer] = {}
+    """Every block's MLP (``...layers.<i>.mlp``; Switch: ``encoder.block.<i>.layer.<j>.mlp``, then the
+    decoder's) in layer order (``named_modules`` visits blocks in order, the encoder's first): sparse
+    ones as MoEBlock, dense ones (Qwen2-MoE's ``mlp_only_layers``, Switch's other blocks) as MLP layers."""
+    pattern = re.compile(rf"(^|\.){fam.block_re}$")
+    found: list[AnyLayer] = []
     for name, m in model.named_modules():
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[-1] == "mlp" and parts[-3] == "layers" and parts[-2].isdigit():
+        if pattern.search(name):
             sparse = _has(m, fam.experts) and _has(m, fam.router)
-            found[int(parts[-2])] = MoEBlock(fam, name, m) if sparse else MLPLayer(GATED, name, m)
-    if sorted(found) != list(range(config.num_hidden_layers)):
-        raise ValueError(f"unsupported architecture {type(model).__name__}: expected {config.num_hidden_layers} "
-                         f"blocks '...layers.<i>.mlp', found {sorted(found)}")
-    return [found[i] for i in range(config.num_hidden_layers)]
+            found.append(MoEBlock(fam, name, m) if sparse else MLPLayer(fam.dense, name, m))
+    if len(found) != num_blocks(config):
+        raise ValueError(f"unsupported architecture {type(model).__name__}: expected {num_blocks(config)} "
+                         f"block MLPs matching {fam.block_re!r}, found {[b.path for b in found]}")
+    return found
 
 
 def find_mlp_layers(model: nn.Module) -> list[AnyLayer]:
@@ -330,7 +396,8 @@ def mlp_forward(model: nn.Module, layer: int, x: Tensor) -> Tensor:
     sparse block: router, experts and shared expert, as the block computes them)."""
     mlp = _layer(model, layer)
     if isinstance(mlp, MoEBlock):
-        return mlp.root(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)  # the block takes [B, T, h]
+        # the block takes [B, T, h]; sequences stay sequences (Switch's expert capacity counts per sequence)
+        return mlp.root(x if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])).reshape(x.shape)
     return _dense_forward(mlp, x)
 
 
@@ -345,7 +412,11 @@ def router_counts(model: nn.Module, layer: int, x: Tensor) -> Tensor:
     """How many of the tokens ``x`` [N, h] the block's router sends to each expert, [E] (each token
     counts once for each of its top-k experts)."""
     block = _block(model, layer)
-    _, _, chosen = block.root.get_submodule(block.family.router)(x)  # (logits, top-k weights, top-k ids [N, k])
+    router = block.root.get_submodule(block.family.router)
+    if block.family.expert_prefix:  # Switch: (capacity-masked one-hot, top-1 prob, logits [1, N, E]); top-1 before capacity
+        chosen = router(x[None])[2].argmax(-1)
+    else:
+        _, _, chosen = router(x)  # (logits, top-k weights, top-k ids [N, k])
     return torch.bincount(chosen.reshape(-1), minlength=block.num_experts)
 
 
@@ -422,6 +493,8 @@ def _read_expert(model: nn.Module, block: MoEBlock, part: str) -> MLPWeights:
     e = int(part)
     if not 0 <= e < block.num_experts:
         raise IndexError(f"expert {e} out of range: {block.path} has experts 0..{block.num_experts - 1}")
+    if block.family.expert_prefix:
+        return _read_dense(model, block.expert(e))
     ex, k = block.experts, block.width
     gate_up, down = ex.gate_up_proj[e], ex.down_proj[e]  # [2k, h] (gate rows, then up rows), [h, k]; parametrizations applied
     return MLPWeights(up=gate_up[k:].detach().clone(), down=down.detach().clone(), gate=gate_up[:k].detach().clone(),
@@ -541,9 +614,10 @@ def _stock_experts(block: MoEBlock, model: nn.Module, width: int) -> nn.Module:
 
 
 def _check_expert(model: nn.Module, block: MoEBlock, activation: str, gated: bool, hidden: int) -> None:
-    if activation != _activation(model, block.family) or not gated or hidden != block.experts.hidden_dim:
-        raise ValueError(f"an expert of {block.path} must be a gated {_activation(model, block.family)!r} MLP of hidden "
-                         f"size {block.experts.hidden_dim}, got {'gated' if gated else 'non-gated'} {activation!r} of {hidden}")
+    want_gated = bool(block.family.dense.gate) if block.family.expert_prefix else True
+    if activation != _activation(model, block.family) or gated != want_gated or hidden != block.hidden_size:
+        raise ValueError(f"an expert of {block.path} must be a {'gated' if want_gated else 'non-gated'} {_activation(model, block.family)!r} "
+                         f"MLP of hidden size {block.hidden_size}, got {'gated' if gated else 'non-gated'} {activation!r} of {hidden}")
 
 
 @torch.no_grad()
@@ -580,6 +654,9 @@ def write_parts(model: nn.Module, layer: int, results: dict[str, MLPWeights | Co
         _check_expert(model, block, w.activation, w.is_gated, w.hidden_size)
     k = max(w.width for w, _ in parts.values())
     scaled = any(s is not None or w.width < k for w, s in parts.values())
+    if block.family.expert_prefix:
+        _write_expert_modules(block, parts, k, scaled)
+        return
     module = _stock_experts(block, model, k)
     gate_up = torch.zeros_like(module.gate_up_proj)  # [E, 2k, h]
     down = torch.zeros_like(module.down_proj)  # [E, h, k]
@@ -595,12 +672,32 @@ def write_parts(model: nn.Module, layer: int, results: dict[str, MLPWeights | Co
     block.root.set_submodule(block.family.experts, module)
 
 
+def _write_expert_modules(block: MoEBlock, parts: dict[int, tuple[MLPWeights, Tensor | None]], k: int, scaled: bool) -> None:
+    """Every expert of a block that keeps one module per expert (Switch) at width ``k``: ``wi`` an
+    nn.Linear [k, h], ``wo`` an nn.Linear [h, k] or, when ``scaled``, a ScaledLinear whose scale [k] is
+    the expert's row of the block's [E, k] count scale (1 for unscaled neurons, 0 on the padding)."""
+    for e, (w, s) in parts.items():
+        d = w.width
+        up, down = w.up.new_zeros(k, w.hidden_size), w.down.new_zeros(w.hidden_size, k)  # zero-padded to k
+        up[:d], down[:, :d] = w.up, w.down
+        scale = down.new_zeros(k)
+        scale[:d] = 1 if s is None else s
+        mlp = block.expert(e)
+        _replace(mlp, "up", _linear(up, None))
+        _replace(mlp, "down", _linear(down, None, scale if scaled else None))
+
+
 def _write_lowrank_experts(model: nn.Module, block: MoEBlock, experts: dict[int, Compressed]) -> None:
     if sorted(experts) != list(range(block.num_experts)) or not all(isinstance(c, LowRankMLP) for c in experts.values()):
         raise ValueError(f"low-rank experts must cover every expert of {block.path} (0..{block.num_experts - 1}), all low rank")
     fs = [experts[e] for e in range(block.num_experts)]
-    if len({c.rank for c in fs}) != 1 or any(set(c.factors) != {"gate", "up", "down"} for c in fs):
-        raise ValueError(f"low-rank experts of {block.path} need gate, up and down factors of one common rank")
+    roles = set(block.family.dense.roles()) if block.family.expert_prefix else {"gate", "up", "down"}
+    if len({c.rank for c in fs}) != 1 or any(set(c.factors) != roles for c in fs):
+        raise ValueError(f"low-rank experts of {block.path} need {', '.join(sorted(roles))} factors of one common rank")
+    if block.family.expert_prefix:  # one LowRankLinear per projection of each expert
+        for e, c in enumerate(fs):
+            _write_dense(model, block.expert(e), c)
+        return
     for c in fs:
         _check_expert(model, block, c.activation, True, c.factors["down"][0].shape[0])
     module = _stock_experts(block, model, fs[0].factors["up"][0].shape[0])
@@ -624,8 +721,9 @@ def layer_spec(model: nn.Module, layer: int) -> dict:
     mlp, config = _layer(model, layer), _config(model)
     if isinstance(mlp, MoEBlock):
         return _block_spec(model, mlp)
-    # a dense block of a MoE model (Qwen2-MoE's mlp_only_layers) has config.intermediate_size
-    return _dense_spec(mlp, config.intermediate_size if moe_family(config) else config_width(config))
+    # a dense block of a MoE model (Qwen2-MoE's mlp_only_layers: config.intermediate_size; Switch: d_ff)
+    fam = moe_family(config)
+    return _dense_spec(mlp, getattr(config, fam.dense_width_attr) if fam else config_width(config))
 
 
 def _dense_spec(mlp: MLPLayer, pretrained_width: int) -> dict:
@@ -645,6 +743,9 @@ def _dense_spec(mlp: MLPLayer, pretrained_width: int) -> dict:
 
 def _block_spec(model: nn.Module, block: MoEBlock) -> dict:
     ex, config = block.experts, _config(model)
+    if block.family.expert_prefix:  # one module per expert, all of one structure (write_parts): expert 0's
+        spec = _dense_spec(block.expert(0), config_width(config))
+        return {"kind": "moe", "experts": {k: spec[k] for k in ("kind", "width", "scaled", "rank")}, "shared": None}
     lowrank = parametrize.is_parametrized(ex, "gate_up_proj")
     scaled = not lowrank and parametrize.is_parametrized(ex, "down_proj")
     kind = "lowrank" if lowrank else "dense" if not scaled and block.width == config_width(config) else "fused"
@@ -694,6 +795,10 @@ def _build_block(model: nn.Module, block: MoEBlock, spec: dict) -> None:
     ex = spec["experts"]
     if ex["kind"] not in ("dense", "fused", "lowrank"):
         raise ValueError(f"unknown experts kind {ex['kind']!r}")
+    if block.family.expert_prefix:  # Switch: each expert's wi / wo, no biases
+        for e in range(block.num_experts):
+            _build_dense(block.expert(e), {**ex, "up_bias": False, "down_bias": False})
+        return
     module = _stock_experts(block, model, ex["width"])
     module.gate_up_proj.zero_()
     module.down_proj.zero_()
@@ -745,8 +850,8 @@ def stock_widths(model: nn.Module) -> dict[str, int] | None:
         spec = layer_spec(model, i)
         if isinstance(mlp, MoEBlock):
             plain = add(fam.width_attr, spec["experts"]) and (spec["shared"] is None or add(fam.shared_width_attr, spec["shared"]))
-        elif isinstance(fam, MoEFamily):  # a dense block of a MoE model: its width is config.intermediate_size
-            plain = spec["kind"] == "dense"
+        elif isinstance(fam, MoEFamily):  # a dense block of a MoE model (Switch: its d_ff is the experts' too)
+            plain = add(fam.dense_width_attr, spec)
         else:
             plain = add(fam.width_attr, spec)
         if not plain:
