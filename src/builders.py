@@ -30,6 +30,11 @@ def task_classes(kind: str) -> tuple[Any, Any, Any]:
         from src.modules.causal_lm import CausalLMModule
 
         return load_generation_splits, GenerationDataModule, CausalLMModule
+    if kind == "seq2seq":  # an encoder-decoder model on any task, text-to-text (src.preflight.resolve sets it)
+        from src.data.seq2seq import Seq2SeqDataModule, load_seq2seq_splits
+        from src.modules.seq2seq import Seq2SeqModule
+
+        return load_seq2seq_splits, Seq2SeqDataModule, Seq2SeqModule
     raise ValueError(f"unknown task kind {kind!r}")
 
 

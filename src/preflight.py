@@ -8,6 +8,7 @@ are refused earlier by Hydra, which lists the valid ones.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from src.models import mlp_io
 from src.models.build import load_hf_config
 from src.models.fuse import needs_calibration
 from src.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
@@ -54,20 +57,24 @@ def check_run_settings(cfg: DictConfig) -> None:
 def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
     """Fill every value derived from the model's config, once, before anything reads it.
 
-    ``ffn_mode.layers`` (the top two thirds, as the paper's 4..11 of 12; in a Mixture-of-Experts
-    model those of them that hold experts), ``ffn_mode.mid_dim`` (a quarter of the MLP width, an
+    ``task.kind`` (``seq2seq`` for an encoder-decoder model, whatever the task), ``ffn_mode.layers``
+    (the top two thirds, as the paper's 4..11 of 12, of each stack of an encoder-decoder model; in a
+    Mixture-of-Experts model those of them that hold experts), ``ffn_mode.mid_dim`` (a quarter of the MLP width, an
     expert's in a Mixture-of-Experts model) and, where the task declares it, ``task.model_max_positions``
     (generation tasks cut their sequences to fit it).
     """
     with open_dict(cfg):
+        if getattr(hf, "is_encoder_decoder", False) and cfg.task.kind != "seq2seq":
+            log.info("model=%s is an encoder-decoder model: task=%s runs as the seq2seq kind (text-to-text)", cfg.model.name, cfg.task.name)
+            cfg.task.kind = "seq2seq"
         if "model_max_positions" in cfg.task:
             cfg.task.model_max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
         f = cfg.ffn_mode
         if f.name == "none":
             return
         n, d = mlp_io.mlp_shape(hf)
-        if f.get("layers") is None:
-            top = list(range(n - round(2 * n / 3), n))
+        if f.get("layers") is None:  # an encoder-decoder model: the top two thirds of each stack
+            top = [i for s in mlp_io.stacks(hf) for i in s[len(s) - round(2 * len(s) / 3):]]
             sparse = mlp_io.sparse_layers(hf)  # MoE: the blocks that hold experts, among the top two thirds
             f.layers = ([i for i in top if i in sparse] or sparse) if sparse else top
         if f.get("mid_dim") is None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from src.data.base import MODEL_INPUTS
 from src.models import mlp_io
+from src.models.outputs import stack_hidden_states
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,14 @@ class HiddenStateDistillation(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
         with torch.no_grad():
-            target = self.teacher(**inputs, output_hidden_states=True).hidden_states
-        hidden = self.student(**inputs, output_hidden_states=True).hidden_states
-        loss = hidden_mse(hidden[1:], target[1:], mask)  # [0] is the embedding output: not a layer
-        self.log("distill/loss", loss, prog_bar=True, batch_size=mask.shape[0])
+            target = stack_hidden_states(self.teacher(**inputs, output_hidden_states=True), inputs)
+        hidden = stack_hidden_states(self.student(**inputs, output_hidden_states=True), inputs)
+        # the mean over every block of every stack (an encoder-decoder model: encoder's and decoder's);
+        # [0] of each stack is the embedding output: not a layer
+        layers = [len(h) - 1 for h, _ in hidden]
+        loss = sum(hidden_mse(h[1:], t[1:], mask) * n for (h, mask), (t, _), n in zip(hidden, target, layers)) / sum(layers)
+        self.log("distill/loss", loss, prog_bar=True, batch_size=inputs["input_ids"].shape[0])
         self.losses.append(loss.detach())
         return loss
 

@@ -80,9 +80,10 @@ def to_pairs(df: pd.DataFrame, source_field: str, target_field: str, source_join
     return pd.DataFrame(rows, columns=["source", "target"]).drop_duplicates(ignore_index=True)
 
 
-def check_generation_settings(task: DictConfig) -> None:
-    """Lengths, beams and patience are positive integers; generation fits the model's context."""
-    for key in ("max_source_length", "max_target_length", "max_new_tokens", "num_beams", "patience"):
+def check_generation_settings(task: DictConfig, keys: Sequence[str] = ("max_source_length", "max_target_length", "max_new_tokens",
+                                                                      "num_beams", "patience")) -> None:
+    """Lengths, beams and patience (``keys``) are positive integers; generation fits the model's context."""
+    for key in keys:
         value = task.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"task.{key}={value!r} must be a positive integer.")

@@ -14,25 +14,27 @@ from torch import nn
 from src.data.base import MODEL_INPUTS
 from src.metrics import ntk
 from src.models import mlp_io
+from src.models.outputs import stack_hidden_states
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def _mlp_inputs(model: nn.Module, layers: list[int], batch: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Real hidden states entering each layer's MLP ([B, T, h]), the final hidden states [B, T, h] and
-    the logits, from one forward."""
+    """Real hidden states entering each layer's MLP ([B, T, h]), the final hidden states [B, T, h] (an
+    encoder-decoder model: the decoder's) and the logits, from one forward."""
     captured: dict[int, torch.Tensor] = {}
     hooks = [
         mlp_io.mlp_input_module(model, i).register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0].detach()))
         for i in layers
     ]
     try:
-        out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, output_hidden_states=True)
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        out = model(**inputs, output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
-    return captured, out.hidden_states[-1], out.logits
+    return captured, stack_hidden_states(out, inputs)[-1][0][-1], out.logits
 
 
 def approximation_metrics(
@@ -59,19 +61,22 @@ def approximation_metrics(
     original.eval(), compressed.eval()
     try:
         mask = batch["attention_mask"].bool()
+        # an encoder-decoder model's decoder blocks (and its final hidden states) see the decoder's tokens
+        decoder_mask = batch["decoder_attention_mask"].bool() if "decoder_attention_mask" in batch else mask
         inputs_o, hidden_o, logits_o = _mlp_inputs(original, layers, batch)
         _, hidden_c, logits_c = _mlp_inputs(compressed, layers, batch)
         # The headline output metric: the last layer's output at every non-padding token.
-        metrics["fusion/hidden_rel_err"] = ntk.output_rel_err(hidden_c, hidden_o, mask)
+        metrics["fusion/hidden_rel_err"] = ntk.output_rel_err(hidden_c, hidden_o, decoder_mask)
         if logits_o.ndim == 2:  # a classifier: its head is still untrained (random) at setup, a second metric
             metrics["fusion/logits_rel_err"] = ntk.output_rel_err(logits_c, logits_o)
         with torch.no_grad():
             for row, i in zip(rows, layers):
                 x = inputs_o[i]  # [B, T, h]: the original's hidden states, fed to both MLPs
-                err = ntk.output_rel_err(mlp_io.mlp_forward(compressed, i, x), mlp_io.mlp_forward(original, i, x), mask)
+                m = decoder_mask if mlp_io.in_decoder(original, i) else mask
+                err = ntk.output_rel_err(mlp_io.mlp_forward(compressed, i, x), mlp_io.mlp_forward(original, i, x), m)
                 row["output_rel_err"] = metrics[f"fusion/output_rel_err/layer_{i}"] = err
                 if mlp_io.is_sparse(original, i):  # where the original router sends the probe tokens: does a poor expert matter?
-                    for e, n in enumerate(mlp_io.router_counts(original, i, x[mask]).tolist()):
+                    for e, n in enumerate(mlp_io.router_counts(original, i, x[m]).tolist()):
                         metrics[f"fusion/router_tokens/layer_{i}/expert_{e}"] = float(n)
         metrics["fusion/output_rel_err"] = sum(r["output_rel_err"] for r in rows) / len(rows)
 
@@ -81,10 +86,13 @@ def approximation_metrics(
                 g["probe"] = mlp_io.mlp_param_names(model, probe_layer)
             return g
 
+        def kernels(model: nn.Module, fn: ntk.ProbeFn) -> dict[str, ntk.Kernels]:
+            if not mlp_io.vmappable(model):  # Switch Transformers: a loop over the probe samples
+                return ntk.per_sample_kernels_loop(model, groups(model), batch, fn)
+            return ntk.per_sample_kernels(model, groups(model), batch, fn, chunk_size, int(max_memory_gb * 2**30))
+
         for n, (probe_name, fn) in enumerate(probe_fns.items()):
-            budget = int(max_memory_gb * 2**30)
-            k_o = ntk.per_sample_kernels(original, groups(original), batch, fn, chunk_size, budget)
-            k_c = ntk.per_sample_kernels(compressed, groups(compressed), batch, fn, chunk_size, budget)
+            k_o, k_c = kernels(original, fn), kernels(compressed, fn)
             prefix = "fusion" if n == 0 else f"fusion/{probe_name}"
             layer_keys = [f"layer_{i}" for i in layers]
             for kind, j in (("std", 0), ("sign", 1)):

@@ -83,6 +83,19 @@ def target_loglik(logits: Tensor, sample: dict[str, Tensor]) -> Tensor:
     return (tok * valid).sum() / valid.sum()
 
 
+def seq2seq_target_loglik(logits: Tensor, sample: dict[str, Tensor]) -> Tensor:
+    """Mean log-likelihood of the target tokens of an encoder-decoder model; logits [1, T, V].
+
+    The decoder's inputs are the labels shifted right, so position t predicts ``labels[t]`` (no shift
+    here); only targets with ``labels != -100`` count.
+    """
+    logp = logits[0].float().log_softmax(-1)  # [T, V]
+    target = sample["labels"]  # [T]
+    valid = target != -100
+    tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [T]
+    return (tok * valid).sum() / valid.sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +148,8 @@ def per_sample_kernels_loop(
 ) -> dict[str, Kernels]:
     """Reference for :func:`per_sample_kernels`: a Python loop of ``torch.autograd.grad`` per sample.
 
-    Runs the model with its own attention implementation, so it also checks the vmap path's.
+    Runs the model with its own attention implementation, so it also checks the vmap path's; and
+    it is the path for models whose forward does not batch under vmap (``mlp_io.vmappable``).
     """
     tensors = _tensors(batch)
     n_samples = _n_samples(tensors)
@@ -148,7 +162,8 @@ def per_sample_kernels_loop(
             sample = {k: v[i] for k, v in tensors.items()}
             inputs = {k: sample[k].unsqueeze(0) for k in MODEL_INPUTS if k in sample}
             out = probe_fn(functional_call(model, theta, args=(), kwargs=inputs).logits, sample)
-            for n, g in zip(names, torch.autograd.grad(out, list(theta.values()))):
+            # an expert the sample's tokens never reach has a zero gradient, not none
+            for n, g in zip(names, torch.autograd.grad(out, list(theta.values()), allow_unused=True, materialize_grads=True)):
                 grads[n].append(g.reshape(1, -1))
     return {g: _kernels([grads[n] for n in group]) for g, group in param_groups.items()}
 
@@ -240,6 +255,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def _attn_implementation(model: nn.Module, name: str) -> Iterator[None]:
     original = model.config._attn_implementation
+    if not getattr(model, "_supports_sdpa", False):  # eager only (Switch Transformers): plain matmul/softmax, batches under vmap
+        yield
+        return
     model.set_attn_implementation(name)
     try:
         yield

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
@@ -29,7 +30,7 @@ from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-HEADS = {"classification": AutoModelForSequenceClassification, "generation": AutoModelForCausalLM}
+HEADS = {"classification": AutoModelForSequenceClassification, "generation": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 
 
 def check_model_folder(folder: str, cfg: dict[str, Any]) -> None:
@@ -76,7 +77,7 @@ def load_tokenizer(cfg: DictConfig | dict) -> PreTrainedTokenizerBase:
 
 
 def build_model(cfg: DictConfig | dict, head: str, **config_overrides: Any) -> PreTrainedModel:
-    """Instantiate the model with a task head (``classification`` or ``generation``)."""
+    """Instantiate the model with a task head (``classification``, ``generation`` or ``seq2seq``)."""
     cfg = as_dict(cfg)
     auto = HEADS[head]
     if cfg.get("config") is not None:

@@ -239,6 +239,14 @@ def in_decoder(model: nn.Module, layer: int) -> bool:
     return getattr(config, "is_encoder_decoder", False) and layer >= config.num_layers
 
 
+def vmappable(model: nn.Module) -> bool:
+    """Whether per-sample gradients of the model batch under ``torch.func.vmap``: not Switch
+    Transformers', whose experts dispatch tokens by data-dependent indexing (``nonzero``) and whose
+    router reassigns its classifier module in every forward (``self.classifier.to(dtype)``)."""
+    fam = moe_family(_config(model))
+    return fam is None or fam.expert_prefix is None
+
+
 def mlp_shape(config: PretrainedConfig) -> tuple[int, int]:
     """(number of transformer blocks, MLP intermediate size) from a config alone, before weights load."""
     return num_blocks(config), config_width(config)

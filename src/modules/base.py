@@ -24,7 +24,7 @@ def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
 class FineTuneModule(L.LightningModule):
     """Base class: builds ``self.model`` and the optimizer; subclasses add steps and metrics."""
 
-    head: str  # "classification" | "generation"
+    head: str  # "classification" | "generation" | "seq2seq" (a key of src.models.build.HEADS)
 
     def __init__(self, model: DictConfig | dict, task: DictConfig | dict, optim: DictConfig | dict, **config_overrides: Any) -> None:
         super().__init__()

@@ -41,14 +41,17 @@ def corpus_metrics(predictions: list[str], references: list[list[str]]) -> dict[
 @torch.no_grad()
 def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    eos_token_id: int, pad_token_id: int, max_new_tokens: int, num_beams: int = 1) -> list[str]:
-    """Decode continuations of left-padded prompts [B, S]: greedy for ``num_beams`` 1, else beam search.
+    """Decode continuations of left-padded prompts [B, S] (an encoder-decoder model: its outputs for the
+    encoder inputs [B, S]): greedy for ``num_beams`` 1, else beam search.
 
     A fresh GenerationConfig, so that no sampling default of the model's own generation config applies.
     """
+    encoder_decoder = model.config.is_encoder_decoder  # prompts are the encoder's input, not the start of the output
+    start = {"decoder_start_token_id": model.config.decoder_start_token_id} if encoder_decoder else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)  # [B, S + new]
-    texts = tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, **start)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)  # [B, S + new]; enc-dec [B, 1 + new]
+    texts = tokenizer.batch_decode(out if encoder_decoder else out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
     return [" ".join(text.split()) for text in texts]
 
 
@@ -123,6 +126,10 @@ class CausalLMModule(FineTuneModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         prefix = self.trainer.datamodule.test_prefixes[dataloader_idx]
         self._eval_step(batch, prefix)
+        self._collect_generations(batch, prefix)
+
+    def _collect_generations(self, batch: dict[str, Any], prefix: str) -> None:
+        """Generate from the batch's prompts and keep (source, prediction, references) rows for the epoch's end."""
         predictions = self.generate(batch["prompt_ids"], batch["prompt_mask"])
         self._generations.setdefault(prefix, []).extend(
             {"idx": int(i), "source": s, "prediction": p, "references": r}
@@ -149,15 +156,23 @@ class CausalLMModule(FineTuneModule):
     def on_test_epoch_end(self) -> None:
         prefixes = self.trainer.datamodule.test_prefixes
         self._log_perplexity(prefixes)
+        self._log_generations(prefixes, write=True)
+
+    def score(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """The task's metrics of a split's generations (every rank's rows): the corpus metrics."""
+        return corpus_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
+
+    def _log_generations(self, prefixes: list[str], write: bool) -> None:
+        """Score each split's collected generations and, with ``write``, save them as ``generations/<prefix>.jsonl``."""
         for prefix in prefixes:  # every rank in the same order, also one that saw no batch (the gather is collective)
             rows = gather_rows(self._generations.get(prefix, []))
             if not rows:
                 continue
-            scores = corpus_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
-            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, add_dataloader_idx=False)
-            if self.trainer.is_global_zero and self.output_dir:
+            self.log_dict({f"{prefix}/{k}": v for k, v in self.score(rows).items()}, add_dataloader_idx=False)
+            if write and self.trainer.is_global_zero and self.output_dir:
                 path = Path(self.output_dir) / "generations" / f"{prefix}.jsonl"
                 fields = ("source", "prediction", "references")
                 write_text(path, "".join(json.dumps({k: r[k] for k in fields}, ensure_ascii=False) + "\n" for r in rows))
                 log.info("%s: wrote %d generations to %s; e.g. %r -> %r", prefix, len(rows), path, rows[0]["source"], rows[0]["prediction"])
-        self._generations.clear()
+        for prefix in prefixes:
+            self._generations.pop(prefix, None)
