@@ -49,7 +49,10 @@ def load_exported(folder: str | Path, auto_cls: type) -> PreTrainedModel:
     for f in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "lm_head" not in k]  # tied output embeddings are stored once
+    # tied weights (output embeddings; T5's encoder and decoder embed_tokens = shared) are stored once
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stored = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if k not in params or id(params[k]) not in stored]
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the recorded structure (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
