@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 from hydra.utils import instantiate
 
 from src.utils.config import ffn_modes
+from src.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -71,3 +72,14 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: int = 300
     """Run ``python -m <module> args`` as a user would; returns the completed process (text output)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def assert_refused_before_loading(compose_cfg, monkeypatch: pytest.MonkeyPatch, overrides: list[str], message: str) -> None:
+    """A run with ``overrides`` ends in the preflight's ConfigError naming ``message``, before any model loads."""
+    import re
+
+    import src.train
+
+    monkeypatch.setattr(src.train, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        src.train.train(compose_cfg(overrides))

@@ -89,7 +89,7 @@ def test_model_folder_with_missing_files(compose_cfg, tmp_path: Path) -> None:
 
 
 def test_unknown_architecture_for_compression(compose_cfg) -> None:
-    cfg = compose_cfg(["model=tiny_bert", "+model.config.d_model=32", "model.config.model_type=t5"])
+    cfg = compose_cfg(["model=tiny_bert", "+model.config.d_model=32", "model.config.model_type=bart"])
     with pytest.raises(ConfigError, match="model=tiny_bert: .*supported"):
         train(cfg)
 

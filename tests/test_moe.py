@@ -15,7 +15,7 @@ from src.models.build import build_model
 from src.models.fuse import apply_spec, compress_model, count_params, needs_calibration
 from src.train import train
 from src.utils.errors import ConfigError
-from tests.conftest import METHODS
+from tests.conftest import METHODS, assert_refused_before_loading
 
 FAMILIES = ["tiny_mixtral", "tiny_qwen2_moe", "tiny_olmoe"]
 IDS = torch.randint(1, 30000, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -189,14 +189,8 @@ MOE_CASES = {  # name: (overrides, part of the message)
 
 @pytest.mark.parametrize("name", list(MOE_CASES))
 def test_moe_settings_are_refused_before_loading(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    import re
-
-    import src.train
-
-    monkeypatch.setattr(src.train, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     overrides, message = MOE_CASES[name]
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        train(compose_cfg(["task=rt_review", *overrides]))
+    assert_refused_before_loading(compose_cfg, monkeypatch, ["task=rt_review", *overrides], message)
 
 
 @pytest.mark.parametrize("name", ["mixtral_8x7b", "qwen2_moe_a2_7b", "olmoe_1b_7b"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from src.models.fuse import apply_spec, compress_model
 from src.modules.seq2seq import classification_scores
 from src.train import train
 from src.utils.errors import ConfigError
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, assert_refused_before_loading, run_cli
 
 IDS = torch.randint(1, 30000, (2, 9), generator=torch.Generator().manual_seed(1))
 DEC = torch.randint(1, 30000, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -174,12 +173,8 @@ CASES = {  # overrides: part of the message
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_settings_are_refused_before_loading(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    import src.train
-
-    monkeypatch.setattr(src.train, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     overrides, message = CASES[name]
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        train(compose_cfg(["task=rt_polarity", *overrides]))
+    assert_refused_before_loading(compose_cfg, monkeypatch, ["task=rt_polarity", *overrides], message)
 
 
 @pytest.mark.parametrize("name", ["switch_base_16", "t5_base"])
