@@ -58,9 +58,10 @@ def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
     """Fill every value derived from the model's config, once, before anything reads it.
 
     ``task.kind`` (``seq2seq`` for an encoder-decoder model, whatever the task), ``ffn_mode.layers``
-    (the top two thirds, as the paper's 4..11 of 12, of each stack of an encoder-decoder model; in a
-    Mixture-of-Experts model those of them that hold experts), ``ffn_mode.mid_dim`` (a quarter of the MLP width, an
-    expert's in a Mixture-of-Experts model) and, where the task declares it, ``task.model_max_positions``
+    (the top ``model.fusion_defaults.top_layers`` fraction of the layers, as the paper's 4..11 of 12,
+    of each stack of an encoder-decoder model; in a Mixture-of-Experts model those of them that hold
+    experts), ``ffn_mode.mid_dim`` (``model.fusion_defaults.width`` of the MLP width, an expert's in
+    a Mixture-of-Experts model) and, where the task declares it, ``task.model_max_positions``
     (generation tasks cut their sequences to fit it).
     """
     with open_dict(cfg):
@@ -69,16 +70,16 @@ def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
             cfg.task.kind = "seq2seq"
         if "model_max_positions" in cfg.task:
             cfg.task.model_max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
-        f = cfg.ffn_mode
+        f, defaults = cfg.ffn_mode, cfg.model.fusion_defaults
         if f.name == "none":
             return
-        n, d = mlp_io.mlp_shape(hf)
-        if f.get("layers") is None:  # an encoder-decoder model: the top two thirds of each stack
-            top = [i for s in mlp_io.stacks(hf) for i in s[len(s) - round(2 * len(s) / 3):]]
-            sparse = mlp_io.sparse_layers(hf)  # MoE: the blocks that hold experts, among the top two thirds
+        d = mlp_io.mlp_shape(hf)[1]
+        if f.get("layers") is None:  # an encoder-decoder model: the top ones of each stack
+            top = [i for s in mlp_io.stacks(hf) for i in s[len(s) - max(1, round(defaults.top_layers * len(s))):]]
+            sparse = mlp_io.sparse_layers(hf)  # MoE: the blocks that hold experts, among the top ones
             f.layers = ([i for i in top if i in sparse] or sparse) if sparse else top
         if f.get("mid_dim") is None:
-            f.mid_dim = d // 4
+            f.mid_dim = max(1, round(defaults.width * d))
 
 
 def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
