@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from src.compress import budget, kmeans, refit, wanda_sp
+from src.compress import budget, kmeans, ntk_keep, refit, wanda_sp
 from src.compress.common import activations
 from src.compress.types import MLPCalibration
 from src.models import mlp_io
 from src.models.calibration import Calibrator
 from src.models.exported import load_exported
-from src.models.fuse import compress_model
+from src.models.fuse import compress_model, needs_calibration
 from src.preflight import preflight
 from src.train import train
 from src.utils.errors import ConfigError
@@ -38,12 +38,12 @@ def test_refit_never_raises_the_calibration_error(method: str, gated: bool) -> N
     w = make_mlp(gated=gated, act="silu", std=0.3)
     calib = _calib(w)
     fn = compress_fn(method)
-    c = fn(w, 12, seed=0, **({"calib": calib} if method == "wanda_sp" else {}), **({"mmd_steps": 3} if method == "mmd" else {}))
+    c = fn(w, 12, seed=0, **({"calib": calib} if needs_calibration(fn) else {}), **({"mmd_steps": 3} if method == "mmd" else {}))
     before, fitted = refit.rel_error(c, calib), refit.refit(c, calib)
     after = refit.rel_error(fitted, calib)
     assert after <= before + 1e-9 and fitted.stats["calib_err"] == pytest.approx(after)
     assert after < 0.999 * before, (method, before, after)  # on random weights least squares always finds better
-    if method == "ntk_cluster":  # the frozen counts stay as they are, part of the design matrix
+    if method in ("ntk_cluster", "ntk_keep"):  # the frozen counts stay as they are, part of the design matrix
         assert torch.equal(fitted.scale, c.scale)
 
 
@@ -63,6 +63,18 @@ def test_wanda_sp_keeps_the_largest_activation_weighted_norms() -> None:
     c = wanda_sp.compress(w, 10, seed=0, calib=calib)
     torch.testing.assert_close(c.weights.up, w.up[expected])
     torch.testing.assert_close(c.weights.down, w.down[:, expected])
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_ntk_keep_keeps_the_top_wanda_neurons_and_fuses_the_rest(gated: bool) -> None:
+    w = make_mlp(gated=gated, act="silu", std=0.3)
+    calib = _calib(w)
+    c = ntk_keep.compress(w, 12, seed=0, calib=calib, keep=0.5)  # 6 kept exactly, 58 fused into 6
+    kept = wanda_sp.scores(w, calib).argsort(descending=True)[:6].sort().values
+    torch.testing.assert_close(c.weights.up[:6], w.up[kept])
+    torch.testing.assert_close(c.weights.down[:, :6], w.down[:, kept])
+    assert torch.equal(c.scale[:6], torch.ones(6)) and c.scale.sum() == D  # counts: 1 each kept, cluster sizes after
+    assert not c.scale.requires_grad and c.stats["kept"] == 6
 
 
 def test_weighted_kmeans_centroids_are_weighted_means() -> None:
@@ -132,6 +144,8 @@ def test_budget_widths_sum_to_the_budget_in_a_model() -> None:
     (["ffn_mode.budget=1.5"], "ffn_mode.budget=1.5 must be a fraction"),
     (["ffn_mode.weighting=energy"], "ffn_mode.weighting='energy' must be one of ['none', 'activation']"),
     (["ffn_mode.calib.size=-1"], "ffn_mode.calib.size=-1 must be a non-negative integer"),
+    (["ffn_mode=ntk_keep", "ffn_mode.keep=1.5"], "ffn_mode.keep=1.5 must be a fraction in .0, 1.: the share"),
+    (["ffn_mode=ntk_keep", "ffn_mode.calib.size=0"], "ffn_mode.calib.size=0 is data-free, but ffn_mode=ntk_keep"),
 ])
 def test_refusals(compose_cfg, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
