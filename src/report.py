@@ -64,6 +64,10 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
     ffn_mode = res.get("ffn_mode") or ffn.get("name", "?")
     distill = res.get("distill") or cfg.get("distill", {}).get("name", "none")
     mid_dim = res.get("mid_dim", ffn.get("mid_dim"))
+    # a variant of a method is its own row: wanda_sp+refit, ntk_cluster+act, ntk_cluster+budget=0.25 (results.json
+    # records the options; runs written before it did are the method's defaults)
+    variant = "".join(f"+{label}" for label, on in (("refit", res.get("refit") == "lstsq"), ("act", res.get("weighting") == "activation"),
+                                                    (f"budget={res.get('budget')}", res.get("budget") is not None)) if on)
     return {
         "run": str(folder.relative_to(root)),
         "status": res.get("status", "unknown"),
@@ -71,7 +75,7 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
         "task": res.get("task") or cfg.get("task", {}).get("name"),
         "model": res.get("model") or cfg.get("model", {}).get("name"),
         "ffn_mode": ffn_mode,
-        "method": ffn_mode if distill in (None, "none") else f"{ffn_mode}+{distill}",
+        "method": ffn_mode + variant + ("" if distill in (None, "none") else f"+{distill}"),
         # ffn_mode=none compresses nothing: a width set for it (by an experiment) means nothing
         "mid_dim": None if ffn_mode == "none" or mid_dim is None else int(mid_dim),
         "seed": res.get("seed", cfg.get("seed")),

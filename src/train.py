@@ -30,7 +30,9 @@ def write_results(cfg: DictConfig, status: str, **fields: object) -> None:
     """``results.json`` in the run folder: the status (running, completed, interrupted, failed) and final metrics."""
     summary = {"task": cfg.task.name, "model": cfg.model.name, "ffn_mode": cfg.ffn_mode.name,
                "mid_dim": cfg.ffn_mode.get("mid_dim"), "layers": OmegaConf.to_container(cfg.ffn_mode.get("layers")) if cfg.ffn_mode.get("layers") is not None else None,
-               "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor}
+               "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor,
+               # the options that make a variant of a method (the report tells them apart)
+               **{k: cfg.ffn_mode.get(k) for k in ("refit", "weighting", "budget", "keep") if cfg.ffn_mode.name != "none" and k in cfg.ffn_mode}}
     write_json(f"{cfg.paths.output_dir}/results.json", {"status": status, **summary, **fields})
 
 

@@ -15,13 +15,14 @@ METRICS = {"fusion/ntk_std_rel_err": 0.5, "fusion/output_rel_err": 0.2, "fusion/
            "fusion/params_before": 2.3e7, "perf/step_time_s": 0.25, "perf/peak_mem_mb": 900.0, "val/acc": 0.7}
 
 
-def _run(root: Path, name: str, status: str, mode: str, mid_dim: int | None, seed: int, metrics: dict, error: str | None = None) -> None:
+def _run(root: Path, name: str, status: str, mode: str, mid_dim: int | None, seed: int, metrics: dict, error: str | None = None,
+         **options: object) -> None:
     """A run folder as src.train leaves it: .hydra/config.yaml and results.json."""
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nffn_mode:\n  name: {mode}\ntask:\n  name: rt_polarity\n  monitor: val/acc\n")
     res = {"status": status, "task": "rt_polarity", "model": "minilm", "ffn_mode": mode, "mid_dim": mid_dim, "seed": seed,
-           "distill": "none", "monitor": "val/acc", "metrics": metrics}
+           "distill": "none", "monitor": "val/acc", "metrics": metrics, **options}
     (d / "results.json").write_text(json.dumps(res if error is None else {**res, "error": error}))
 
 
@@ -70,6 +71,16 @@ def test_report_table_csv_and_plots(sweep: Path) -> None:
     assert "## Runs not in the table" in md and "RuntimeError: out of memory" in md and "| running |" in md
     for png in ("task_metric_vs_mid_dim.png", "ntk_sign_err_vs_mid_dim.png", "task_metric_by_method.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_of_a_method_are_their_own_rows(sweep: Path) -> None:
+    for seed in (1, 2):
+        _run(sweep, f"v{seed}", "completed", "ntk_cluster", 16, seed, {**METRICS, "test/acc": 0.85}, refit="lstsq", weighting="activation")
+        _run(sweep, f"b{seed}", "completed", "wanda_sp", 16, seed, {**METRICS, "test/acc": 0.75}, refit="none", budget=0.25)
+    table, _, text = build_report(sweep)
+    assert {"ntk_cluster+refit+act", "wanda_sp+budget=0.25", "ntk_cluster"} <= set(table.method)
+    assert table[table.method == "ntk_cluster"].iloc[0]["seeds"] == 2  # the plain runs are not mixed with the variant's
+    assert "| ntk_cluster+refit+act | 16 | 2 | 0.85 | +0.035 [-0.0285, +0.0985] |" in text  # paired with plain ntk_cluster
 
 
 def test_report_falls_back_to_best_validation_when_test_labels_are_hidden(sweep: Path) -> None:
