@@ -29,8 +29,9 @@ from transformers import get_linear_schedule_with_warmup
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.data.classification import load_rt_polarity
 from src.models.build import load_hf_config, load_tokenizer
-from src.models.fuse import FusionReport
-from src.preflight import resolve
+from src.builders import build_datamodule
+from src.models.fuse import FusionReport, needs_calibration
+from src.preflight import preflight, resolve
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -78,18 +79,19 @@ QUICK = Sizes(
 # configs and data
 
 
-def compose_config(sizes: Sizes, ffn_mode: str = "ntk_cluster", device: torch.device | None = None,
+def compose_config(sizes: Sizes, ffn_mode: str | None = "ntk_cluster", device: torch.device | None = None,
                    output_dir: str = str(Path(tempfile.gettempdir()) / "mlp-fusion-bench"), model: str | None = None,
                    default_fusion: bool = False) -> DictConfig:
     """conf/train.yaml composed in-process as ``python -m src.train`` would, resolved.
 
     ``output_dir`` is the run folder the config's paths point to (nothing is written there unless a
     benchmark runs Lightning); on CUDA the trainer is ``trainer=gpu`` kept at fp32, as on CPU.
-    ``model`` replaces the sizes' model; ``default_fusion`` keeps the ffn_mode's own layers and
-    mid_dim instead of the sizes', filled from the model's config as ``python -m src.train`` fills them.
+    ``model`` replaces the sizes' model; ``ffn_mode=None`` keeps the model's default method (what
+    ``python -m src.train model=<model>`` compresses with); ``default_fusion`` keeps the ffn_mode's own
+    layers and mid_dim instead of the sizes', filled from the model's config as ``python -m src.train`` fills them.
     """
     overrides = [o for o in sizes.overrides if model is None or not o.startswith("model=")]
-    overrides += ([f"model={model}"] if model else []) + [f"ffn_mode={ffn_mode}"]
+    overrides += ([f"model={model}"] if model else []) + ([f"ffn_mode={ffn_mode}"] if ffn_mode else [])
     if ffn_mode != "none" and not default_fusion:
         overrides += [f"ffn_mode.layers=[{','.join(map(str, sizes.layers))}]", f"ffn_mode.mid_dim={sizes.mid_dim}"]
     if device is not None and device.type == "cuda":
@@ -129,9 +131,11 @@ def real_batches(cfg: DictConfig, n_batches: int, device: torch.device) -> list[
 def compress(model: nn.Module, cfg: DictConfig, device: torch.device) -> FusionReport:
     """Compress ``model`` in place as ``python -m src.train`` does at setup: the fusion callback built
     from ``cfg.ffn_mode`` (same cache, identity and options), with its approximation metrics off (they
-    measure quality, not cost). Methods that need calibration data are not supported (no datamodule)."""
-    callback = instantiate(cfg.ffn_mode.callback, metrics={"enabled": False})
-    return callback.compress_and_measure(model, device, datamodule=None, probe_fns={})
+    measure quality, not cost); a setting that reads calibration data gets the task's DataModule."""
+    f = cfg.ffn_mode
+    datamodule = build_datamodule(cfg, preflight(cfg)[1]) if needs_calibration(instantiate(f.compress), f.refit, f.budget) else None
+    callback = instantiate(f.callback, metrics={"enabled": False})
+    return callback.compress_and_measure(model, device, datamodule=datamodule, probe_fns={})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A sequence classifier (sentences per second) and a causal LM forward (tokens per second: the
 logits of every position, without a KV cache, as the ONNX export has them). The compressed model is
-what ``python -m src.train`` compresses by default (``ffn_mode=ntk_cluster`` on the model's default
+what ``python -m src.train`` compresses by default (the model's default method on its default
 layers and width, through the fusion callback), its count scales folded as ``src.export`` folds
 them; both models go to ONNX through ``src.models.exported.export_onnx``. The four sides of a case
 (PyTorch eager under ``torch.inference_mode`` and ONNX Runtime's CPUExecutionProvider, each with
@@ -53,7 +53,7 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
     """Every model of ``sizes.inference``: build, compress, export, then time each of its cases."""
     rows, compression, onnx_err = [], {}, {}
     for name, head, shapes in sizes.inference:
-        cfg = compose_config(sizes, model=name, default_fusion=True)
+        cfg = compose_config(sizes, None, model=name, default_fusion=True)  # the model's own default method
         with tempfile.TemporaryDirectory() as tmp:
             models, sessions, inputs, report, err = _prepare(cfg, head, shapes, device, Path(tmp))
             for batch_size, length in shapes:

@@ -38,11 +38,15 @@ def task_classes(kind: str) -> tuple[Any, Any, Any]:
     raise ValueError(f"unknown task kind {kind!r}")
 
 
+def build_datamodule(cfg: DictConfig, splits: dict[str, Any]) -> L.LightningDataModule:
+    """The task's DataModule over ``splits`` (the preflight's), with the model's tokenizer."""
+    _, datamodule_cls, _ = task_classes(cfg.task.kind)
+    return datamodule_cls(cfg.task, load_tokenizer(cfg.model), splits, seed=cfg.seed)
+
+
 def build_data_and_module(cfg: DictConfig, splits: dict[str, Any]) -> tuple[L.LightningDataModule, L.LightningModule]:
     """The DataModule (tokenized splits) and the LightningModule (loads the model weights)."""
-    _, datamodule_cls, _ = task_classes(cfg.task.kind)
-    datamodule = datamodule_cls(cfg.task, load_tokenizer(cfg.model), splits, seed=cfg.seed)
-    return datamodule, build_module(cfg)
+    return build_datamodule(cfg, splits), build_module(cfg)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

@@ -169,3 +169,25 @@ def test_budget_run_resumes_and_exports(compose_cfg, tmp_path: Path) -> None:
     model = load_exported(out, AutoModelForSequenceClassification)
     assert mlp_io.intermediate_sizes(model)[1:] == [widths[str(i)] for i in (1, 2, 3)]
     assert "mlp_fusion" in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize(("model", "hf", "method", "layers", "width", "refit"), [
+    ("minilm", {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "intermediate_size": 1536}, "ntk_cluster", [2, 3, 4, 5], 384, "none"),
+    ("smollm2", {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536}, "wanda_sp",
+     list(range(10, 30)), 1152, "lstsq"),
+])
+def test_each_models_compression_defaults(compose_cfg, model: str, hf: dict, method: str, layers: list[int], width: int, refit: str) -> None:
+    """The main job's paper defaults; SmolLM2's chosen from docs/study/smollm2 (a sixth of its MLP parameters removed)."""
+    from transformers import AutoConfig
+
+    from src.preflight import resolve
+
+    cfg = compose_cfg([f"model={model}"])
+    config = AutoConfig.for_model(**hf)
+    resolve(cfg, config)
+    f = cfg.ffn_mode
+    assert (f.name, list(f.layers), f.mid_dim, f.refit) == (method, layers, width, refit)
+    per_layer = mlp_io.mlp_param_count(config)  # one MLP's parameters
+    removed = len(layers) * per_layer * (1 - width / hf["intermediate_size"])
+    assert removed >= per_layer * hf["num_hidden_layers"] / 6 or model == "minilm"  # SmolLM2: 13.3 M of 79.6 M
+    assert compose_cfg([f"model={model}", "ffn_mode=ntk_cluster"]).ffn_mode.name == "ntk_cluster"  # the command line still chooses
