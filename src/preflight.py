@@ -116,9 +116,9 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
     if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):
         raise ConfigError(f"ffn_mode.budget={f.budget!r} must be a fraction of the chosen layers' MLP parameters in (0, 1), e.g. 0.25.")
     fn = instantiate(f.compress)
-    if mlp_io.num_experts(hf) and (needs_calibration(fn, f.refit, f.budget) or f.budget is not None):
-        raise ConfigError(f"ffn_mode={f.name} with refit={f.refit} budget={f.budget} reads calibration data, which the experts of "
-                          f"model={cfg.model.name} (a Mixture-of-Experts model) do not support yet: use a data-free setting.")
+    if mlp_io.num_experts(hf) and f.budget is not None:
+        raise ConfigError(f"ffn_mode.budget={f.budget} allocates per-layer widths, but model={cfg.model.name} is a Mixture-of-Experts "
+                          "model, whose compressed experts keep one per-expert width (ffn_mode.mid_dim): leave the budget at null.")
     if c.size == 0 and needs_calibration(fn, f.refit, f.budget):
         what = "refit=lstsq" if f.refit != "none" else "a budget" if f.budget is not None else f"ffn_mode={f.name} with these options"
         raise ConfigError(f"ffn_mode.calib.size=0 is data-free, but {what} needs calibration data: set ffn_mode.calib.size > 0.")

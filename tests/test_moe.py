@@ -175,6 +175,26 @@ def test_every_method_on_one_moe_layer(compose_cfg, method: str) -> None:
     assert torch.equal(_logits(fresh), _logits(model))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_routed_tokens_are_the_routers_choice(compose_cfg, name: str) -> None:
+    model = _model(compose_cfg, name)
+    x = torch.randn(50, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    masks = mlp_io.routed_tokens(model, 1, x)
+    routed = torch.stack([masks[str(e)] for e in range(mlp_io.num_experts(model.config))], 1)  # [T, E]
+    assert (routed.sum(1) == model.config.num_experts_per_tok).all()  # every token reaches its top-k experts, no more
+    assert masks.get(mlp_io.SHARED, torch.ones(50, dtype=torch.bool)).all()
+
+
+@pytest.mark.parametrize(("name", "method"), [("tiny_mixtral", "wanda_sp"), ("tiny_qwen2_moe", "ntk_cluster"), ("tiny_olmoe", "ntk_keep")])
+def test_calibrated_compression_of_experts(compose_cfg, name: str, method: str) -> None:
+    """Each expert calibrated on the tokens its router sends it; the refit never raises its error."""
+    cfg = compose_cfg([f"model={name}", "task=rt_review", f"ffn_mode={method}", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=16"])
+    metrics = train(cfg)
+    assert metrics["fusion/params_after"] < metrics["fusion/params_before"] and "test/ppl" in metrics
+    errs = {k: v for k, v in metrics.items() if k.startswith("fusion/calib_err/layer_")}
+    assert errs and all(0 <= v < 1 for v in errs.values()), errs
+
+
 MOE_CASES = {  # name: (overrides, part of the message)
     "expert_out_of_range": (["model=tiny_mixtral", "ffn_mode.experts=[1,4]"], "ffn_mode.experts has [4] out of range: model=tiny_mixtral has experts 0..3"),
     "experts_repeated": (["model=tiny_mixtral", "ffn_mode.experts=[1,1]"], "ffn_mode.experts=[1, 1] repeats an expert"),
@@ -182,7 +202,7 @@ MOE_CASES = {  # name: (overrides, part of the message)
     "block_without_experts": (["model=tiny_qwen2_moe", "ffn_mode.layers=[0,2]"], "ffn_mode.layers has [0], blocks without experts: model=tiny_qwen2_moe holds experts in blocks [1, 2]"),
     "experts_on_a_dense_model": (["model=tiny_llama", "ffn_mode.experts=[0]"], "ffn_mode.experts=[0] applies to Mixture-of-Experts models, but model=tiny_llama is dense"),
     "shared_expert_not_bool": (["model=tiny_qwen2_moe", "ffn_mode.shared_expert=2"], "ffn_mode.shared_expert=2 must be true or false"),
-    "calibration_on_experts": (["model=tiny_mixtral", "ffn_mode=wanda_sp"], "ffn_mode=wanda_sp with refit=none budget=None reads calibration data"),
+    "budget_on_experts": (["model=tiny_mixtral", "ffn_mode.budget=0.5"], "ffn_mode.budget=0.5 allocates per-layer widths, but model=tiny_mixtral is a Mixture-of-Experts"),
     "expert_width": (["model=tiny_olmoe", "ffn_mode.mid_dim=64"], "ffn_mode.mid_dim=64 is out of range: the model's MLPs have width 64"),
 }
 

@@ -24,8 +24,9 @@ from torch import nn
 from src.compress.budget import allocate, candidate_widths
 from src.compress.cache import FusionCache, cache_key
 from src.compress.refit import refit as refit_down
+from src.compress.refit import output as refit_output
 from src.compress.refit import rel_error as calib_rel_error
-from src.compress.types import Compressed, MLPCalibration, MLPWeights
+from src.compress.types import Compressed, FusedMLP, MLPCalibration, MLPWeights
 from src.models import mlp_io
 from src.models.calibration import Calibrator
 
@@ -111,8 +112,9 @@ def compress_model(
 
     In a Mixture-of-Experts block every chosen part is compressed on its own (``experts``: "all" or
     expert ids; ``shared_expert``): routed experts to ``mid_dim`` (the per-expert width), the shared
-    expert to the same fraction of its width; each part has its own seed and cache key. Calibration
-    is not available for experts (their tokens depend on the router).
+    expert to the same fraction of its width; each part has its own seed and cache key. With
+    calibration each part gets the block-input tokens its router sends it (``mlp_io.routed_tokens``;
+    the shared expert all) and its own outputs on them; a budget is not available for experts.
     """
     layers = list(layers)
     before, start, stats = count_params(model), time.perf_counter(), {}
@@ -122,8 +124,8 @@ def compress_model(
     if uses_calib and calibrator is None:
         raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data (a Calibrator)")
     sparse = [layer for layer in layers if mlp_io.is_sparse(model, layer)]
-    if sparse and (uses_calib or budget is not None):
-        raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data, which Mixture-of-Experts layers {sparse} do not support")
+    if sparse and budget is not None:
+        raise ValueError(f"a budget ({budget}) allocates dense layers' widths; Mixture-of-Experts layers {sparse} keep one per-expert width")
     original = calibrator.collect(model, layers) if uses_calib and (not calibrator.sequential or budget is not None) else {}
 
     def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None, part: str | None = None) -> tuple[Compressed, bool]:
@@ -160,12 +162,21 @@ def compress_model(
     for layer in sparse:
         t0, results = time.perf_counter(), {}
         expert_width = mlp_io.intermediate_sizes(model)[layer]
+        if uses_calib:  # the block's input tokens, then each part's share of them
+            x = (calibrator.collect(model, [layer]) if calibrator.sequential else original)[layer].x  # [T, h]
+            routed = mlp_io.routed_tokens(model, layer, x)
         for part in mlp_io.mlp_parts(model, layer, experts, shared_expert):
             w = mlp_io.read_mlp(model, layer, part)
             # the shared expert keeps the routed experts' fraction: mid_dim / expert width
             width = widths[layer] if part != mlp_io.SHARED else max(1, round(widths[layer] * w.width / expert_width))
+            calib = None
+            if uses_calib:
+                x_part = x[routed[part]] if routed[part].any() else x  # an expert the sample never reaches: all tokens
+                if not routed[part].any():
+                    log.warning("layer %d expert %s receives none of the %d calibration tokens: calibrated on all of them", layer, part, len(x))
+                calib = MLPCalibration(x=x_part, y=refit_output(FusedMLP(w), x_part).to(x_part.dtype))
             t1 = time.perf_counter()
-            results[part], hit = compress_layer(w, width, layer, None, part)
+            results[part], hit = compress_layer(w, width, layer, calib, part)
             part_stats[(layer, part)] = {**{k: float(v) for k, v in results[part].stats.items()}, "width": float(width),
                                          "seconds": time.perf_counter() - t1, "cache_hit": float(hit)}
         mlp_io.write_parts(model, layer, results)

@@ -367,6 +367,23 @@ def mlp_parts(model: nn.Module, layer: int, experts: Sequence[int] | str = "all"
     return [str(e) for e in ids] + ([SHARED] if shared_expert and mlp.shared is not None else [])
 
 
+@torch.no_grad()
+def routed_tokens(model: nn.Module, layer: int, x: Tensor) -> dict[str, Tensor]:
+    """Which of a sparse block's input tokens x [T, h] each part sees, as masks [T] bool: a routed
+    expert its tokens under the block's own router (its top-k; Switch: the top-1, the per-batch
+    expert capacity left out), the shared expert every token."""
+    block = _block(model, layer)
+    router = block.root.get_submodule(block.family.router)
+    if block.family.expert_prefix:  # Switch: the classifier's top-1 (its forward also applies the capacity)
+        chosen = router.classifier(x.to(router.classifier.weight.dtype)).argmax(-1, keepdim=True)  # [T, 1]
+    else:  # the TopK routers return (logits, scores, indices [T, k])
+        chosen = router(x.to(router.weight.dtype))[2]
+    masks = {str(e): (chosen == e).any(-1) for e in range(block.num_experts)}
+    if block.shared is not None:
+        masks[SHARED] = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    return masks
+
+
 def mlp_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
     """The layer's projection modules by role ("gate" when gated, "up", "down"), whatever their kind;
     a sparse block: its experts module ("experts") and the shared expert's ("shared_gate", ...)."""
