@@ -55,6 +55,6 @@ def compress(
     points = sub_mlp_points(w)  # [d, P]
     # at k = d every remaining point is its own cluster (kmeans keeps them in order): the original MLP, permuted
     km = kmeans(points[rest], mid_dim - t, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, weights=a[:, rest].pow(2).sum(0))
-    scale = torch.cat([torch.ones(t, dtype=points.dtype), km.counts.to(points.dtype)])  # [k]
+    scale = torch.cat([points.new_ones(t), km.counts.to(points)])  # [k], on the weights' device
     stats = {"kept": float(t), "kept_score_frac": (score[kept].sum() / score.sum()).item(), "inertia": km.inertia}
     return FusedMLP(mlp_from_points(torch.cat([points[kept], km.centroids]), w), scale=scale.to(w.up.dtype), stats=stats)
