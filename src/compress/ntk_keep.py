@@ -49,7 +49,7 @@ def compress(
     check_mid_dim(w, mid_dim)
     check(w.width, mid_dim, keep=keep)
     a = activations(w, calib.x)  # [T, d]
-    score = scores(w, calib)  # [d]
+    score = scores(w, calib, a)  # [d]
     t = split(mid_dim, keep)
     kept, rest = top_sub_mlps(w, t, score)
     points = sub_mlp_points(w)  # [d, P]

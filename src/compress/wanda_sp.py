@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import activations, check_mid_dim, compute_dtype, mlp_from_points, sub_mlp_points, top_sub_mlps
+from .common import activations, check_mid_dim, mlp_from_points, sub_mlp_points, top_sub_mlps
 from .types import FusedMLP, MLPCalibration, MLPWeights
 
 # Bumped whenever this method's output changes: part of the compression cache key.
@@ -21,9 +21,10 @@ def needs_calibration(**_: object) -> bool:
     return True
 
 
-def scores(w: MLPWeights, calib: MLPCalibration) -> torch.Tensor:
-    """‖down[:, i]‖₂ · ‖a_i‖₂ over the calibration tokens, [d]."""
-    return w.down.to(compute_dtype(w.up)).norm(dim=0) * activations(w, calib.x).norm(dim=0)
+def scores(w: MLPWeights, calib: MLPCalibration, acts: torch.Tensor | None = None) -> torch.Tensor:
+    """‖down[:, i]‖₂ · ‖a_i‖₂ over the calibration tokens, [d]; ``acts`` [T, d]: the activations, if already computed."""
+    a = activations(w, calib.x) if acts is None else acts
+    return w.down.to(a.dtype).norm(dim=0) * a.norm(dim=0)
 
 
 @torch.no_grad()
