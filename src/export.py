@@ -3,10 +3,13 @@
 ``hf``: a Hugging Face folder (count scales folded; a stock model when the MLP widths are uniform,
 else the recorded structure and ``load_exported``). ``onnx``: ``model.onnx`` with dynamic batch and
 sequence axes, from the folded model, any per-layer widths (causal LMs: logits without a KV
-cache); the export checks itself against PyTorch with ONNX Runtime. Both write the tokenizer, a
-model card (``README.md``) and ``export.json``, which marks the folder as an export, so that a
-later export may replace it; any other existing folder is refused unless ``overwrite=true``. The
-folder is written beside ``out`` and renamed: an interrupted export leaves no half folder.
+cache); the export checks itself against PyTorch with ONNX Runtime. Encoder-decoder models get no
+ONNX export (``exported.onnx_unsupported``): ``format=onnx`` is refused, ``both`` writes ``hf`` and
+says, in the log and the card, why ONNX was skipped. Every format writes the tokenizer, a model
+card (``README.md``, which names the loader) and ``export.json``, which marks the folder as an
+export, so that a later export may replace it; any other existing folder is refused unless
+``overwrite=true``. The folder is written beside ``out`` and renamed: an interrupted export leaves
+no half folder.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from omegaconf import DictConfig
 
 from src.builders import task_classes
 from src.models import mlp_io
-from src.models.build import load_tokenizer
-from src.models.exported import export_onnx, prepare_for_export
+from src.models.build import HEADS, load_tokenizer
+from src.models.exported import export_onnx, onnx_unsupported, prepare_for_export
 from src.models.fuse import apply_spec, count_params
 from src.utils.errors import ConfigError
 from src.utils.io import atomic_dir
@@ -42,21 +45,39 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"out={str(out)!r} exists and is not an earlier export (no {MARKER}): choose another folder, or overwrite=true to replace it.")
 
 
+def _loading(meta: dict[str, Any]) -> str:
+    """The card's line on the Hugging Face weights: which loader applies."""
+    widths, auto = meta["stock_widths"], meta["auto_class"]
+    if "hf" not in meta["formats"]:
+        return "- Hugging Face weights: not exported"
+    if widths:
+        sets = ", ".join(f"`{k}={v}`" for k, v in widths.items())
+        return f"- Hugging Face weights: a stock model (config.json sets {sets}); load with `{auto}.from_pretrained(folder)`"
+    return ("- Hugging Face weights: not a stock model's MLPs (per-layer widths or factors, recorded under `mlp_fusion` in "
+            f"config.json); load with `src.models.exported.load_exported(folder, {auto})`, not plain `from_pretrained`")
+
+
+def _onnx_line(meta: dict[str, Any]) -> str:
+    """The card's line on ``model.onnx``, or why there is none."""
+    if meta["onnx_skipped"]:
+        return f"- ONNX: skipped; {meta['onnx_skipped']}"
+    if "onnx" not in meta["formats"]:
+        return "- ONNX: not exported"
+    inputs = ", ".join(f"`{n}`" for n in meta["onnx_inputs"])
+    cache = "; no KV cache (each call recomputes the whole sequence)" if meta["kind"] == "generation" else ""
+    return (f"- ONNX: `model.onnx`, inputs {inputs}, output `logits`, dynamic batch and sequence axes{cache}; "
+            f"ONNX Runtime matches PyTorch to a relative error of {meta['onnx_rel_err']:.1e}")
+
+
 def _card(meta: dict[str, Any]) -> str:
-    load = ("`AutoModelFor*.from_pretrained(folder)` (a stock model: every MLP has width "
-            f"{meta['uniform_width']})" if meta["uniform_width"] else
-            "`src.models.exported.load_exported(folder, AutoModelFor...)` (per-layer MLP widths, recorded under "
-            "`mlp_fusion` in config.json)") if "hf" in meta["formats"] else "(no Hugging Face weights in this export)"
     metrics = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(meta["metrics"].items()) if k.startswith(("test/", "best/", "val/")))
     return "\n".join([
         f"# {meta['model']} fine-tuned on {meta['task']}, MLPs compressed with {meta['method']}", "",
         f"Exported by mlp-fusion's `src.export` from `{meta['ckpt']}`.", "",
         f"- compression: `ffn_mode={meta['method']}`, layers {meta['layers']}, widths {meta['widths']}",
         f"- parameters: {meta['params']:,} (count scales folded into the down projections; same outputs)",
-        f"- Hugging Face weights: load with {load}",
-        "- ONNX: `model.onnx`, inputs " + ", ".join(f"`{n}`" for n in meta.get("onnx_inputs", [])) + ", output `logits`, dynamic batch "
-        f"and sequence axes{'; no KV cache (each call recomputes the whole sequence)' if meta['kind'] == 'generation' else ''}; "
-        f"ONNX Runtime matches PyTorch to a relative error of {meta['onnx_rel_err']:.1e}" if "onnx" in meta["formats"] else "- ONNX: not exported",
+        _loading(meta),
+        _onnx_line(meta),
         "", "| metric (the run's) | value |", "|---|---|", metrics or "| (no results.json beside the checkpoint) | |", ""])
 
 
@@ -76,20 +97,23 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
     if "model" not in hp or "task" not in hp or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a checkpoint of this project (no model/task hyper-parameters).")
     _, _, module_cls = task_classes(hp["task"]["kind"])
+    skipped = None if fmt == "hf" else onnx_unsupported(module_cls.head)
+    if skipped and fmt == "onnx":
+        raise ConfigError(f"format=onnx is refused for model={hp['model']['name']}: {skipped}; export it with format=hf.")
     module = module_cls(hp["model"], hp["task"], hp["optim"])  # builds the pretrained architecture
     if ckpt.get("fusion"):
         apply_spec(module.model, ckpt["fusion"])
     module.load_state_dict(ckpt["state_dict"])
     model = module.model.eval()
-    prepare_for_export(model)
+    widths = prepare_for_export(model)
     tokenizer = load_tokenizer(hp["model"])
     fusion = ckpt.get("fusion") or {}
     results = path.parent.parent / "results.json"  # the run folder's, when the checkpoint is still in it
     meta: dict[str, Any] = {
         "ckpt": str(path), "model": hp["model"]["name"], "task": hp["task"]["name"], "kind": hp["task"]["kind"],
         "method": fusion.get("method", "none"), "layers": fusion.get("layers", []), "widths": mlp_io.intermediate_sizes(model),
-        "params": count_params(model), "uniform_width": getattr(model.config, "mlp_fusion", None) is None and mlp_io.intermediate_sizes(model)[(fusion.get("layers") or [0])[0]],
-        "formats": ["hf", "onnx"] if fmt == "both" else [fmt],
+        "params": count_params(model), "stock_widths": widths, "auto_class": HEADS[module_cls.head].__name__,
+        "formats": ["hf"] if skipped else ["hf", "onnx"] if fmt == "both" else [fmt], "onnx_skipped": skipped,
         "metrics": json.loads(results.read_text()).get("metrics", {}) if results.is_file() else {},
     }
     with atomic_dir(dest, overwrite=True) as tmp:
@@ -101,8 +125,10 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
             meta["onnx_inputs"], meta["onnx_rel_err"] = export_onnx(model, tmp / "model.onnx", samples)
         (tmp / "README.md").write_text(_card(meta))
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if skipped:
+        log.warning("ONNX skipped: %s; format=both wrote the Hugging Face folder only", skipped)
     log.info("exported %s to %s (%s)%s", path, dest, "+".join(meta["formats"]),
-             "" if meta["uniform_width"] else "; per-layer widths: load with src.models.exported.load_exported")
+             "" if widths else "; not a stock model: load with src.models.exported.load_exported")
     return dest
 
 

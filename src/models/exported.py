@@ -1,11 +1,12 @@
 """Hugging Face folders of compressed models: write (with scales folded) and load back.
 
-When every layer's MLP is a plain MLP of one common width (a MoE model: every compressed block's
-experts at one width, and its shared experts at one), the folder is a stock transformers model
-with those widths in its config and loads with ``AutoModelFor*.from_pretrained``. Otherwise
+When every layer's MLP is a plain MLP and each of the config's width attributes takes one value
+across the layers (``mlp_io.stock_widths``), the folder is a stock transformers model with those
+widths in its config and loads with ``AutoModelFor*.from_pretrained``. Otherwise
 ``config.json`` also records the per-layer structure under ``mlp_fusion`` and
 :func:`load_exported` rebuilds it. :func:`export_onnx` writes the folded model as ONNX, whatever
-its per-layer widths, and checks it with ONNX Runtime.
+its per-layer widths, and checks it with ONNX Runtime (sequence classifiers and causal LMs:
+:func:`onnx_unsupported`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,25 @@ from src.models import mlp_io
 from src.models.fuse import apply_spec
 
 ONNX_RTOL = 1e-4  # ONNX Runtime's logits against PyTorch's: relative Frobenius error allowed
+# the heads (src.models.build.HEADS) export_onnx traces: one stack whose logits follow from
+# input_ids and attention_mask alone; an encoder-decoder model also takes decoder inputs and
+# generates by calling its decoder in a loop, which this single-graph export does not cover
+ONNX_HEADS = ("classification", "generation")
 
-def prepare_for_export(model: PreTrainedModel) -> None:
+
+def onnx_unsupported(head: str) -> str | None:
+    """Why a model with task head ``head`` gets no ONNX export (one clause), or None when it does."""
+    if head in ONNX_HEADS:
+        return None
+    return f"ONNX export covers sequence classifiers and causal LMs, not encoder-decoder ({head}) models"
+
+
+def prepare_for_export(model: PreTrainedModel) -> dict[str, int] | None:
     """Fold count scales into the down projections (exact) and describe the structure in the config:
-    the widths of a stock model (``mlp_io.stock_widths``), else the per-layer structure."""
+    the widths of a stock model (``mlp_io.stock_widths``), else the per-layer structure.
+
+    Returns those stock widths ({config attribute: width}, the folder loads with plain
+    ``from_pretrained``), or None when the folder needs :func:`load_exported`."""
     mlp_io.fold_scales(model)
     widths = mlp_io.stock_widths(model)
     if widths is not None:
@@ -35,6 +51,7 @@ def prepare_for_export(model: PreTrainedModel) -> None:
             del model.config.mlp_fusion
     else:
         model.config.mlp_fusion = {"layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in range(mlp_io.num_layers(model))}}
+    return widths
 
 
 def load_exported(folder: str | Path, auto_cls: type) -> PreTrainedModel:

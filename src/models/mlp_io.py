@@ -862,7 +862,9 @@ def stock_widths(model: nn.Module) -> dict[str, int] | None:
     """{config attribute: width} when every layer is a plain stock MLP (no count scale, no factors)
     and each width attribute takes one value across layers: written into ``config.json``, the folder
     then loads with plain ``from_pretrained``. None otherwise. A sparse block contributes its experts'
-    width and its shared expert's; the dense blocks of a MoE model must keep their pretrained width."""
+    width and its shared expert's, a dense block of a MoE model its own attribute's: Qwen2-MoE's
+    ``intermediate_size``; Switch Transformers' ``d_ff``, the experts' too, so that a stock Switch
+    model needs every dense block and every expert at one width."""
     config = _config(model)
     fam = family_of(config)
     seen: dict[str, set[int]] = {}
