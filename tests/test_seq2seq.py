@@ -131,31 +131,53 @@ def test_resume_rebuilds_the_compressed_experts(compose_cfg, monkeypatch: pytest
     assert any(k.endswith("experts.expert_3.wo.scale") for k in ckpt["state_dict"])
 
 
-def test_export_switch_and_t5(compose_cfg, tmp_path: Path) -> None:
+EXPORTS = {  # case: (overrides, stock d_ff or None for load_exported)
+    # one d_ff serves Switch's dense blocks and every expert: with experts in every block (sparse step 1),
+    # all four compressed, the export is a stock Switch model
+    "switch_every_block": (["model=tiny_switch", "model.config.num_sparse_encoder_layers=2", "model.config.num_sparse_decoder_layers=2",
+                            "ffn_mode.layers=[0,1,2,3]"], 16),
+    "t5_every_block": (["model=tiny_t5", "ffn_mode.layers=[0,1,2,3]"], 16),
+    # the dense blocks keep d_ff=64, the experts 16: the per-layer structure is recorded; the default format=both
+    # skips ONNX, which covers no encoder-decoder model
+    "switch_sparse_blocks": (["model=tiny_switch", "ffn_mode.layers=[1,3]"], None),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_reproduces_the_logits(compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
     from transformers import AutoModelForSeq2SeqLM
 
     from src.export import export
     from src.models.exported import load_exported
+    from src.modules.seq2seq import Seq2SeqModule
 
-    for name, layers in (("tiny_switch", "[1,3]"), ("tiny_t5", "[0,1,2,3]")):
-        cfg = compose_cfg([f"model={name}", "task=rt_polarity", "ffn_mode=ntk_cluster", f"ffn_mode.layers={layers}",
-                           "approx_metrics.enabled=false", "trainer.max_steps=2", "test=false"])
-        train(cfg)
-        ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-        from src.modules.seq2seq import Seq2SeqModule
-
-        ref = Seq2SeqModule(ckpt["hyper_parameters"]["model"], ckpt["hyper_parameters"]["task"], ckpt["hyper_parameters"]["optim"])
-        apply_spec(ref.model, ckpt["fusion"])
-        ref.load_state_dict(ckpt["state_dict"])
-        out = export(str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"), str(tmp_path / name), fmt="hf")
-        config = json.loads((out / "config.json").read_text())
-        if name == "tiny_t5":  # one width everywhere: a stock T5
-            assert config["d_ff"] == 16 and "mlp_fusion" not in config
-            loaded = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
-        else:  # Switch's dense blocks share d_ff with the experts: the per-layer structure is recorded
-            assert "mlp_fusion" in config and config["d_ff"] == 64
-            loaded = load_exported(out, AutoModelForSeq2SeqLM)
-        torch.testing.assert_close(_logits(loaded), _logits(ref.model.eval()), rtol=1e-5, atol=1e-5)
+    overrides, d_ff = EXPORTS[case]
+    cfg = compose_cfg([*overrides, "task=rt_polarity", "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "trainer.max_steps=2", "test=false"])
+    train(cfg)
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ref = Seq2SeqModule(ckpt["hyper_parameters"]["model"], ckpt["hyper_parameters"]["task"], ckpt["hyper_parameters"]["optim"])
+    apply_spec(ref.model, ckpt["fusion"])
+    ref.load_state_dict(ckpt["state_dict"])
+    if d_ff is None:
+        with pytest.raises(ConfigError, match=r"^format=onnx is refused for model=tiny_switch: ONNX export covers sequence classifiers "
+                           r"and causal LMs, not encoder-decoder \(seq2seq\) models; export it with format=hf\.$"):
+            export(str(path), str(tmp_path / "onnx"), fmt="onnx")
+        assert not (tmp_path / "onnx").exists()
+    out = export(str(path), str(tmp_path / case), fmt="hf" if d_ff else "both")
+    config, card = json.loads((out / "config.json").read_text()), (out / "README.md").read_text()
+    if d_ff:
+        assert config["d_ff"] == d_ff and "mlp_fusion" not in config
+        assert f"config.json sets `d_ff={d_ff}`); load with `AutoModelForSeq2SeqLM.from_pretrained(folder)`" in card
+        loaded = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    else:
+        assert "mlp_fusion" in config and config["d_ff"] == 64
+        assert "load with `src.models.exported.load_exported(folder, AutoModelForSeq2SeqLM)`, not plain `from_pretrained`" in card
+        assert "- ONNX: skipped; ONNX export covers sequence classifiers and causal LMs" in card and not (out / "model.onnx").exists()
+        assert json.loads((out / "export.json").read_text())["formats"] == ["hf"]
+        assert "ONNX skipped: ONNX export covers" in caplog.text
+        loaded = load_exported(out, AutoModelForSeq2SeqLM)
+    torch.testing.assert_close(_logits(loaded), _logits(ref.model.eval()), rtol=1e-5, atol=1e-5)
 
 
 def test_classification_scores_count_unknown_words_as_wrong() -> None:
