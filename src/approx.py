@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from src.builders import build_data_and_module, build_module
-from src.metrics.approximation import approximation_metrics
+from src.metrics.approximation import approximation_metrics, measure_reference
 from src.models.fuse import count_params
 from src.preflight import preflight
 from src.utils.config import ffn_modes
@@ -180,14 +180,16 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(seeded)
         original = module.model.eval()
         batch = datamodule.probe_batch(cfg.approx_metrics.probe_size, seeded.approx_metrics.probe_seed)
+        a = cfg.approx_metrics
+        ref = measure_reference(original, layers, batch, module.probe_fns, a.chunk_size, a.max_memory_gb)  # once per seed, shared
         for m, mc in configs.items():
             if m == "none":  # the same measurement of the uncompressed model: exactly 0 errors
                 metrics, _ = approximation_metrics(original, copy.deepcopy(original), layers, batch, module.probe_fns,
-                                                   cfg.approx_metrics.chunk_size, cfg.approx_metrics.max_memory_gb)
+                                                   a.chunk_size, a.max_memory_gb, ref)
                 metrics.update({"fusion/params_after": float(count_params(original)), "fusion/compress_seconds": 0.0})
             else:
                 callback = instantiate(_with_seed(mc, seed).ffn_mode.callback)  # the object a training run compresses with
-                callback.compress_and_measure(copy.deepcopy(original), "cpu", datamodule, module.probe_fns)
+                callback.compress_and_measure(copy.deepcopy(original), "cpu", datamodule, module.probe_fns, ref)
                 metrics = callback.summary_metrics
             runs.append({"method": m, "seed": seed, "metrics": _flat(metrics)})
             log.info("seed %d, %s: final hidden err %.4f, NTK sign err %.4f", seed, m, metrics["fusion/hidden_rel_err"], metrics["fusion/ntk_sign_rel_err"])

@@ -134,3 +134,18 @@ def test_textbook_t_interval_and_paired_difference() -> None:
     d = paired({1: 0.80, 2: 0.82, 3: 0.79}, {1: 0.78, 2: 0.799, 3: 0.771, 4: 0.9})  # seed 4 has no pair
     assert d.n == 3 and d.mean == pytest.approx(0.02) and d.excludes_zero
     assert not paired({1: 0.8, 2: 0.7}, {1: 0.7, 2: 0.8}).excludes_zero
+
+
+
+def test_a_shared_reference_gives_the_same_metrics() -> None:
+    """src.approx measures the original once per seed: the metrics equal those measured from scratch."""
+    from src.metrics.approximation import measure_reference
+
+    original = _model()
+    compressed = _copy(original)
+    compress_model(compressed, method="m", fn=functools.partial(ntk_cluster.compress), layers=LAYERS, mid_dim=8, seed=0)
+    ref = measure_reference(original, LAYERS, _batch(), PROBES)
+    assert approximation_metrics(original, compressed, LAYERS, _batch(), PROBES, reference=ref) == approximation_metrics(
+        original, compressed, LAYERS, _batch(), PROBES)
+    with pytest.raises(ValueError, match="another probe batch"):
+        approximation_metrics(original, compressed, LAYERS, _batch(n=5), PROBES, reference=ref)

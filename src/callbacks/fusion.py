@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from src.compress.cache import FusionCache
 from src.metrics import ntk
-from src.metrics.approximation import approximation_metrics
+from src.metrics.approximation import Reference, approximation_metrics
 from src.models import mlp_io
 from src.models.source import model_identity
 from src.models.calibration import Calibrator
@@ -78,10 +78,12 @@ class FusionCallback(L.Callback):
 
     def compress_and_measure(
         self, model: torch.nn.Module, device: torch.device | str, datamodule: Any, probe_fns: dict[str, ntk.ProbeFn],
+        reference: Reference | None = None,
     ) -> FusionReport:
         """Compress ``model`` in place (calibration from ``datamodule``'s training split where the
         settings use it, cache, re-init ablation) and, with the metrics enabled, measure it against a
-        copy of the original on the probe set (METHOD.md section 4).
+        copy of the original on the probe set (METHOD.md section 4); ``reference``: the original's side
+        of that measurement when already made (``src.approx`` measures many methods against one).
 
         Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
         """
@@ -105,7 +107,8 @@ class FusionCallback(L.Callback):
         self.summary_metrics = report.metrics()
         if original is not None:
             batch = {k: v.to(device) for k, v in datamodule.probe_batch(m["probe_size"], m["probe_seed"]).items()}
-            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"], m["max_memory_gb"])
+            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"], m["max_memory_gb"],
+                                                  reference)
             for row in rows:
                 row.update(report.layer_stats.get(row["layer"], {}))
             self.summary_metrics.update(metrics)

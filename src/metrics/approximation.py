@@ -6,6 +6,7 @@ Knows models only through ``mlp_io``; takes a probe batch and probe outputs from
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,59 @@ def _mlp_inputs(model: nn.Module, layers: list[int], batch: dict[str, torch.Tens
     return captured, stack_hidden_states(out, inputs)[-1][0][-1], out.logits
 
 
+def _groups(model: nn.Module, layers: list[int], probe_layer: int | None) -> dict[str, list[str]]:
+    """θ groups: each compressed layer's MLP parameters and, where there is one, the probe layer's."""
+    g = {f"layer_{i}": mlp_io.mlp_param_names(model, i) for i in layers}
+    if probe_layer is not None:
+        g["probe"] = mlp_io.mlp_param_names(model, probe_layer)
+    return g
+
+
+def _kernels(model: nn.Module, groups: dict[str, list[str]], batch: dict[str, torch.Tensor], fn: ntk.ProbeFn,
+             chunk_size: int, max_memory_gb: float) -> dict[str, ntk.Kernels]:
+    if not mlp_io.vmappable(model):  # Switch Transformers: a loop over the probe samples
+        return ntk.per_sample_kernels_loop(model, groups, batch, fn)
+    return ntk.per_sample_kernels(model, groups, batch, fn, chunk_size, int(max_memory_gb * 2**30))
+
+
+def _probe_layer(model: nn.Module, layers: list[int]) -> int | None:
+    """The first uncompressed layer (the research code's probe layer), None when every layer is compressed."""
+    return next((i for i in range(mlp_io.num_layers(model)) if i not in layers), None)
+
+
+@dataclass
+class Reference:
+    """The original model's side of :func:`approximation_metrics` on one probe batch: the same for
+    every compressed model of it, so a comparison of many methods computes it once (its kernels are
+    half the cost of a measurement)."""
+
+    input_ids: torch.Tensor  # [B, T]: the probe batch it was measured on
+    inputs: dict[int, torch.Tensor]  # layer -> the hidden states entering its MLP [B, T, h]
+    hidden: torch.Tensor  # final hidden states [B, T, h]
+    logits: torch.Tensor
+    kernels: dict[str, dict[str, ntk.Kernels]]  # probe fn name -> θ group -> (K_std, K_sign)
+
+
+def measure_reference(
+    original: nn.Module,
+    layers: list[int],
+    batch: dict[str, torch.Tensor],
+    probe_fns: dict[str, ntk.ProbeFn],
+    chunk_size: int = 8,
+    max_memory_gb: float = 2.0,
+) -> Reference:
+    """The original model's hidden states, logits and NTKs on ``batch`` (see :func:`approximation_metrics`)."""
+    was_training = original.training
+    original.eval()
+    try:
+        inputs, hidden, logits = _mlp_inputs(original, layers, batch)
+        groups = _groups(original, layers, _probe_layer(original, layers))
+        kernels = {name: _kernels(original, groups, batch, fn, chunk_size, max_memory_gb) for name, fn in probe_fns.items()}
+    finally:
+        original.train(was_training)
+    return Reference(batch["input_ids"], inputs, hidden, logits, kernels)
+
+
 def approximation_metrics(
     original: nn.Module,
     compressed: nn.Module,
@@ -45,6 +99,7 @@ def approximation_metrics(
     probe_fns: dict[str, ntk.ProbeFn],
     chunk_size: int = 8,
     max_memory_gb: float = 2.0,
+    reference: Reference | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics ``fusion/...`` (first probe fn unqualified, others under ``fusion/<probe>/``) and one row per layer.
 
@@ -53,8 +108,12 @@ def approximation_metrics(
     changed, so each model gets its own names) and the first uncompressed layer's MLP (the research
     code's probe layer: same parameters in both models). The per-sample gradients of the groups
     measured together stay under ``max_memory_gb`` (more passes over the probe set otherwise).
+    ``reference``: the original's side, measured once by :func:`measure_reference` on this batch.
     """
-    probe_layer = next(i for i in range(mlp_io.num_layers(original)) if i not in layers) if len(layers) < mlp_io.num_layers(original) else None
+    if reference is not None and not torch.equal(reference.input_ids, batch["input_ids"]):
+        raise ValueError("approximation_metrics: the reference was measured on another probe batch")
+    ref = reference or measure_reference(original, layers, batch, probe_fns, chunk_size, max_memory_gb)
+    probe_layer = _probe_layer(original, layers)
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = [{"layer": i} for i in layers]
     was_training = original.training, compressed.training
@@ -63,7 +122,7 @@ def approximation_metrics(
         mask = batch["attention_mask"].bool()
         # an encoder-decoder model's decoder blocks (and its final hidden states) see the decoder's tokens
         decoder_mask = batch["decoder_attention_mask"].bool() if "decoder_attention_mask" in batch else mask
-        inputs_o, hidden_o, logits_o = _mlp_inputs(original, layers, batch)
+        inputs_o, hidden_o, logits_o = ref.inputs, ref.hidden, ref.logits
         _, hidden_c, logits_c = _mlp_inputs(compressed, layers, batch)
         # The headline output metric: the last layer's output at every non-padding token.
         metrics["fusion/hidden_rel_err"] = ntk.output_rel_err(hidden_c, hidden_o, decoder_mask)
@@ -80,19 +139,9 @@ def approximation_metrics(
                         metrics[f"fusion/router_tokens/layer_{i}/expert_{e}"] = float(n)
         metrics["fusion/output_rel_err"] = sum(r["output_rel_err"] for r in rows) / len(rows)
 
-        def groups(model: nn.Module) -> dict[str, list[str]]:
-            g = {f"layer_{i}": mlp_io.mlp_param_names(model, i) for i in layers}
-            if probe_layer is not None:
-                g["probe"] = mlp_io.mlp_param_names(model, probe_layer)
-            return g
-
-        def kernels(model: nn.Module, fn: ntk.ProbeFn) -> dict[str, ntk.Kernels]:
-            if not mlp_io.vmappable(model):  # Switch Transformers: a loop over the probe samples
-                return ntk.per_sample_kernels_loop(model, groups(model), batch, fn)
-            return ntk.per_sample_kernels(model, groups(model), batch, fn, chunk_size, int(max_memory_gb * 2**30))
-
+        groups_c = _groups(compressed, layers, probe_layer)
         for n, (probe_name, fn) in enumerate(probe_fns.items()):
-            k_o, k_c = kernels(original, fn), kernels(compressed, fn)
+            k_o, k_c = ref.kernels[probe_name], _kernels(compressed, groups_c, batch, fn, chunk_size, max_memory_gb)
             prefix = "fusion" if n == 0 else f"fusion/{probe_name}"
             layer_keys = [f"layer_{i}" for i in layers]
             for kind, j in (("std", 0), ("sign", 1)):
