@@ -77,16 +77,41 @@ def load_tokenizer(cfg: DictConfig | dict) -> PreTrainedTokenizerBase:
 
 
 def build_model(cfg: DictConfig | dict, head: str, **config_overrides: Any) -> PreTrainedModel:
-    """Instantiate the model with a task head (``classification``, ``generation`` or ``seq2seq``)."""
+    """Instantiate the model with a task head (``classification``, ``generation`` or ``seq2seq``),
+    with activation checkpointing where ``gradient_checkpointing`` is set."""
     cfg = as_dict(cfg)
     auto = HEADS[head]
     if cfg.get("config") is not None:
-        return auto.from_config(load_hf_config(cfg, **config_overrides))
-    if gguf.cache_folder(cfg) is not None:
-        src, kwargs = str(gguf.dequantize_once(cfg)), {}
+        model = auto.from_config(load_hf_config(cfg, **config_overrides))
     else:
-        src, kwargs = _pretrained_source(cfg)
-    return auto.from_pretrained(src, **kwargs, **config_overrides)
+        if gguf.cache_folder(cfg) is not None:
+            src, kwargs = str(gguf.dequantize_once(cfg)), {}
+        else:
+            src, kwargs = _pretrained_source(cfg)
+        model = auto.from_pretrained(src, **kwargs, **config_overrides)
+    if cfg.get("gradient_checkpointing"):
+        enable_checkpointing(model)
+    return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation (gradient) checkpointing of every block: a training step keeps only each block's
+    input [B, T, h] and recomputes the block in the backward (about a third more compute; the
+    activations held drop from all the blocks' to one block's).
+
+    transformers checkpoints only in training mode with gradients enabled, so evaluation,
+    generation, calibration, distillation (its student runs in eval mode) and the NTK metrics run
+    the plain forward. The wrapper is the block's own forward, so a compressed MLP put into a block
+    later is checkpointed with it. Non-reentrant checkpointing gets every parameter's gradient
+    whatever the block's inputs, so the hook transformers adds for the reentrant variant (the input
+    embeddings' output made to require grad) is removed: under ``torch.func`` it raises (the NTK
+    metrics' vmap), and elsewhere it would make forwards with frozen embeddings track them.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false.")
+    # activation_checkpointing_enable is transformers 5's name of gradient_checkpointing_enable (deprecated, same flags)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
 
 
 def _pretrained_source(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
