@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 from torchmetrics.functional.text import chrf_score, rouge_score, sacre_bleu_score, translation_edit_rate
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -68,6 +69,7 @@ class CausalLMModule(FineTuneModule):
     """AutoModelForCausalLM fine-tuning with the loss on the target tokens; generation at test time."""
 
     head = "generation"
+    head_chunk = 128  # target positions per checkpointed chunk of the output layer (see token_nll)
 
     def __init__(self, model: Any, task: Any, optim: Any, output_dir: str | None = None) -> None:
         super().__init__(model, task, optim)
@@ -98,13 +100,26 @@ class CausalLMModule(FineTuneModule):
         """NLL of every target token, [N]: position t predicts labels[t + 1] (HF's causal-LM shift).
 
         The output layer runs on the N target positions only, not on all B·T: with a large
-        vocabulary it is most of the cost (and memory) of a small model.
+        vocabulary it is most of the cost (and memory) of a small model. With
+        ``model.gradient_checkpointing`` a training step runs it in chunks of ``head_chunk``
+        positions, each recomputed in the backward, so that one chunk's logits [head_chunk, V] and
+        their gradients are held instead of all N's (about four [N, V] float tensors at once; with
+        SmolLM2's vocabulary of 49152, 200 KB each per target position).
+        No KV cache: nothing reads it, and during validation it would hold every layer's keys and values.
         """
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         target = batch["labels"][:, 1:]  # [B, T-1]
         keep = target != -100
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
-        return F.cross_entropy(logits.float(), target[keep], reduction="none")
+        x, y = hidden[:, :-1][keep], target[keep]  # [N, h], [N]
+        head = self.model.get_output_embeddings()
+
+        def nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(x).float(), y, reduction="none")
+
+        if not (self.hparams.model.get("gradient_checkpointing") and self.training and torch.is_grad_enabled()):
+            return nll(x, y)
+        return torch.cat([checkpoint(nll, x[i : i + self.head_chunk], y[i : i + self.head_chunk], use_reentrant=False)
+                          for i in range(0, len(y), self.head_chunk)])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.token_nll(batch).mean()
