@@ -21,6 +21,7 @@ from src.preflight import preflight, resolve_ckpt_path
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
 from src.utils.loggers import build_loggers, close_loggers
+from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ def _raise_if_signalled(trainer: L.Trainer, stop: GracefulStop | None) -> None:
         raise RunInterrupted(signum, trainer.global_step, None)
 
 
+def drop_training_state(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Free what only fine-tuning used, before testing: Lightning keeps the optimizer after ``fit``
+    (AdamW's two states, twice the trainable parameters' size; teardown even moves them from a GPU to
+    host memory) and the last step's gradients, while loading the best checkpoint for the test reads
+    another copy of the weights and of those states."""
+    trainer.strategy.optimizers = []
+    trainer.strategy.lr_scheduler_configs = []
+    module.zero_grad(set_to_none=True)
+    release_memory()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Check everything cheap, compress (in the fusion callback's setup), fine-tune, test."""
     _, splits = preflight(cfg)
@@ -57,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         if cfg.train:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            drop_training_state(trainer, module)
         _raise_if_signalled(trainer, stop)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if cfg.test:

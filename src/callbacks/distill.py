@@ -34,6 +34,7 @@ from src.data.base import MODEL_INPUTS
 from src.models import mlp_io
 from src.models.outputs import stack_hidden_states
 from src.utils.errors import ConfigError
+from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,9 @@ class DistillCallback(L.Callback):
             self.done = True
             # the nested trainer's teardown moves its module to the CPU: back where fine-tuning runs
             pl_module.to(trainer.strategy.root_device)
-            if trainer.strategy.root_device.type == "cuda":
-                torch.cuda.empty_cache()
         self.history = [float(x) for x in torch.stack(stage.losses).cpu()] if stage.losses else []
+        del stage  # and with it the nested trainer (a reference cycle) holding the stage's Adam states
+        release_memory()  # those and the teacher, before fine-tuning allocates its optimizer
         if trainer.is_global_zero:
             self._summarize(time.perf_counter() - start)
 

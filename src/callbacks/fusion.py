@@ -27,6 +27,7 @@ from src.models import mlp_io
 from src.models.source import model_identity
 from src.models.calibration import Calibrator
 from src.models.fuse import FusionReport, apply_spec, compress_model, needs_calibration
+from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class FusionCallback(L.Callback):
         Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
         """
         m = self.metrics_cfg
-        original = copy.deepcopy(model) if m["enabled"] else None
+        original = self._original_copy(model) if m["enabled"] else None
         calibrator = None
         if needs_calibration(self.fn, self.refit, self.budget):
             c = self.calib_cfg
@@ -121,6 +122,14 @@ class FusionCallback(L.Callback):
             )
         return report
 
+    def _original_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The uncompressed model to measure against: its own copies of the MLPs of ``layers`` and every
+        other parameter and buffer shared with ``model`` (compression changes those MLPs only, as
+        ``setup``'s broadcast also relies on), so the copy costs those MLPs, not the whole model
+        (SmolLM2, 20 of 30 layers: 212 of 538 MB)."""
+        own = {id(t) for i in self.layers for mod in mlp_io.mlp_modules(model, i).values() for t in (*mod.parameters(), *mod.buffers())}
+        return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in own})
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.spec is not None:  # fit then test: compressed already
             return
@@ -135,6 +144,9 @@ class FusionCallback(L.Callback):
         distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
         if trainer.is_global_zero:
             self.compress_and_measure(model, trainer.strategy.root_device, trainer.datamodule, pl_module.probe_fns)
+            # the original's MLPs, the calibration activations and the metrics' gradients are garbage
+            # now: return them to the OS before fine-tuning allocates its optimizer state
+            release_memory()
         if distributed:
             self.spec = trainer.strategy.broadcast(self.spec, src=0)
             if not trainer.is_global_zero:
