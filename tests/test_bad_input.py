@@ -54,6 +54,20 @@ def test_refused_settings(compose_cfg, name: str) -> None:
         train(compose_cfg(["model=tiny_bert", *overrides]))
 
 
+def test_memory_budget_at_smollm2_size(compose_cfg) -> None:
+    """SmolLM2's dimensions (a config, no weights): 0.01 GB cannot hold one layer's per-sample gradients
+    (64 x 2,654,208 parameters x 4 bytes = 0.63 GB) and is refused before compressing; the default 2 GB can."""
+    from transformers import LlamaConfig
+
+    from src.preflight import check_approx_metrics
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    message = "approx_metrics.max_memory_gb=0.01 cannot hold the per-sample gradients of one layer's MLP (64 probe samples x 2,654,208 parameters x 4 bytes = 0.63 GB)"
+    with pytest.raises(ConfigError, match=_re(message)):
+        check_approx_metrics(compose_cfg(["model=tiny_llama", "approx_metrics.max_memory_gb=0.01"]), smollm2)
+    check_approx_metrics(compose_cfg(["model=tiny_llama"]), smollm2)
+
+
 def _re(text: str) -> str:
     import re
 

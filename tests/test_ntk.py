@@ -16,6 +16,8 @@ from transformers import (
 )
 
 from src.metrics.ntk import (
+    _passes,
+    _sample_bytes,
     class0_prob,
     output_rel_err,
     per_sample_kernels,
@@ -164,7 +166,44 @@ def test_padding_invariance_and_passes() -> None:
     ref = per_sample_kernels(model, groups, make_batch(causal=True), target_loglik)
     assert_kernels_close(per_sample_kernels(model, groups, make_batch(causal=True, length=T + 4), target_loglik), ref)
     # a gradient budget too small for both groups at once: one pass per group, same kernels
-    assert_kernels_close(per_sample_kernels(model, groups, make_batch(causal=True), target_loglik, max_grad_bytes=1), ref)
+    assert_kernels_close(per_sample_kernels(model, groups, make_batch(causal=True), target_loglik, max_bytes=1), ref)
+
+
+def test_passes_and_chunks_fit_the_memory_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """Each pass's G plus its chunk's working memory stays under the budget: groups share a pass while
+    a one-sample chunk fits, the chunk takes what is left (up to chunk_size); a group too large alone
+    runs with one-sample chunks and a warning."""
+    model = gpt2()
+    groups = layer_groups(model, "gpt2")
+    p = sum(model.get_parameter(n).numel() * 4 for n in groups["layer_0"])  # one sample's gradient of one group, bytes
+    a = 1000  # one sample's working memory
+
+    def passes(budget: int) -> list[tuple[list[str], int]]:
+        return list(_passes(model, groups, N, 8, a, budget))
+
+    assert passes(N * 2 * p + 8 * (2 * p + a)) == [(["layer_0", "layer_1"], 8)]
+    assert passes(N * 2 * p + 3 * (2 * p + a)) == [(["layer_0", "layer_1"], 3)]
+    # both groups with a one-sample chunk: a byte short; each alone: (budget - N·p) // (p + a) = 6 samples
+    assert passes((N + 1) * 2 * p + a - 1) == [(["layer_0"], 6), (["layer_1"], 6)]
+    with caplog.at_level("WARNING", logger="src.metrics.ntk"):
+        assert passes(N * p) == [(["layer_0"], 1), (["layer_1"], 1)]
+    assert "over the memory budget" in caplog.text
+
+
+def test_sample_working_memory_counts_the_log_probabilities() -> None:
+    """A causal LM's estimate holds at least the three [T, V] gradients alive where the backward starts."""
+    model = gpt2()
+    batch = make_batch(causal=True)
+    names = layer_groups(model, "gpt2")["layer_0"]
+
+    def f(theta: dict[str, Tensor], sample: dict[str, Tensor]) -> Tensor:
+        inputs = {k: sample[k].unsqueeze(0) for k in ("input_ids", "attention_mask")}
+        return target_loglik(torch.func.functional_call(model, theta, args=(), kwargs=inputs).logits, sample)
+
+    with torch.no_grad():
+        estimate = _sample_bytes(model, f, names, {k: v[0] for k, v in batch.items()})
+    assert 3 * T * V * 4 < estimate < 100 * T * V * 4
+    assert all(p.grad is None for p in model.parameters())  # a forward only: nothing accumulated
 
 
 def test_output_rel_err_ignores_padding() -> None:

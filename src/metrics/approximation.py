@@ -5,6 +5,7 @@ Knows models only through ``mlp_io``; takes a probe batch and probe outputs from
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,21 +22,33 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _mlp_inputs(model: nn.Module, layers: list[int], batch: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+def _mlp_inputs(
+    model: nn.Module, layers: list[int], batch: dict[str, torch.Tensor], chunk_size: int,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Real hidden states entering each layer's MLP ([B, T, h]), the final hidden states [B, T, h] (an
-    encoder-decoder model: the decoder's) and the logits, from one forward."""
-    captured: dict[int, torch.Tensor] = {}
+    encoder-decoder model: the decoder's) and a classifier's logits [B, C] (None for a language model).
+
+    Forwards of ``chunk_size`` rows at a time, each dropping a language model's logits [rows, T, V]
+    as it goes: the whole probe set's would be SmolLM2's largest tensor (64 x 104 x 49152 floats, 1.3 GB).
+    """
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     hooks = [
-        mlp_io.mlp_input_module(model, i).register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0].detach()))
+        mlp_io.mlp_input_module(model, i).register_forward_pre_hook(lambda m, args, i=i: captured[i].append(args[0].detach()))
         for i in layers
     ]
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    final, logits = [], []
     try:
-        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-        out = model(**inputs, output_hidden_states=True)
+        for start in range(0, len(inputs["input_ids"]), chunk_size):
+            rows = {k: v[start : start + chunk_size] for k, v in inputs.items()}
+            out = model(**rows, output_hidden_states=True)
+            final.append(stack_hidden_states(out, rows)[-1][0][-1])
+            if out.logits.ndim == 2:
+                logits.append(out.logits)
     finally:
         for h in hooks:
             h.remove()
-    return captured, stack_hidden_states(out, inputs)[-1][0][-1], out.logits
+    return {i: torch.cat(x) for i, x in captured.items()}, torch.cat(final), torch.cat(logits) if logits else None
 
 
 def _groups(model: nn.Module, layers: list[int], probe_layer: int | None) -> dict[str, list[str]]:
@@ -67,7 +80,7 @@ class Reference:
     input_ids: torch.Tensor  # [B, T]: the probe batch it was measured on
     inputs: dict[int, torch.Tensor]  # layer -> the hidden states entering its MLP [B, T, h]
     hidden: torch.Tensor  # final hidden states [B, T, h]
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # a classifier's [B, C]; a language model's [B, T, V] is not kept
     kernels: dict[str, dict[str, ntk.Kernels]]  # probe fn name -> θ group -> (K_std, K_sign)
 
 
@@ -83,12 +96,40 @@ def measure_reference(
     was_training = original.training
     original.eval()
     try:
-        inputs, hidden, logits = _mlp_inputs(original, layers, batch)
         groups = _groups(original, layers, _probe_layer(original, layers))
         kernels = {name: _kernels(original, groups, batch, fn, chunk_size, max_memory_gb) for name, fn in probe_fns.items()}
+        inputs, hidden, logits = _mlp_inputs(original, layers, batch, chunk_size)  # after the kernels: not held while they run
     finally:
         original.train(was_training)
     return Reference(batch["input_ids"], inputs, hidden, logits, kernels)
+
+
+def _output_metrics(
+    ref: Reference, original: nn.Module, compressed: nn.Module, layers: list[int], batch: dict[str, torch.Tensor],
+    rows: list[dict[str, Any]], chunk_size: int,
+) -> dict[str, float]:
+    """The output errors (final hidden states, a classifier's logits, each compressed MLP's output on
+    the original's MLP inputs) and the router's token counts; fills each layer's row with its ``output_rel_err``."""
+    metrics: dict[str, float] = {}
+    mask = batch["attention_mask"].bool()
+    # an encoder-decoder model's decoder blocks (and its final hidden states) see the decoder's tokens
+    decoder_mask = batch["decoder_attention_mask"].bool() if "decoder_attention_mask" in batch else mask
+    _, hidden_c, logits_c = _mlp_inputs(compressed, [], batch, chunk_size)
+    # The headline output metric: the last layer's output at every non-padding token.
+    metrics["fusion/hidden_rel_err"] = ntk.output_rel_err(hidden_c, ref.hidden, decoder_mask)
+    if ref.logits is not None:  # a classifier: its head is still untrained (random) at setup, a second metric
+        metrics["fusion/logits_rel_err"] = ntk.output_rel_err(logits_c, ref.logits)
+    with torch.no_grad():
+        for row, i in zip(rows, layers):
+            x = ref.inputs[i]  # [B, T, h]: the original's hidden states, fed to both MLPs
+            m = decoder_mask if mlp_io.in_decoder(original, i) else mask
+            err = ntk.output_rel_err(mlp_io.mlp_forward(compressed, i, x), mlp_io.mlp_forward(original, i, x), m)
+            row["output_rel_err"] = metrics[f"fusion/output_rel_err/layer_{i}"] = err
+            if mlp_io.is_sparse(original, i):  # where the original router sends the probe tokens: does a poor expert matter?
+                for e, n in enumerate(mlp_io.router_counts(original, i, x[m]).tolist()):
+                    metrics[f"fusion/router_tokens/layer_{i}/expert_{e}"] = float(n)
+    metrics["fusion/output_rel_err"] = sum(r["output_rel_err"] for r in rows) / len(rows)
+    return metrics
 
 
 def approximation_metrics(
@@ -106,8 +147,10 @@ def approximation_metrics(
     θ groups: each compressed layer's MLP (a Mixture-of-Experts block: its experts and shared expert,
     not the router; the router's token counts per expert are reported too) (names differ between the models when the structure
     changed, so each model gets its own names) and the first uncompressed layer's MLP (the research
-    code's probe layer: same parameters in both models). The per-sample gradients of the groups
-    measured together stay under ``max_memory_gb`` (more passes over the probe set otherwise).
+    code's probe layer: same parameters in both models). The kernels' memory, the per-sample
+    gradients of the groups measured together plus a chunk's working memory, stays under
+    ``max_memory_gb`` (``ntk.per_sample_kernels``: more passes and smaller chunks otherwise); the
+    output metrics run ``chunk_size`` probe samples at a time.
     ``reference``: the original's side, measured once by :func:`measure_reference` on this batch.
     """
     if reference is not None and not torch.equal(reference.input_ids, batch["input_ids"]):
@@ -119,25 +162,9 @@ def approximation_metrics(
     was_training = original.training, compressed.training
     original.eval(), compressed.eval()
     try:
-        mask = batch["attention_mask"].bool()
-        # an encoder-decoder model's decoder blocks (and its final hidden states) see the decoder's tokens
-        decoder_mask = batch["decoder_attention_mask"].bool() if "decoder_attention_mask" in batch else mask
-        inputs_o, hidden_o, logits_o = ref.inputs, ref.hidden, ref.logits
-        _, hidden_c, logits_c = _mlp_inputs(compressed, layers, batch)
-        # The headline output metric: the last layer's output at every non-padding token.
-        metrics["fusion/hidden_rel_err"] = ntk.output_rel_err(hidden_c, hidden_o, decoder_mask)
-        if logits_o.ndim == 2:  # a classifier: its head is still untrained (random) at setup, a second metric
-            metrics["fusion/logits_rel_err"] = ntk.output_rel_err(logits_c, logits_o)
-        with torch.no_grad():
-            for row, i in zip(rows, layers):
-                x = inputs_o[i]  # [B, T, h]: the original's hidden states, fed to both MLPs
-                m = decoder_mask if mlp_io.in_decoder(original, i) else mask
-                err = ntk.output_rel_err(mlp_io.mlp_forward(compressed, i, x), mlp_io.mlp_forward(original, i, x), m)
-                row["output_rel_err"] = metrics[f"fusion/output_rel_err/layer_{i}"] = err
-                if mlp_io.is_sparse(original, i):  # where the original router sends the probe tokens: does a poor expert matter?
-                    for e, n in enumerate(mlp_io.router_counts(original, i, x[m]).tolist()):
-                        metrics[f"fusion/router_tokens/layer_{i}/expert_{e}"] = float(n)
-        metrics["fusion/output_rel_err"] = sum(r["output_rel_err"] for r in rows) / len(rows)
+        metrics.update(_output_metrics(ref, original, compressed, layers, batch, rows, chunk_size))
+        if reference is None:  # ours alone: its MLP inputs ([B, T, h] per layer) go before the compressed model's kernels
+            ref = dataclasses.replace(ref, inputs={})
 
         groups_c = _groups(compressed, layers, probe_layer)
         for n, (probe_name, fn) in enumerate(probe_fns.items()):
