@@ -18,6 +18,7 @@ import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.builders import build_callbacks, build_data_and_module
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
 from src.preflight import preflight, resolve_ckpt_path
+from src.utils.checkpoint_io import StreamingCheckpointIO
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
 from src.utils.loggers import build_loggers, close_loggers
@@ -63,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg, splits)
     callbacks = build_callbacks(cfg, ckpt_path)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg), plugins=[StreamingCheckpointIO()])
     start = time.time()
     stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
     try:

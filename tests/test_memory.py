@@ -1,15 +1,17 @@
 """Memory savings that must not change results: activation checkpointing (the same training step, off
-where the NTK metrics run), the metrics' shared original copy, and a compressed, distilled,
-checkpointed run that resumes."""
+where the NTK metrics run), the metrics' shared original copy, checkpoints streamed to their file,
+and a compressed, distilled, checkpointed run that resumes."""
 
 from __future__ import annotations
 
 import math
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from src.builders import build_datamodule
@@ -19,6 +21,7 @@ from src.models.fuse import compress_model, count_params
 from src.modules.causal_lm import CausalLMModule
 from src.preflight import preflight
 from src.train import train
+from src.utils.checkpoint_io import StreamingCheckpointIO
 from tests.conftest import compress_fn
 
 GEN = ["task=rt_review", "model=tiny_llama", "task.max_new_tokens=4", "task.max_eval_samples=4"]
@@ -112,3 +115,30 @@ def test_compressed_run_with_checkpointing_distills_trains_and_resumes(compose_c
     assert math.isfinite(train(cfg)["test/ppl"])
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] > 3 and ckpt["fusion"]["method"] == "wanda_sp"  # trained on from the first run's step 3
+
+
+def test_checkpoints_stream_to_their_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No serialized copy of the checkpoint in memory (Lightning's own save builds one in an
+    io.BytesIO, which tracemalloc sees), the same contents, and a failed write keeps the previous file."""
+    ckpt = {"state_dict": {"w": torch.randn(2_000_000)}, "epoch": 1}  # 8 MB of tensor storage
+    path = tmp_path / "last.ckpt"
+
+    def peak_python_bytes(io: TorchCheckpointIO) -> int:
+        tracemalloc.start()
+        try:
+            io.save_checkpoint(ckpt, path)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak_python_bytes(TorchCheckpointIO()) > 8e6 > 1e6 > peak_python_bytes(StreamingCheckpointIO())
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], ckpt["state_dict"]["w"])
+
+    def full_disk(obj: object, f: Path) -> None:
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        StreamingCheckpointIO().save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
