@@ -155,17 +155,20 @@ def check_experts(cfg: DictConfig, hf: PretrainedConfig, layers: list[int]) -> N
 
 
 def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig) -> None:
-    """The probe set's size, and a memory budget that holds at least one layer's per-sample gradients."""
+    """The probe set's size, and a memory budget that holds the original's copied MLPs and at least one
+    layer's per-sample gradients."""
     m = cfg.approx_metrics
     if cfg.ffn_mode.name == "none" or not m.enabled:
         return
     _positive(m.probe_size, "approx_metrics.probe_size")
     _positive(m.chunk_size, "approx_metrics.chunk_size")
-    need = m.probe_size * mlp_io.mlp_param_count(hf) * 4  # float32 gradients of one layer's MLP, every probe sample
-    if not isinstance(m.max_memory_gb, (int, float)) or m.max_memory_gb * 2**30 < need:
+    per_layer = mlp_io.mlp_param_count(hf) * 4  # float32 bytes of one layer's MLP
+    copy, need = len(cfg.ffn_mode.layers or []) * per_layer, m.probe_size * per_layer  # the copy; one layer's per-sample gradients
+    if not isinstance(m.max_memory_gb, (int, float)) or m.max_memory_gb * 2**30 < copy + need:
         raise ConfigError(
             f"approx_metrics.max_memory_gb={m.max_memory_gb!r} cannot hold the per-sample gradients of one layer's MLP "
-            f"({m.probe_size} probe samples x {mlp_io.mlp_param_count(hf):,} parameters x 4 bytes = {need / 2**30:.2f} GB): "
+            f"({m.probe_size} probe samples x {mlp_io.mlp_param_count(hf):,} parameters x 4 bytes = {need / 2**30:.2f} GB) "
+            f"and the original's copy of the {len(cfg.ffn_mode.layers or [])} compressed MLPs ({copy / 2**30:.2f} GB): "
             "raise it, lower approx_metrics.probe_size, or set approx_metrics.enabled=false."
         )
 

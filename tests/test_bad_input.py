@@ -133,7 +133,8 @@ def test_cli_unknown_task_creates_no_run_folder(tmp_path: Path) -> None:
 
 def test_cli_hub_task_offline_fails_fast(tmp_path: Path) -> None:
     start = time.time()
-    proc = run_cli("src.train", "task=sst2", "model=tiny_bert", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
-    assert proc.returncode == 2 and time.time() - start < 60
+    proc = run_cli("src.train", "task=sst2", "model=tiny_bert", f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
+    # the bound catches Hub download retries (minutes), not slowness: 2 busy cores take ~60 s to import and refuse
+    assert proc.returncode == 2 and time.time() - start < 180
     out = proc.stdout + proc.stderr
     assert "task 'sst2'" in out and "task.data_dir" in out and "Traceback" not in out

@@ -20,6 +20,7 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLP_FUSION_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     threads = torch.get_num_threads()
     assert main(["--quick", "--out", str(tmp_path / "results")]) == 0

@@ -128,6 +128,36 @@ def test_calibrator_drops_padding_and_is_sequential() -> None:
     assert not torch.allclose(cal.collect(model, [3])[3].x, got[3].x)  # layer 3's inputs follow the compressed layer 1
 
 
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt2", "tiny_distilbert", "tiny_llama", "tiny_mixtral", "tiny_qwen2_moe", "tiny_t5"])
+def test_sequential_replay_matches_a_full_forward_per_layer(compose_cfg, name: str) -> None:
+    from src.models.build import build_model
+
+    cfg = compose_cfg([f"model={name}"])
+    torch.manual_seed(0)
+    head = "classification" if "bert" in name else "seq2seq" if name == "tiny_t5" else "generation"
+    model = build_model(cfg.model, head, **({"num_labels": 2} if head == "classification" else {})).eval()
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(10) < torch.randint(4, 11, (6, 1), generator=g)).long()
+    batches = [{"input_ids": torch.randint(1, 100, (6, 10), generator=g) * mask, "attention_mask": mask} for _ in range(2)]
+    if name == "tiny_t5":
+        batches = [b | {"decoder_input_ids": b["input_ids"][:, :5]} for b in batches]
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    cal = Calibrator(batches)
+    layers = [1, 2, 3] if mlp_io.num_layers(model) >= 4 else [1]
+    for layer in layers:  # as compress_model does: collect a layer, then compress it
+        got = cal.collect(model, [layer])[layer]
+        before = len(calls)
+        want = Calibrator(batches).collect(model, [layer])[layer]  # a fresh forward from the embeddings
+        del calls[before:]
+        torch.testing.assert_close(got.x, want.x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.y, want.y, rtol=1e-5, atol=1e-6)
+        compress_model(model, method="prune", fn=compress_fn("prune"), layers=[layer], mid_dim=8, seed=0)
+    chain = mlp_io.block_module(model, 0) is not None
+    assert chain == (name != "tiny_t5")  # an encoder-decoder model's decoder blocks also read the encoder: no replay
+    assert len(calls) == len(batches) * (1 if chain else len(layers))  # one forward of the model per batch, then block replays
+
+
 def test_budget_widths_sum_to_the_budget_in_a_model() -> None:
     model = _tiny()
     report = compress_model(model, method="ntk_cluster", fn=compress_fn("ntk_cluster"), layers=[1, 2, 3], mid_dim=16, seed=0,
@@ -152,6 +182,7 @@ def test_refusals(compose_cfg, overrides: list[str], message: str) -> None:
         preflight(compose_cfg(["model=tiny_bert", *overrides]))
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_budget_run_resumes_and_exports(compose_cfg, tmp_path: Path) -> None:
     over = ["model=tiny_bert", "ffn_mode=wanda_sp", "ffn_mode.budget=0.31", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=16",
             "approx_metrics.probe_size=4", "trainer.max_steps=2"]

@@ -161,6 +161,7 @@ def _assert_onnx_matches(out: Path, model: torch.nn.Module, inputs: dict[str, to
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_onnx_export_of_a_fused_causal_lm(compose_cfg, tmp_path: Path) -> None:
     from src.export import export
     from src.modules.causal_lm import CausalLMModule

@@ -104,6 +104,7 @@ def test_original_copy_shares_all_but_the_compressed_mlps(compose_cfg) -> None:
     assert all(torch.equal(p, before[n]) for n, p in original.named_parameters())
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_compressed_run_with_checkpointing_distills_trains_and_resumes(compose_cfg) -> None:
     """SmolLM2's recipe in miniature with checkpointing on: wanda_sp + refit, the metrics, distillation,
     fine-tuning, test, and a resume from last.ckpt."""

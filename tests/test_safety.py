@@ -77,6 +77,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 @pytest.mark.parametrize(("sig", "hook"), [("SIGTERM", "on_train_batch_start"), ("SIGINT", "on_train_batch_start"),
                                            ("SIGTERM", "on_validation_batch_start")], ids=["SIGTERM-train", "SIGINT-train", "SIGTERM-val"])
 def test_a_signal_saves_last_ckpt_marks_interrupted_and_exits_nonzero(tmp_path: Path, sig: str, hook: str) -> None:
@@ -93,6 +94,7 @@ def test_a_signal_saves_last_ckpt_marks_interrupted_and_exits_nonzero(tmp_path: 
     assert ckpt["global_step"] >= 3 and "fusion" in ckpt and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_sigterm_during_test_is_interrupted_not_success(tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = run_cli("src.train", *FAST, "model=tiny_bert", "approx_metrics.enabled=false", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}",

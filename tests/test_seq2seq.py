@@ -99,6 +99,7 @@ def test_train_switch_rt_polarity(compose_cfg) -> None:
     assert rows[0]["source"].startswith("rt_polarity text: ") and rows[0]["references"][0] in ("rotten", "fresh")
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_cli_switch_rt_polarity(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_cli("src.train", "model=tiny_switch", "task=rt_polarity", "ffn_mode=ntk_cluster", *FAST, "trainer.max_steps=5",
@@ -109,6 +110,7 @@ def test_cli_switch_rt_polarity(tmp_path: Path) -> None:
     assert results["metrics"]["fusion/params_after"] < results["metrics"]["fusion/params_before"]
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_generation_task_and_distillation_on_t5(compose_cfg) -> None:
     cfg = compose_cfg(["model=tiny_t5", "task=rt_review", "ffn_mode=ntk_cluster", "distill=hidden_mse", "distill.max_steps=2",
                        "approx_metrics.probe_size=4", "task.max_new_tokens=8"])

@@ -108,8 +108,11 @@ class FusionCallback(L.Callback):
         self.summary_metrics = report.metrics()
         if original is not None:
             batch = {k: v.to(device) for k, v in datamodule.probe_batch(m["probe_size"], m["probe_seed"]).items()}
-            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"], m["max_memory_gb"],
-                                                  reference)
+            # the budget is what the metrics add to the run: the original's copied MLPs come off it first
+            copied = sum(t.numel() * t.element_size() for i in self.layers for mod in mlp_io.mlp_modules(original, i).values()
+                         for t in (*mod.parameters(), *mod.buffers()))
+            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"],
+                                                  m["max_memory_gb"] - copied / 2**30, reference)
             for row in rows:
                 row.update(report.layer_stats.get(row["layer"], {}))
             self.summary_metrics.update(metrics)

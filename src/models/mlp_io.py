@@ -416,6 +416,20 @@ def mlp_input_module(model: nn.Module, layer: int) -> nn.Module:
     return mlp.root if isinstance(mlp, MoEBlock) else mlp.root.get_submodule(mlp.family.input)
 
 
+def block_module(model: nn.Module, layer: int) -> nn.Module | None:
+    """The transformer block holding the layer's MLP, the outermost ``ModuleList`` element on its path
+    (``model.layers.3``, ``bert.encoder.layer.3``), for a model whose blocks form one chain, each
+    block's output the next one's input; None for an encoder-decoder model (its decoder blocks also
+    read the encoder's output)."""
+    if len(stacks(_config(model))) > 1:
+        return None
+    path = _layer(model, layer).path.split(".")
+    for j in range(1, len(path)):
+        if path[j].isdigit() and isinstance(parent := model.get_submodule(".".join(path[:j])), nn.ModuleList):
+            return parent[int(path[j])]
+    return None
+
+
 def mlp_forward(model: nn.Module, layer: int, x: Tensor) -> Tensor:
     """The layer's MLP on hidden states ``x`` [..., h] -> [..., h]: no dropout, residual or norm (a
     sparse block: router, experts and shared expert, as the block computes them)."""

@@ -48,6 +48,9 @@ class FineTuneModule(L.LightningModule):
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+            # one kernel per parameter: the default multi-tensor (foreach) step allocates temporaries
+            # as large as all the parameters together (SmolLM2: ~0.5 GB at every step)
+            fused=True,
         )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(o["warmup_ratio"] * total)

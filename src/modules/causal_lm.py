@@ -104,7 +104,9 @@ class CausalLMModule(FineTuneModule):
         ``model.gradient_checkpointing`` a training step runs it in chunks of ``head_chunk``
         positions, each recomputed in the backward, so that one chunk's logits [head_chunk, V] and
         their gradients are held instead of all N's (about four [N, V] float tensors at once; with
-        SmolLM2's vocabulary of 49152, 200 KB each per target position).
+        SmolLM2's vocabulary of 49152, 200 KB each per target position). Without gradients
+        (validation, test) it always runs chunk by chunk: an evaluation batch of 32 sequences would
+        otherwise hold ~400 MB of logits and log-probabilities.
         No KV cache: nothing reads it, and during validation it would hold every layer's keys and values.
         """
         hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
@@ -116,10 +118,12 @@ class CausalLMModule(FineTuneModule):
         def nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(head(x).float(), y, reduction="none")
 
-        if not (self.hparams.model.get("gradient_checkpointing") and self.training and torch.is_grad_enabled()):
+        chunks = [(x[i : i + self.head_chunk], y[i : i + self.head_chunk]) for i in range(0, len(y), self.head_chunk)]
+        if not torch.is_grad_enabled():  # evaluation: nothing to keep, one chunk's logits at a time
+            return torch.cat([nll(*c) for c in chunks])
+        if not (self.hparams.model.get("gradient_checkpointing") and self.training):
             return nll(x, y)
-        return torch.cat([checkpoint(nll, x[i : i + self.head_chunk], y[i : i + self.head_chunk], use_reentrant=False)
-                          for i in range(0, len(y), self.head_chunk)])
+        return torch.cat([checkpoint(nll, *c, use_reentrant=False) for c in chunks])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.token_nll(batch).mean()
