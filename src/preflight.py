@@ -163,12 +163,13 @@ def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig) -> None:
     _positive(m.probe_size, "approx_metrics.probe_size")
     _positive(m.chunk_size, "approx_metrics.chunk_size")
     per_layer = mlp_io.mlp_param_count(hf) * 4  # float32 bytes of one layer's MLP
-    copy, need = len(cfg.ffn_mode.layers or []) * per_layer, m.probe_size * per_layer  # the copy; one layer's per-sample gradients
+    n_layers = len(cfg.ffn_mode.layers or [])
+    copy, need = n_layers * per_layer, m.probe_size * per_layer  # the copy; one layer's per-sample gradients
     if not isinstance(m.max_memory_gb, (int, float)) or m.max_memory_gb * 2**30 < copy + need:
         raise ConfigError(
             f"approx_metrics.max_memory_gb={m.max_memory_gb!r} cannot hold the per-sample gradients of one layer's MLP "
             f"({m.probe_size} probe samples x {mlp_io.mlp_param_count(hf):,} parameters x 4 bytes = {need / 2**30:.2f} GB) "
-            f"and the original's copy of the {len(cfg.ffn_mode.layers or [])} compressed MLPs ({copy / 2**30:.2f} GB): "
+            f"and the original's copy of the {n_layers} compressed MLPs ({copy / 2**30:.2f} GB): "
             "raise it, lower approx_metrics.probe_size, or set approx_metrics.enabled=false."
         )
 

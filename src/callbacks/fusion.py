@@ -109,8 +109,7 @@ class FusionCallback(L.Callback):
         if original is not None:
             batch = {k: v.to(device) for k, v in datamodule.probe_batch(m["probe_size"], m["probe_seed"]).items()}
             # the budget is what the metrics add to the run: the original's copied MLPs come off it first
-            copied = sum(t.numel() * t.element_size() for i in self.layers for mod in mlp_io.mlp_modules(original, i).values()
-                         for t in (*mod.parameters(), *mod.buffers()))
+            copied = sum(t.numel() * t.element_size() for t in self._compressed_tensors(original))
             metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"],
                                                   m["max_memory_gb"] - copied / 2**30, reference)
             for row in rows:
@@ -130,7 +129,7 @@ class FusionCallback(L.Callback):
         other parameter and buffer shared with ``model`` (compression changes those MLPs only, as
         ``setup``'s broadcast also relies on), so the copy costs those MLPs, not the whole model
         (SmolLM2, 20 of 30 layers: 212 of 538 MB)."""
-        own = {id(t) for i in self.layers for mod in mlp_io.mlp_modules(model, i).values() for t in (*mod.parameters(), *mod.buffers())}
+        own = {id(t) for t in self._compressed_tensors(model)}
         return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in own})
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -160,7 +159,8 @@ class FusionCallback(L.Callback):
         log.info("rank %d: compressed weights sha256 %s", trainer.global_rank, digest)
 
     def _compressed_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        """Every parameter and buffer (the count scale) of the compressed layers' MLPs, in a fixed order."""
+        """Every parameter and buffer (the count scale) of the compressed layers' MLPs (before compression:
+        of the MLPs to compress), in a fixed order."""
         return [t for i in self.layers for m in mlp_io.mlp_modules(model, i).values() for t in m.state_dict(keep_vars=True).values()]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -101,8 +101,9 @@ class Calibrator:
         """One forward per batch up to the deepest layer's MLP; with one layer asked for and a chain
         of blocks, on to the last block's inputs, recording every block's inputs for later replays."""
         captured: dict[int, list[Tensor]] = {i: [] for i in layers}
-        blocks = [mlp_io.block_module(model, i) for i in range(mlp_io.num_layers(model))]
-        record = len(layers) == 1 and self.sequential and all(b is not None for b in blocks)
+        chain = len(layers) == 1 and self.sequential
+        blocks = [mlp_io.block_module(model, i) for i in range(mlp_io.num_layers(model))] if chain else []
+        record = chain and all(b is not None for b in blocks)
         last = len(blocks) - 1
         stop = max(layers) if not record or layers[0] == last else None
         hidden, rest = [], []
