@@ -71,11 +71,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.train:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             drop_training_state(trainer, module)
+        else:  # evaluate: the validation splits too, so that train=false gives the metrics before any step
+            trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path)
         _raise_if_signalled(trainer, stop)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if cfg.test:
             best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else None
-            for res in trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path)):
+            for res in trainer.test(module, datamodule=datamodule, ckpt_path=best):
                 metrics.update({k: float(v) for k, v in res.items()})
         _raise_if_signalled(trainer, stop)
     except SIGTERMException:  # Lightning's own handler, outside training (sanity check, test): a bare SystemExit(None)

@@ -140,6 +140,19 @@ def test_bad_input_fails_before_the_model_loads(compose_cfg, tmp_path: Path, mon
         train(cfg)
 
 
+def test_train_false_reports_the_validation_metrics_before_any_step(compose_cfg) -> None:
+    """``train=false`` validates too: the compressed model's val/ppl before training equals that
+    after one step that changes nothing (lr 0), and no checkpoint is written."""
+    base = ["task=rt_review", "model=tiny_llama", "ffn_mode=ntk_cluster", "ffn_mode.mid_dim=16", "task.max_eval_samples=4", "test=false"]
+    cfg = compose_cfg([*base, "train=false"])
+    before = train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+    res = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert res["status"] == "completed" and res["metrics"]["val/ppl"] == before["val/ppl"]
+    still = train(compose_cfg([*base, "trainer.max_steps=1", "optim.lr=0"]))
+    assert before["val/ppl"] == pytest.approx(still["val/ppl"], rel=1e-5) and before["fusion/params_after"] == still["fusion/params_after"]
+
+
 def test_early_stopping_option(compose_cfg) -> None:
     cfg = compose_cfg(["task=rt_review", "model=tiny_llama", "task.early_stopping=true"])
     (stop,) = CausalLMModule(cfg.model, cfg.task, cfg.optim).configure_callbacks()
