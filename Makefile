@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 train: install
 	$(PY) -m src.train $(ARGS)
 
+# the fast tier in parallel processes (one per core, at most 4; each test pins one thread): the tests
+# share nothing but read-only assets. The slow tier stays serial: DDP, timed signals, real models.
 test: install
-	$(PY) -m pytest -m "not slow" -q $(ARGS)
+	$(PY) -m pytest -m "not slow" -q -n auto --maxprocesses=4 $(ARGS)
 
 test-slow: install
 	$(PY) -m pytest -m slow -q $(ARGS)

@@ -1,6 +1,7 @@
 """Empirical NTK kernels: the vmap path against the loop, kernel properties, and METHOD.md §4 in miniature."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -200,10 +201,18 @@ def test_sample_working_memory_counts_the_log_probabilities() -> None:
         inputs = {k: sample[k].unsqueeze(0) for k in ("input_ids", "attention_mask")}
         return target_loglik(torch.func.functional_call(model, theta, args=(), kwargs=inputs).logits, sample)
 
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, Tensor) for o in gc.get_objects())
+
+    before = live_tensors()
     with torch.no_grad():
         estimate = _sample_bytes(model, f, names, {k: v[0] for k, v in batch.items()})
     assert 3 * T * V * 4 < estimate < 100 * T * V * 4
     assert all(p.grad is None for p in model.parameters())  # a forward only: nothing accumulated
+    # the recorded graph is freed with its output: nothing it saved stays alive (a saved-tensor hook
+    # that hands back the tensor itself leaks the graph through a cycle gc cannot see)
+    assert live_tensors() == before
 
 
 def test_output_rel_err_ignores_padding() -> None:

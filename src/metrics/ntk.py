@@ -278,16 +278,19 @@ def _sample_bytes(model: nn.Module, f: Callable[[dict[str, Tensor], dict[str, Te
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
-    def pack(t: Tensor) -> Tensor:
+    def pack(t: Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in own:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        # nothing runs the backward, so the graph needs no tensor back; returning ``t`` itself would
+        # make a cycle through C++ (an op's saved output -> its grad_fn -> the saved output) that
+        # Python's gc cannot see: the whole graph, one sample's activations (SmolLM2: ~350 MB), leaked
+        return None
 
     # every other parameter passed detached, so that only `names` record a graph (as under `grad`,
     # which refuses saved-tensor hooks)
     theta = {n: p.detach() for n, p in model.named_parameters()} | {n: model.get_parameter(n).detach().requires_grad_() for n in names}
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
         f(theta, sample)
     return sum(saved.values()) + 3 * max(saved.values(), default=0)
 
