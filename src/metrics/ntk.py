@@ -21,7 +21,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from src.data.base import MODEL_INPUTS  # every tensor in the batch (labels included) reaches the probe
-from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +154,6 @@ def per_sample_kernels(
                 for n, g in per_sample_grad(theta, rows).items():
                     grads[n].append(g.flatten(1))
             kernels |= {g: _kernels([grads[n] for n in param_groups[g]]) for g in groups}
-            # G's chunks (1-32 MB each) come from glibc's arenas, which keep them resident once
-            # freed: hand them back, so that each pass starts from the same RSS
-            del grads
-            release_memory()
     return kernels
 
 
