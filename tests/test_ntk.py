@@ -215,6 +215,42 @@ def test_sample_working_memory_counts_the_log_probabilities() -> None:
     assert live_tensors() == before
 
 
+def test_sample_working_memory_counts_activations_freed_during_the_forward() -> None:
+    """Every activation saved along a deep chain counts, though nothing keeps them alive once saved
+    (keyed by storage address, a freed one's address handed to the next would count once)."""
+    depth, width = 12, 256
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.SiLU()) for _ in range(depth)])
+
+    def f(theta: dict[str, Tensor], sample: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(model, theta, (sample["x"],)).sum()
+
+    x = torch.randn(T, width)
+    with torch.no_grad():
+        estimate = _sample_bytes(model, f, ["0.0.weight"], {"x": x})
+    # saved: x (for the first Linear's weight) and each SiLU's input, [T, width] each, each storage
+    # once, plus three times the largest (see ``_sample_bytes``); the Linears above the first save
+    # only their (not differentiated) weights
+    assert estimate == (1 + depth + 3) * T * width * 4
+
+
+def test_per_sample_backward_builds_no_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vmap'd backward runs with create_graph=False: torch.func.grad's create_graph=True keeps
+    every saved activation and records the backward's own intermediates until it returns (SmolLM2,
+    a probe at layer 0: 2.5x the working memory the budget counts)."""
+    seen: list[bool] = []
+    autograd_grad = torch.autograd.grad
+
+    def recording(*args, **kwargs):
+        seen.append(bool(kwargs.get("create_graph", False)))
+        return autograd_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    torch.manual_seed(0)
+    model = llama()
+    per_sample_kernels(model, layer_groups(model, "llama"), make_batch(causal=True), target_loglik, chunk_size=2)
+    assert seen and not any(seen)
+
+
 def test_output_rel_err_ignores_padding() -> None:
     y_ref = torch.randn(2, 3, 4)
     mask = torch.tensor([[True, True, False], [True, False, False]])
