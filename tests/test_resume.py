@@ -64,3 +64,22 @@ def test_resume_after_a_signal_matches_uninterrupted(tmp_path: Path, straight: t
     a, b = _final(straight), _final(killed)
     for key in ("test/acc", "test/loss", "val/acc", "val/loss"):
         assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_a_run_ended_by_max_steps_trains_on_from_its_next_batch(tmp_path: Path) -> None:
+    """max_steps=3, then ckpt_path=last with max_steps=5, equals a straight max_steps=5 run (1e-5) at a
+    constant learning rate (the schedule's length is max_steps). Stopping ran the epoch's end, so the
+    checkpoint counted the epoch as done: the resumed run started the next epoch, and at
+    max_epochs=1 trained nothing."""
+    args = ["model=tiny_llama", "task=rt_review", "task.max_new_tokens=4", "task.max_eval_samples=4", "ffn_mode=none", "test=false",
+            "approx_metrics.enabled=false", "optim.warmup_ratio=0", "optim.schedule=polynomial", "optim.power=0",
+            f"paths.cache_dir={tmp_path / 'cache'}"]
+    for run, extra in (("resumed", ["trainer.max_steps=3"]), ("resumed", ["trainer.max_steps=5", "ckpt_path=last"]),
+                       ("straight", ["trainer.max_steps=5"])):
+        done = run_cli("src.train", *args, *extra, f"hydra.run.dir={tmp_path / run}", timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 5
+    for key in ("train/loss", "val/loss"):
+        assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])

@@ -72,6 +72,25 @@ class ValidateAtMaxSteps(L.Callback):
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resume a run that stopped before its epoch's last batch from the next batch.
+
+        Stopping runs the epoch's end, so its checkpoints count the epoch as done, and Lightning would
+        resume them at the next epoch's start: a run stopped at ``max_steps=3`` and resumed with
+        ``max_steps=5`` skipped the rest of its epoch (or, at ``max_epochs=1``, trained nothing). The
+        fix marks the epoch unfinished, as in a checkpoint written mid-epoch; the loop then goes on
+        from the batch after the last one trained (the DataModule's loader skips those).
+        """
+        loop = checkpoint.get("loops", {}).get("fit_loop")
+        if not loop or loop["epoch_loop.batch_progress"]["is_last_batch"]:
+            return
+        epoch = loop["epoch_progress"]
+        if epoch["current"]["processed"] < epoch["current"]["ready"]:  # written mid-epoch already
+            return
+        for progress in (epoch["total"], epoch["current"]):
+            progress["processed"] = progress["completed"] = progress["ready"] - 1
+        checkpoint["epoch"] = epoch["current"]["processed"]
+
 
 class RNGStateCheckpoint(L.Callback):
     """Saves torch's global RNG state (dropout) in checkpoints and restores it on resume."""
