@@ -138,7 +138,7 @@ def per_sample_kernels(
     def sample_grad(theta: dict[str, Tensor], sample: dict[str, Tensor]) -> dict[str, Tensor]:
         # `vjp` rather than `grad`: `grad` runs its backward with create_graph=True, which keeps every
         # saved activation, and records the backward's own intermediates, until it returns (SmolLM2,
-        # a probe at layer 0: ~2.5x a plain backward's memory). Called under no_grad, the vjp
+        # θ at layer 0: 3.9 GB against this vjp's 1.8 GB). Called under no_grad, the vjp
         # builds no graph and frees each node's saved tensors as the backward passes it.
         out, vjp_fn = vjp(lambda th: f(th, sample), theta)
         with torch.no_grad():
