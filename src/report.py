@@ -3,11 +3,12 @@
 Reads every run folder under the given folder (``results.json`` and ``.hydra/config.yaml``, written
 by ``src.train``; never W&B, so it works offline) and writes, into that folder:
 
-- ``report.md`` / ``report.csv``: one row per method (``ffn_mode``, plus ``+<distill>`` when
-  distilled) and ``mid_dim``, with the task metric's mean, std and 95 % Student-t interval over
-  seeds, n, its paired difference from the ``reference`` method (``ntk_cluster``) seed by seed with
-  its interval, the approximation errors, the parameter count, the time per training step and the
-  peak memory; runs that failed or are still running are listed apart, never averaged in;
+- ``report.md`` / ``report.csv``: one row per method (``ffn_mode``, plus its variant options, e.g.
+  ``+refit`` or ``+keep=0.25``, and ``+<distill>`` when distilled) and ``mid_dim``, with the task
+  metric's mean, std and 95 % Student-t interval over seeds, n, its paired difference from the
+  ``reference`` method (``ntk_cluster``) seed by seed with its interval, the approximation errors,
+  the parameter count, the time per training step and the peak memory; runs that failed or are
+  still running are listed apart, never averaged in;
 - ``task_metric_vs_mid_dim.png`` and ``ntk_sign_err_vs_mid_dim.png``: one line per method with
   95 % interval error bars (``ffn_mode=none`` has no width: a horizontal band), and
   ``task_metric_by_method.png``: every row's task metric with its interval.
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from src.utils.config import VARIANT_OPTIONS
 from src.utils.errors import ConfigError
 from src.utils.io import write_text
 from src.utils.summary import Estimate, estimate, figure, fmt, fmt_difference, fmt_estimate, markdown_table, paired
@@ -40,6 +42,8 @@ MEANS = {"hidden_rel_err": HIDDEN_ERR, "ntk_sign_rel_err": NTK_SIGN, "ntk_std_re
          "params": PARAMS_AFTER, "step_time_s": STEP_TIME, "peak_mem_mb": PEAK_MEM}
 ERROR_BARS = ["ntk_sign_rel_err"]  # columns that also get a 95 % interval, for the plots
 KEYS = ["method", "mid_dim"]
+# variant option values whose row label reads better short; any other value reads <option>=<value>
+SHORT_LABELS = {("refit", "lstsq"): "refit", ("weighting", "activation"): "act"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +57,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def variant_suffix(res: dict[str, Any]) -> str:
+    """A variant of a method is its own row: ``+<label>`` for each variant option set to anything but
+    null or ``none`` (wanda_sp+refit, ntk_cluster+act, ntk_cluster+budget=0.25, ntk_keep+keep=0.25)."""
+    values = ((option, res.get(option)) for option in VARIANT_OPTIONS)
+    return "".join(f"+{SHORT_LABELS.get((o, v), f'{o}={v}')}" for o, v in values if v not in (None, "none"))
+
+
 def read_run(folder: Path, root: Path) -> dict[str, Any]:
     """One run folder as a flat record: settings, status and its final metrics (``metric:<key>``)."""
     cfg_path = folder / ".hydra" / "config.yaml"
@@ -64,10 +75,6 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
     ffn_mode = res.get("ffn_mode") or ffn.get("name", "?")
     distill = res.get("distill") or cfg.get("distill", {}).get("name", "none")
     mid_dim = res.get("mid_dim", ffn.get("mid_dim"))
-    # a variant of a method is its own row: wanda_sp+refit, ntk_cluster+act, ntk_cluster+budget=0.25 (results.json
-    # records the options; runs written before it did are the method's defaults)
-    variant = "".join(f"+{label}" for label, on in (("refit", res.get("refit") == "lstsq"), ("act", res.get("weighting") == "activation"),
-                                                    (f"budget={res.get('budget')}", res.get("budget") is not None)) if on)
     return {
         "run": str(folder.relative_to(root)),
         "status": res.get("status", "unknown"),
@@ -75,7 +82,8 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
         "task": res.get("task") or cfg.get("task", {}).get("name"),
         "model": res.get("model") or cfg.get("model", {}).get("name"),
         "ffn_mode": ffn_mode,
-        "method": ffn_mode + variant + ("" if distill in (None, "none") else f"+{distill}"),
+        # results.json records the variant options; runs written before it did are the method's defaults
+        "method": ffn_mode + variant_suffix(res) + ("" if distill in (None, "none") else f"+{distill}"),
         # ffn_mode=none compresses nothing: a width set for it (by an experiment) means nothing
         "mid_dim": None if ffn_mode == "none" or mid_dim is None else int(mid_dim),
         "seed": res.get("seed", cfg.get("seed")),

@@ -75,7 +75,7 @@ def test_ntk_cluster_at_full_width_has_zero_errors(monkeypatch: pytest.MonkeyPat
 
 
 def test_identical_pairs_keep_the_sign_kernel_not_the_standard_one() -> None:
-    """METHOD.md section 4 in miniature, through the pipeline: pairs of identical sub-MLPs fused at
+    """docs/methods.md section 4 in miniature, through the pipeline: pairs of identical sub-MLPs fused at
     k = d/2 with frozen counts 2 keep outputs and the sign kernel; the standard kernel is off by ~1."""
     model, half = _model(), D // 2
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Calibration-aware compression (METHOD.md section 6): calibration hooks, refit, wanda_sp, activation
+"""Calibration-aware compression (docs/methods.md section 6): calibration hooks, refit, wanda_sp, activation
 weighting, the width budget, and runs whose checkpoints have per-layer widths."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from src.compress import budget, kmeans, ntk_keep, refit, wanda_sp
 from src.compress.common import activations
-from src.compress.types import MLPCalibration
+from src.compress.types import MLPCalibration, MLPWeights
 from src.models import mlp_io
 from src.models.calibration import Calibrator
 from src.models.exported import load_exported
@@ -58,11 +58,24 @@ def test_refit_keeps_the_original_when_the_ridge_would_raise_the_error() -> None
 def test_wanda_sp_keeps_the_largest_activation_weighted_norms() -> None:
     w = make_mlp(std=0.3)
     calib = _calib(w)
-    score = w.down.norm(dim=0) * activations(w, calib.x).norm(dim=0)
+    score = w.down.abs().sum(0) * activations(w, calib.x).norm(dim=0)
     expected = score.argsort(descending=True)[:10].sort().values
     c = wanda_sp.compress(w, 10, seed=0, calib=calib)
     torch.testing.assert_close(c.weights.up, w.up[expected])
     torch.testing.assert_close(c.weights.down, w.down[:, expected])
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "ntk_keep"])
+def test_the_wanda_sp_score_takes_the_l1_norm_of_the_down_column(method: str) -> None:
+    """Equal activations; down columns [1, 1] (L1 2, L2 1.41) and [1.5, 0] (L1 1.5, L2 1.5): the L1
+    norm, as FLAP's reference code, keeps neuron 0 where the L2 norm would keep neuron 1."""
+    w = MLPWeights(up=torch.ones(3, 2), down=torch.tensor([[1.0, 1.5, 0.1], [1.0, 0.0, 0.0]]), activation="relu")
+    calib = MLPCalibration(x=torch.ones(4, 2), y=torch.zeros(4, 2))  # every neuron's activation is 2 at every token
+    if method == "wanda_sp":
+        c = wanda_sp.compress(w, 1, seed=0, calib=calib)
+    else:  # mid_dim 2, keep 0.5: one neuron kept exactly (first), the other two fused
+        c = ntk_keep.compress(w, 2, seed=0, calib=calib, keep=0.5)
+    torch.testing.assert_close(c.weights.down[:, 0], w.down[:, 0])
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])

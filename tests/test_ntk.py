@@ -1,4 +1,4 @@
-"""Empirical NTK kernels: the vmap path against the loop, kernel properties, and METHOD.md §4 in miniature."""
+"""Empirical NTK kernels: the vmap path against the loop, kernel properties, and docs/methods.md §4 in miniature."""
 
 import copy
 import gc
@@ -281,7 +281,7 @@ class ScaledDown(nn.Module):
 
 
 def test_fusion_of_identical_pairs_keeps_sign_kernel() -> None:
-    """METHOD.md §4: fusing identical sub-MLP pairs at k = d/2 with frozen counts 2 keeps the outputs
+    """docs/methods.md §4: fusing identical sub-MLP pairs at k = d/2 with frozen counts 2 keeps the outputs
     and the sign kernel exactly, while the standard kernel of the fused layer is off by ~1."""
     torch.manual_seed(0)
     original = bert().eval()

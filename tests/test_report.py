@@ -83,6 +83,19 @@ def test_variants_of_a_method_are_their_own_rows(sweep: Path) -> None:
     assert "| ntk_cluster+refit+act | 16 | 2 | 0.85 | +0.035 [-0.0285, +0.0985] |" in text  # paired with plain ntk_cluster
 
 
+def test_runs_at_different_keep_values_are_their_own_rows(sweep: Path) -> None:
+    """ntk_keep at keep 0.25 and at 0.5: two rows, each with both of its seeds (not one row whose seeds overwrite)."""
+    for keep, acc in ((0.25, 0.8), (0.5, 0.9)):
+        for seed in (1, 2):
+            _run(sweep, f"keep{keep}-s{seed}", "completed", "ntk_keep", 16, seed, {**METRICS, "test/acc": acc}, refit="none", keep=keep)
+    table, _, _ = build_report(sweep)
+    rows = table[table.method.str.startswith("ntk_keep")].set_index("method")
+    assert sorted(rows.index) == ["ntk_keep+keep=0.25", "ntk_keep+keep=0.5"]
+    assert (rows["seeds"] == 2).all()
+    assert rows.loc["ntk_keep+keep=0.25", "test/acc mean"] == pytest.approx(0.8)
+    assert rows.loc["ntk_keep+keep=0.5", "test/acc mean"] == pytest.approx(0.9)
+
+
 def test_report_falls_back_to_best_validation_when_test_labels_are_hidden(sweep: Path) -> None:
     for res_path in sweep.glob("*/results.json"):
         res = json.loads(res_path.read_text())

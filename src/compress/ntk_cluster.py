@@ -39,7 +39,7 @@ def cluster_sub_mlps(
     """k-means of the d sub-MLP points into ``mid_dim`` clusters, and the stats to report.
 
     ``weighting="activation"`` weights each point by its activation energy ‖a_i‖² on the
-    calibration tokens in Lloyd's centroid step (METHOD.md section 6); counts stay neuron counts.
+    calibration tokens in Lloyd's centroid step (docs/methods.md section 6); counts stay neuron counts.
     """
     check_mid_dim(w, mid_dim)
     check(w.width, mid_dim, weighting=weighting, calib_size=0 if calib is None else len(calib.x))

@@ -1,11 +1,11 @@
 """Activation-aware MLP fusion: the sub-MLPs that matter on the data kept exactly, the rest fused.
 
-The ``t = round(keep · k)`` sub-MLPs of largest Wanda-sp score ‖down[:, i]‖₂ · ‖a_i‖₂ on the
+The ``t = round(keep · k)`` sub-MLPs of largest Wanda-sp score ‖down[:, i]‖₁ · ‖a_i‖₂ on the
 calibration tokens stay as they are (each its own cluster, count 1); the other ``d − t`` are fused
 by k-means into ``k − t`` clusters whose sizes are the frozen count scale, each point weighted by
 its activation energy ‖a_i‖² in the centroid step. So it is MLP fusion (``ntk_cluster``: centroids,
 frozen counts, the NTK argument) on the neurons Wanda-sp would drop, instead of dropping them
-(docs/methods.md). Needs calibration data.
+(docs/methods.md, "ntk_keep"). Needs calibration data.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .types import FusedMLP, MLPCalibration, MLPWeights, OptionError
 from .wanda_sp import scores
 
 # Bumped whenever this method's output changes: part of the compression cache key.
-VERSION = "1"
+VERSION = "2"  # 2: the Wanda-sp score takes the column's L1 norm (was L2)
 
 
 def check(width: int, mid_dim: int, *, keep: float = 0.5, **_: object) -> None:

@@ -1,4 +1,4 @@
-"""Least-squares refit of a compressed MLP's down projection on calibration tokens (METHOD.md section 6).
+"""Least-squares refit of a compressed MLP's down projection on calibration tokens (docs/methods.md section 6).
 
 With Z [T, k] the activations the down projection multiplies (ntk_cluster's frozen counts
 included, so the scale stays as it is) and Y [T, h] the original MLP's outputs, the new down

@@ -48,7 +48,7 @@ class MLPWeights:
 
 @dataclass(frozen=True)
 class MLPCalibration:
-    """One MLP's behaviour on the T non-padding calibration tokens (METHOD.md section 6).
+    """One MLP's behaviour on the T non-padding calibration tokens (docs/methods.md section 6).
 
     ``x`` are the MLP's inputs (from the original model or, sequentially, from the model whose
     earlier chosen layers are compressed already) and ``y`` the original MLP's outputs on them.

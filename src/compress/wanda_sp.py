@@ -1,8 +1,9 @@
 """Wanda-sp: structured activation-aware pruning, the usual baseline of LLM width pruning.
 
-Keeps the ``mid_dim`` neurons with the largest ‖down[:, i]‖₂ · ‖a_i‖₂, a_i = neuron i's activation
+Keeps the ``mid_dim`` neurons with the largest ‖down[:, i]‖₁ · ‖a_i‖₂, a_i = neuron i's activation
 over the calibration tokens (act(gate)·up for gated MLPs): the structured form of Wanda's
-|weight| × ‖activation‖ score (METHOD.md section 6). Needs calibration data.
+|weight| × ‖activation‖ score, with the L1 norm of the column as FLAP's reference code scores a
+channel (docs/methods.md, "wanda_sp"). Needs calibration data.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .common import activations, check_mid_dim, mlp_from_points, sub_mlp_points,
 from .types import FusedMLP, MLPCalibration, MLPWeights
 
 # Bumped whenever this method's output changes: part of the compression cache key.
-VERSION = "1"
+VERSION = "2"  # 2: the column's L1 norm (was L2)
 
 
 def needs_calibration(**_: object) -> bool:
@@ -22,9 +23,9 @@ def needs_calibration(**_: object) -> bool:
 
 
 def scores(w: MLPWeights, calib: MLPCalibration, acts: torch.Tensor | None = None) -> torch.Tensor:
-    """‖down[:, i]‖₂ · ‖a_i‖₂ over the calibration tokens, [d]; ``acts`` [T, d]: the activations, if already computed."""
+    """‖down[:, i]‖₁ · ‖a_i‖₂ over the calibration tokens, [d]; ``acts`` [T, d]: the activations, if already computed."""
     a = activations(w, calib.x) if acts is None else acts
-    return w.down.to(a.dtype).norm(dim=0) * a.norm(dim=0)
+    return torch.linalg.vector_norm(w.down.to(a.dtype), ord=1, dim=0) * a.norm(dim=0)
 
 
 @torch.no_grad()

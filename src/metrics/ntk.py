@@ -1,4 +1,4 @@
-"""Empirical NTK of a scalar probe output, and the relative errors that compare models (METHOD.md §4).
+"""Empirical NTK of a scalar probe output, and the relative errors that compare models (docs/methods.md §4).
 
 For probe samples x_1..x_n and a parameter set θ, ``G`` is the ``[n, |θ|]`` matrix of per-sample
 gradients ∂f(x_i)/∂θ. The standard (SGD) kernel is ``G Gᵀ`` and the sign (Adam) kernel

@@ -1,4 +1,4 @@
-"""Calibration activations of the chosen MLPs (METHOD.md section 6), collected through ``mlp_io`` hooks.
+"""Calibration activations of the chosen MLPs (docs/methods.md section 6), collected through ``mlp_io`` hooks.
 
 For a layer, X [T, h] are its MLP's inputs at the T non-padding tokens of the calibration batches
 and Y the layer's current (still original) MLP's outputs on X. ``collect`` reads them from the

@@ -1,4 +1,4 @@
-"""GGUF models (the offline SmolLM2 of ASSETS.md): dequantized once into a plain Hugging Face folder.
+"""GGUF models (the offline SmolLM2 of docs/assets.md): dequantized once into a plain Hugging Face folder.
 
 Loading a GGUF file dequantizes it (about 20 s for SmolLM2); the plain safetensors copy under
 ``model.cache_dir`` loads in seconds, and a GGUF-loaded model could not be saved or exported.

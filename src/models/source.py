@@ -2,7 +2,7 @@
 
 First match wins: ``name_or_path`` (a local folder, or a Hub id, failing fast offline when it is not
 in the local Hugging Face cache), then ``package`` ("<installed python package>/<subfolder>", the
-offline assets of ASSETS.md).
+offline assets of docs/assets.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hydra glue shared by the entry points: the config resolvers and the method registry.
+"""Hydra glue shared by the entry points: the config resolvers, the method registry and its variant options.
 
 Imported by every entry point before Hydra composes (it registers the resolvers).
 """
@@ -16,6 +16,10 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # ${tag:k,${ffn_mode.mid_dim}} -> "-k384", or "" when the value is null (default width).
 OmegaConf.register_new_resolver("tag", lambda prefix, value: "" if value is None else f"-{prefix}{value}", replace=True)
+
+# The ffn_mode options that make a variant of a method (ntk_keep at keep 0.25 is not ntk_keep at
+# 0.5): src.train records them in results.json and src.report gives each variant its own row.
+VARIANT_OPTIONS = ("keep", "refit", "weighting", "budget")
 
 
 def ffn_modes() -> list[str]:
