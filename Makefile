@@ -4,7 +4,7 @@ PY ?= python3
 STAMP := .make/installed
 ASSETS = $(shell $(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['assets']))")
 
-.PHONY: install train test test-slow test-all bench bench-quick clean
+.PHONY: install train test test-slow test-gpu test-all bench bench-quick clean
 
 install: $(STAMP)
 
@@ -20,10 +20,14 @@ train: install
 # the fast tier in parallel processes (one per core, at most 4; each test pins one thread): the tests
 # share nothing but read-only assets. The slow tier stays serial: DDP, timed signals, real models.
 test: install
-	$(PY) -m pytest -m "not slow" -q -n auto --maxprocesses=4 $(ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" -q -n auto --maxprocesses=4 $(ARGS)
 
 test-slow: install
-	$(PY) -m pytest -m slow -q $(ARGS)
+	$(PY) -m pytest -m "slow and not gpu" -q $(ARGS)
+
+# the GPU tier: end to end on CUDA (tests/test_gpu.py); every test skips where no GPU is visible
+test-gpu: install
+	$(PY) -m pytest -m gpu -q -rs $(ARGS)
 
 test-all: install
 	$(PY) -m pytest -q $(ARGS)

@@ -14,6 +14,7 @@ with the uncompressed model (its errors are 0). Writes into the run folder:
 - ``approx.md``: those tables (n = 1 prints no interval);
 - ``approx.png``: the headline errors per method, with 95 % interval error bars.
 
+Everything runs on ``device`` (``auto``: a CUDA GPU where one is visible, else the CPU).
 ``approx.json`` is rewritten after every measurement, so an interrupted run keeps what it measured.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import hydra
 import lightning as L
 import numpy as np
+import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -39,6 +41,7 @@ from src.models.fuse import count_params
 from src.preflight import preflight
 from src.utils.config import ffn_modes
 from src.utils.errors import ConfigError
+from src.utils.hardware import to_device
 from src.utils.io import write_json, write_text
 from src.utils.summary import Estimate, estimate, figure, fmt_difference, fmt_estimate, markdown_table, paired
 
@@ -159,11 +162,23 @@ def chart(summary: dict[str, dict[str, Estimate]], path: Path, title: str) -> No
         ax.legend(fontsize=8)
 
 
+def approx_device(name: str) -> torch.device:
+    """``device``: auto (a CUDA GPU where one is visible, else the CPU), cpu, or cuda[:i] (refused without a GPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or (str(name).startswith("cuda") and torch.cuda.is_available()):
+        return torch.device(name)
+    if str(name).startswith("cuda"):
+        raise ConfigError(f"device={name} needs a CUDA GPU, and none is visible here: use device=cpu or device=auto.")
+    raise ConfigError(f"device={name!r} must be auto, cpu or cuda.")
+
+
 def approx(cfg: DictConfig) -> dict[str, Any]:
     """Compress with each method for each seed, measure, write the outputs; returns what ``approx.json`` holds."""
     seeds = _seeds(cfg)
     configs = method_configs(cfg)
     checked = {m: preflight(mc) for m, mc in configs.items()}  # every method's options, before any model loads
+    device = approx_device(cfg.device)
     compressing = {m: mc for m, mc in configs.items() if m != "none"}
     first = next(iter(compressing.values()))
     layers, reference = list(first.ffn_mode.layers), cfg.reference
@@ -178,8 +193,8 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(seed)  # the task head is random: seed it as a training run does, so the probe matches
         seeded = _with_seed(first, seed)
         module = build_module(seeded)
-        original = module.model.eval()
-        batch = datamodule.probe_batch(cfg.approx_metrics.probe_size, seeded.approx_metrics.probe_seed)
+        original = module.model.to(device).eval()
+        batch = to_device(datamodule.probe_batch(cfg.approx_metrics.probe_size, seeded.approx_metrics.probe_seed), device)
         a = cfg.approx_metrics
         ref = measure_reference(original, layers, batch, module.probe_fns, a.chunk_size, a.max_memory_gb)  # once per seed, shared
         for m, mc in configs.items():
@@ -189,7 +204,7 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
                 metrics.update({"fusion/params_after": float(count_params(original)), "fusion/compress_seconds": 0.0})
             else:
                 callback = instantiate(_with_seed(mc, seed).ffn_mode.callback)  # the object a training run compresses with
-                callback.compress_and_measure(copy.deepcopy(original), "cpu", datamodule, module.probe_fns, ref)
+                callback.compress_and_measure(copy.deepcopy(original), device, datamodule, module.probe_fns, ref)
                 metrics = callback.summary_metrics
             runs.append({"method": m, "seed": seed, "metrics": _flat(metrics)})
             log.info("seed %d, %s: final hidden err %.4f, NTK sign err %.4f", seed, m, metrics["fusion/hidden_rel_err"], metrics["fusion/ntk_sign_rel_err"])

@@ -55,6 +55,17 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     return module_cls(cfg.model, cfg.task, cfg.optim, output_dir=cfg.paths.output_dir)
 
 
+def build_trainer(cfg: DictConfig, module: L.LightningModule, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """``cfg.trainer`` (resolved by the preflight) with the run's callbacks; an FSDP strategy without its own
+    ``auto_wrap_policy`` wraps each of the model's transformer blocks (its ``_no_split_modules``)."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    if not isinstance(strategy, str) and "FSDP" in strategy.get("_target_", "") and strategy.get("auto_wrap_policy") is None:
+        names = set(getattr(module.model, "_no_split_modules", None) or [])
+        blocks = {type(m) for m in module.model.modules() if type(m).__name__ in names}
+        kwargs["strategy"] = instantiate(strategy, auto_wrap_policy=blocks or None)
+    return instantiate(cfg.trainer, callbacks=callbacks, **kwargs)
+
+
 def build_callbacks(cfg: DictConfig, ckpt_path: str | None = None) -> list[L.Callback]:
     """Config callbacks, then distillation, then the compression callback (none for ``ffn_mode=none``).
 

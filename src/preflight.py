@@ -22,6 +22,7 @@ from src.models import mlp_io
 from src.models.build import load_hf_config
 from src.models.fuse import needs_calibration
 from src.utils.errors import ConfigError
+from src.utils.hardware import resolve_trainer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
     Returns the model's transformers config and the task's validated data splits.
     """
     check_run_settings(cfg)
+    resolve_trainer(cfg)
     hf = load_hf_config(cfg.model)
     check_architecture(cfg, hf)
     resolve(cfg, hf)

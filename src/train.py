@@ -9,16 +9,15 @@ import time
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-import src.utils.config  # noqa: F401  (registers the config resolvers)
-from src.builders import build_callbacks, build_data_and_module
+from src.builders import build_callbacks, build_data_and_module, build_trainer
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
 from src.preflight import preflight, resolve_ckpt_path
 from src.utils.checkpoint_io import StreamingCheckpointIO
+from src.utils.config import VARIANT_OPTIONS  # importing it registers the config resolvers
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
 from src.utils.loggers import build_loggers, close_loggers
@@ -34,7 +33,7 @@ def write_results(cfg: DictConfig, status: str, **fields: object) -> None:
                "mid_dim": cfg.ffn_mode.get("mid_dim"), "layers": OmegaConf.to_container(cfg.ffn_mode.get("layers")) if cfg.ffn_mode.get("layers") is not None else None,
                "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor,
                # the options that make a variant of a method (the report tells them apart)
-               **{k: cfg.ffn_mode.get(k) for k in ("refit", "weighting", "budget", "keep") if cfg.ffn_mode.name != "none" and k in cfg.ffn_mode}}
+               **{k: cfg.ffn_mode.get(k) for k in VARIANT_OPTIONS if cfg.ffn_mode.name != "none" and k in cfg.ffn_mode}}
     write_json(f"{cfg.paths.output_dir}/results.json", {"status": status, **summary, **fields})
 
 
@@ -64,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg, splits)
     callbacks = build_callbacks(cfg, ckpt_path)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg), plugins=[StreamingCheckpointIO()])
+    trainer = build_trainer(cfg, module, callbacks, logger=build_loggers(cfg), plugins=[StreamingCheckpointIO()])
     start = time.time()
     stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
     try:

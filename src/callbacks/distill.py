@@ -1,4 +1,4 @@
-"""Layer-wise task-specific tuning (METHOD.md section 3): a Lightning stage between compression and fine-tuning.
+"""Layer-wise task-specific tuning (docs/methods.md section 3): a Lightning stage between compression and fine-tuning.
 
 For ``distill.epochs`` over the task's training inputs (labels unused), only the compressed layers'
 MLP weights train, with Adam, to match the hidden states of the frozen uncompressed model::
@@ -34,6 +34,7 @@ from src.data.base import MODEL_INPUTS
 from src.models import mlp_io
 from src.models.outputs import stack_hidden_states
 from src.utils.errors import ConfigError
+from src.utils import hardware
 from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class DistillCallback(L.Callback):
         if self.ckpt_path:  # trainer.ckpt_path is not set yet at setup
             log.info("distillation skipped: the run resumes from %s", self.ckpt_path)
             return
-        # Every rank keeps its own teacher (each computes the loss on its shard). The callback
-        # order makes this run before the fusion callback compresses.
+        # Every rank keeps its own teacher (each computes the loss on its shard), on the device it trains
+        # on. The callback order makes this run before the fusion callback compresses.
+        hardware.place_for_setup(trainer, pl_module)
         self.teacher = copy.deepcopy(pl_module.model.base_model)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

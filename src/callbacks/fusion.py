@@ -27,6 +27,7 @@ from src.models import mlp_io
 from src.models.source import model_identity
 from src.models.calibration import Calibrator
 from src.models.fuse import FusionReport, apply_spec, compress_model, needs_calibration
+from src.utils import hardware
 from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
@@ -83,35 +84,42 @@ class FusionCallback(L.Callback):
     ) -> FusionReport:
         """Compress ``model`` in place (calibration from ``datamodule``'s training split where the
         settings use it, cache, re-init ablation) and, with the metrics enabled, measure it against a
-        copy of the original on the probe set (METHOD.md section 4); ``reference``: the original's side
+        copy of the original on the probe set (docs/methods.md); ``reference``: the original's side
         of that measurement when already made (``src.approx`` measures many methods against one).
 
-        Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
+        Each layer is compressed on ``device``; the calibration and probe batches go where ``model``
+        is (``hardware.setup_device`` put it there). A GPU out of memory stops with one sentence
+        naming the setting to lower. Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
         """
         m = self.metrics_cfg
+        where = hardware.model_device(model)
         original = self._original_copy(model) if m["enabled"] else None
         calibrator = None
-        if needs_calibration(self.fn, self.refit, self.budget):
-            c = self.calib_cfg
-            batches = [{k: v.to(device) for k, v in b.items()} for b in datamodule.calib_batches(c["size"], c["seed"], c["batch_size"])]
-            calibrator = Calibrator(batches, sequential=c["sequential"])
-        report = compress_model(
-            model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
-            options={**self.options, "identity": self.identity}, cache=self.cache, device=device,
-            calibrator=calibrator, refit=self.refit, refit_ridge=self.refit_ridge, budget=self.budget,
-            experts=self.experts, shared_expert=self.shared_expert,
-        )
+        with hardware.refuse_oom("compression and its calibration", "ffn_mode.calib.batch_size (or ffn_mode.calib.size)"):
+            if needs_calibration(self.fn, self.refit, self.budget):
+                c = self.calib_cfg
+                batches = [hardware.to_device(b, where) for b in datamodule.calib_batches(c["size"], c["seed"], c["batch_size"])]
+                calibrator = Calibrator(batches, sequential=c["sequential"])
+            report = compress_model(
+                model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
+                options={**self.options, "identity": self.identity}, cache=self.cache, device=device,
+                calibrator=calibrator, refit=self.refit, refit_ridge=self.refit_ridge, budget=self.budget,
+                experts=self.experts, shared_expert=self.shared_expert,
+            )
+        del calibrator
         self.spec = report.spec
         for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights
             mlp_io.reinit_mlp(model, layer)
             log.info("re-initialised the MLP weights of layer %d (ffn_mode.re_init_layers)", layer)
         self.summary_metrics = report.metrics()
         if original is not None:
-            batch = {k: v.to(device) for k, v in datamodule.probe_batch(m["probe_size"], m["probe_seed"]).items()}
+            batch = hardware.to_device(datamodule.probe_batch(m["probe_size"], m["probe_seed"]), where)
             # the budget is what the metrics add to the run: the original's copied MLPs come off it first
             copied = sum(t.numel() * t.element_size() for t in self._compressed_tensors(original))
-            metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"],
-                                                  m["max_memory_gb"] - copied / 2**30, reference)
+            with hardware.refuse_oom("the approximation metrics", "approx_metrics.max_memory_gb or approx_metrics.chunk_size "
+                                     "(or approx_metrics.enabled=false)"):
+                metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"],
+                                                      m["max_memory_gb"] - copied / 2**30, reference)
             for row in rows:
                 row.update(report.layer_stats.get(row["layer"], {}))
             self.summary_metrics.update(metrics)
@@ -143,9 +151,11 @@ class FusionCallback(L.Callback):
             self.spec = ckpt_spec
             log.info("rebuilt the compressed structure recorded in %s (no clustering)", self.ckpt_path)
             return
+        # every rank on its own device first: the broadcast below (NCCL) sends device tensors
+        hardware.place_for_setup(trainer, pl_module)
         distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
         if trainer.is_global_zero:
-            self.compress_and_measure(model, trainer.strategy.root_device, trainer.datamodule, pl_module.probe_fns)
+            self.compress_and_measure(model, hardware.compute_device(trainer), trainer.datamodule, pl_module.probe_fns)
             # the original's MLPs, the calibration activations and the metrics' gradients are garbage
             # now: return them to the OS before fine-tuning allocates its optimizer state
             release_memory()
@@ -153,8 +163,11 @@ class FusionCallback(L.Callback):
             self.spec = trainer.strategy.broadcast(self.spec, src=0)
             if not trainer.is_global_zero:
                 apply_spec(model, self.spec)
+            device = hardware.compute_device(trainer)  # NCCL sends device tensors; FSDP keeps the model on the CPU until it shards
             for t in self._compressed_tensors(model):
-                dist.broadcast(t.data, src=0)  # exact bits from rank zero
+                staged = t.data.to(device)
+                dist.broadcast(staged, src=0)  # exact bits from rank zero
+                t.data.copy_(staged)
         digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in self._compressed_tensors(model))).hexdigest()[:16]
         log.info("rank %d: compressed weights sha256 %s", trainer.global_rank, digest)
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class ScaledLinear(nn.Module):
-    """``F.linear(x * scale, W, b)`` with a frozen per-input scale.
+    """``F.linear(x, W · diag(scale), b)`` (= ``F.linear(x * scale, W, b)``) with a frozen per-input scale.
 
     ``scale`` [in] holds MLP fusion's k-means cluster counts: a persistent buffer (saved in
     checkpoints, moved by ``.to``) that the optimizer never sees. Deliberately not an ``nn.Linear``
@@ -25,7 +25,10 @@ class ScaledLinear(nn.Module):
         self.register_buffer("scale", scale.detach().clone().to(self.weight.dtype), persistent=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x * self.scale, self.weight, self.bias)
+        # scale the weight [out, in], not the activations [tokens, in]: the same outputs and gradients
+        # (∂L/∂W = ∂L/∂W_eff · diag(scale)) for out·in multiplications instead of tokens·in, and no
+        # float32 copy of the bf16 activations under autocast (x * a float32 buffer promotes)
+        return F.linear(x, self.weight * self.scale, self.bias)
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import get_linear_schedule_with_warmup, get_polynomial_decay_schedule_with_warmup
 
 from src.models.build import build_model
+from src.modules.optim import build_adamw, build_schedule
 
 
 def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -33,6 +35,12 @@ class FineTuneModule(L.LightningModule):
         self.model = build_model(self.hparams.model, self.head, **config_overrides)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
 
+    def configure_model(self) -> None:
+        """``model.compile``: compile after the callbacks' setup compressed the model (Lightning calls this
+        hook after theirs), in place, so that the state dict keeps its keys."""
+        if self.hparams.model.get("compile") and self.model._compiled_call_impl is None:
+            self.model.compile()
+
     @property
     def probe_fns(self) -> dict[str, Callable]:
         """Scalar outputs f(logits [1, ...], sample) whose empirical NTK the fusion metrics compare."""
@@ -40,22 +48,22 @@ class FineTuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams.optim
-        # No weight decay on biases and norms, as in the paper's (and every BERT) recipe.
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-            # one kernel per parameter: the default multi-tensor (foreach) step allocates temporaries
-            # as large as all the parameters together (SmolLM2: ~0.5 GB at every step)
-            fused=True,
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(o["warmup_ratio"] * total)
-        if o["schedule"] == "polynomial":
-            sched = get_polynomial_decay_schedule_with_warmup(opt, warmup, total, power=o["power"])
-        else:
-            sched = get_linear_schedule_with_warmup(opt, warmup, total)
+        opt = build_adamw(self.named_parameters(), o, self.trainer.precision)
+        sched = build_schedule(opt, o, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip where Lightning's precision plugins cannot. Under FSDP the norm is over every rank's shards
+        (the wrapped root's ``clip_grad_norm_``). Under bf16-mixed Lightning refuses any optimizer that
+        could unscale gradients itself (fused AdamW), though only fp16 has a loss scaler: the gradients
+        are final, so they are clipped here as its plugin would clip them."""
+        strategy, by_norm = self.trainer.strategy, gradient_clip_algorithm != "value"
+        if gradient_clip_val and by_norm and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif gradient_clip_val and isinstance(self.trainer.precision_plugin, MixedPrecision) and self.trainer.precision == "bf16-mixed":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            clip = torch.nn.utils.clip_grad_norm_ if by_norm else torch.nn.utils.clip_grad_value_
+            clip(params, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
