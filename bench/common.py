@@ -21,16 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
-from torch.optim import AdamW, Optimizer
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import get_linear_schedule_with_warmup
 
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.data.classification import load_rt_polarity
 from src.models.build import load_hf_config, load_tokenizer
 from src.builders import build_datamodule
 from src.models.fuse import FusionReport, needs_calibration
+from src.modules.optim import build_adamw, build_schedule
 from src.preflight import preflight, resolve
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -38,6 +38,18 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # ---------------------------------------------------------------------------------------------
 # sizes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model of realistic size: random weights built from ``conf/model/<model>.yaml``, fed random token ids."""
+
+    model: str  # conf/model entry
+    head: str  # "classification" (cross-entropy over the classes) | "generation" (next-token cross-entropy)
+    seq_len: int  # tokens per sequence (no padding)
+    batch_size: int = 0  # finetune: sequences per step (scale: unused, the metrics' probe size is the config's)
+    layers: tuple[int, ...] | None = None  # compressed layers; None: the model's defaults (its fusion_defaults)
+    overrides: tuple[str, ...] = ()  # Hydra overrides of conf/train.yaml for it (quick mode: toy sizes of the architecture)
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,26 @@ class Sizes:
     # inference speed: (model, head, its (batch, length) cases), compressed with the project's defaults
     inference: tuple[tuple[str, str, tuple[tuple[int, int], ...]], ...]
     inference_reps: int
+    shapes: dict[str, Shape]  # finetune's --shape choices besides "default" (the mode's model on real sentences)
+    scale: tuple[Shape, ...]  # the scale benchmark's models
 
+
+# quick mode's stand-ins for the realistic shapes: each architecture at toy sizes, so that the same code runs in seconds
+_TOY = ("model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=4",
+        "model.config.num_attention_heads=2")
+_TOY_LLAMA = (*_TOY, "model.config.num_key_value_heads=1")
+# the scale benchmark times the project's setup as it is: no fusion cache (a cache hit would time nothing), a causal-LM task
+_SCALE = ("task=rt_review", "ffn_mode.cache=false")
 
 FULL = Sizes(
     name="full", overrides=("model=minilm",), layers=(2, 3, 4, 5), mid_dim=384, big_layer=(768, 3072, 768),
     probe_size=32, sklearn_n_init=1, fusion_reps=3, ntk_reps=5, step_reps=10, overhead_steps=22,
     inference=(("minilm", "classification", ((1, 64), (32, 64))), ("smollm2", "generation", ((1, 128), (8, 128)))),
     inference_reps=7,
+    shapes={"roberta_base": Shape("bench_roberta_base", "classification", seq_len=128, batch_size=32),
+            "llama_1b": Shape("bench_llama_1b", "generation", seq_len=256, batch_size=16)},
+    scale=(Shape("bench_llama_1b", "generation", seq_len=128, layers=(13, 14, 15), overrides=_SCALE),
+           Shape("bench_llama3_8b", "generation", seq_len=128, layers=(30, 31), overrides=_SCALE)),
 )
 QUICK = Sizes(
     name="quick", overrides=("model=tiny_bert", "task.batch_size=8", "task.max_seq_length=32"), layers=(1, 2, 3),
@@ -72,30 +97,46 @@ QUICK = Sizes(
     overhead_steps=6,
     inference=(("tiny_bert", "classification", ((1, 16), (4, 16))), ("tiny_llama", "generation", ((1, 16), (2, 16)))),
     inference_reps=2,
+    shapes={"roberta_base": Shape("bench_roberta_base", "classification", seq_len=16, batch_size=4, overrides=_TOY),
+            "llama_1b": Shape("bench_llama_1b", "generation", seq_len=16, batch_size=4, overrides=_TOY_LLAMA)},
+    scale=tuple(Shape(model, "generation", seq_len=16, layers=(2, 3),
+                      overrides=(*_SCALE, *_TOY_LLAMA, "approx_metrics.probe_size=8", "task.calib_size=16"))
+                for model in ("bench_llama_1b", "bench_llama3_8b")),
 )
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line sets besides the mode: where and at what precision the benchmarks run, and finetune's model."""
+
+    device: torch.device
+    precision: str = "32-true"  # of training and inference steps: "32-true" | "bf16-mixed"
+    shape: str = "default"  # finetune's model: "default" (the mode's, on real sentences) or a key of Sizes.shapes
+    checkpointing: bool = False  # finetune: activation checkpointing of every block (model.gradient_checkpointing)
 
 
 # ---------------------------------------------------------------------------------------------
 # configs and data
 
 
-def compose_config(sizes: Sizes, ffn_mode: str | None = "ntk_cluster", device: torch.device | None = None,
-                   output_dir: str = str(Path(tempfile.gettempdir()) / "mlp-fusion-bench"), model: str | None = None,
-                   default_fusion: bool = False) -> DictConfig:
+def compose_config(sizes: Sizes, opts: Options, ffn_mode: str | None = "ntk_cluster", *, model: str | None = None,
+                   default_fusion: bool = False, extra: Sequence[str] = (),
+                   output_dir: str = str(Path(tempfile.gettempdir()) / "mlp-fusion-bench")) -> DictConfig:
     """conf/train.yaml composed in-process as ``python -m src.train`` would, resolved.
 
     ``output_dir`` is the run folder the config's paths point to (nothing is written there unless a
-    benchmark runs Lightning); on CUDA the trainer is ``trainer=gpu`` kept at fp32, as on CPU.
-    ``model`` replaces the sizes' model; ``ffn_mode=None`` keeps the model's default method (what
-    ``python -m src.train model=<model>`` compresses with); ``default_fusion`` keeps the ffn_mode's own
-    layers and mid_dim instead of the sizes', filled from the model's config as ``python -m src.train`` fills them.
+    benchmark runs Lightning). The trainer is ``trainer=cpu`` or ``trainer=gpu`` at ``opts.precision``
+    (not ``trainer=auto``: the command line chooses). ``model`` replaces the sizes' model;
+    ``ffn_mode=None`` keeps the model's default method (what ``python -m src.train model=<model>``
+    compresses with); ``default_fusion`` keeps the ffn_mode's own layers and mid_dim instead of the
+    sizes', filled from the model's config as ``python -m src.train`` fills them where ``extra`` (more
+    overrides, applied last) leaves them unset.
     """
     overrides = [o for o in sizes.overrides if model is None or not o.startswith("model=")]
     overrides += ([f"model={model}"] if model else []) + ([f"ffn_mode={ffn_mode}"] if ffn_mode else [])
     if ffn_mode != "none" and not default_fusion:
         overrides += [f"ffn_mode.layers=[{','.join(map(str, sizes.layers))}]", f"ffn_mode.mid_dim={sizes.mid_dim}"]
-    if device is not None and device.type == "cuda":
-        overrides += ["trainer=gpu", "trainer.precision=32-true"]
+    overrides += [f"trainer={'gpu' if opts.device.type == 'cuda' else 'cpu'}", f"trainer.precision={opts.precision}", *extra]
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -108,6 +149,13 @@ def compose_config(sizes: Sizes, ffn_mode: str | None = "ntk_cluster", device: t
         resolve(cfg, load_hf_config(cfg.model))
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def shape_config(sizes: Sizes, opts: Options, shape: Shape, ffn_mode: str, extra: Sequence[str] = ()) -> DictConfig:
+    """The config of ``shape``'s model compressed with ``ffn_mode`` on its layers (the model's defaults
+    where the shape names none) at the model's default width."""
+    layers = [f"ffn_mode.layers=[{','.join(map(str, shape.layers))}]"] if shape.layers and ffn_mode != "none" else []
+    return compose_config(sizes, opts, ffn_mode, model=shape.model, default_fusion=True, extra=(*shape.overrides, *layers, *extra))
 
 
 def real_batches(cfg: DictConfig, n_batches: int, device: torch.device) -> list[dict[str, Tensor]]:
@@ -128,6 +176,16 @@ def real_batches(cfg: DictConfig, n_batches: int, device: torch.device) -> list[
     return batches
 
 
+def random_tokens(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: int | None = None) -> dict[str, Tensor]:
+    """``n`` sequences of ``seq_len`` token ids drawn uniformly from the vocabulary, unpadded (attention
+    mask all ones). labels: a random class of ``num_labels`` per sequence (a classifier), else the ids
+    themselves (a causal LM's targets: position t predicts labels[t + 1])."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab_size, (n, seq_len), generator=gen)
+    labels = torch.randint(num_labels, (n,), generator=gen) if num_labels else ids.clone()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
 def compress(model: nn.Module, cfg: DictConfig, device: torch.device) -> FusionReport:
     """Compress ``model`` in place as ``python -m src.train`` does at setup: the fusion callback built
     from ``cfg.ffn_mode`` (same cache, identity and options), with its approximation metrics off (they
@@ -141,22 +199,53 @@ def compress(model: nn.Module, cfg: DictConfig, device: torch.device) -> FusionR
 # ---------------------------------------------------------------------------------------------
 # training steps (the bare PyTorch side)
 
-
-def adamw(model: nn.Module, optim: DictConfig, total_steps: int) -> tuple[Optimizer, LRScheduler]:
-    """AdamW and linear warm-up/decay with the project's settings (``FineTuneModule.configure_optimizers``)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    opt = AdamW([{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    return opt, get_linear_schedule_with_warmup(opt, int(optim.warmup_ratio * total_steps), total_steps)
+PRECISIONS = ("32-true", "bf16-mixed")
 
 
-def forward_backward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Cross-entropy of the classifier on ``batch`` and its backward pass; returns the loss."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    loss = F.cross_entropy(logits, batch["labels"])
+def default_precision(device: torch.device) -> str:
+    """What the project trains at on ``device`` under trainer=auto (src.utils.hardware): bf16-mixed on a
+    GPU (every GPU the benchmarks target has bfloat16), 32-true on the CPU."""
+    return "bf16-mixed" if device.type == "cuda" else "32-true"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast Lightning's precision plugin puts around the forward: bfloat16 under bf16-mixed, none under 32-true."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+# the note of a benchmark that computes in fp32 whatever --precision says
+FP32_NOTE = ("precision 32-true: fp32 throughout, as the project compresses and measures (at setup, outside the training "
+             "precision's autocast); --precision applies to the training and inference steps only.")
+
+
+def precision_note(precision: str) -> str:
+    """A table's note on the precision of its training or inference steps."""
+    if precision == "bf16-mixed":
+        return ("precision bf16-mixed: forwards (and the loss) under torch.autocast(dtype=torch.bfloat16), backwards outside it; "
+                "weights, gradients and AdamW states in fp32.")
+    return "precision 32-true: fp32 throughout."
+
+
+def adamw(model: nn.Module, optim: DictConfig, total_steps: int, precision: str) -> tuple[Optimizer, LRScheduler]:
+    """The project's AdamW (parameter groups, implementation for ``precision``) and schedule, as
+    ``FineTuneModule.configure_optimizers`` builds them."""
+    opt = build_adamw(model.named_parameters(), optim, precision)
+    return opt, build_schedule(opt, optim, total_steps)
+
+
+def forward_backward(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+    """The loss on ``batch`` under the precision's autocast, and its backward; returns the loss.
+
+    A classifier's logits [B, C]: cross-entropy against ``labels`` [B]. A causal LM's [B, T, V]:
+    next-token cross-entropy, position t against ``labels[:, t + 1]`` (-100 ignored), over the
+    B·(T-1) positions. The logits go to float32 for the loss.
+    """
+    with autocast(batch["input_ids"].device, precision):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if logits.ndim == 3:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+        else:
+            loss = F.cross_entropy(logits.float(), batch["labels"])
     loss.backward()
     return loss.detach()
 

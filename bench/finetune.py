@@ -2,7 +2,9 @@
 
 The bound a fused model can reach is the FLOP ratio of one training step (forward + backward,
 counted by ``torch.utils.flop_counter.FlopCounterMode``); the target is a measured speed-up of at
-least 90 % of it.
+least 90 % of it. The model is the mode's (MiniLM; tiny_bert in quick mode) on real sentences or, with
+``--shape``, one sized for a GPU: a random RoBERTa-base classifier or 1B Llama causal LM
+(``conf/model/bench_*.yaml``; toy sizes of the same architectures in quick mode) on random token ids.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import (
     BenchResult,
+    Options,
+    Shape,
     Sizes,
     adamw,
     compose_config,
@@ -31,41 +35,45 @@ from bench.common import (
     forward_backward,
     optimizer_step,
     paired_ratio,
+    precision_note,
+    random_tokens,
     real_batches,
     rotated,
+    shape_config,
     sync,
     target,
     timed,
 )
 from src.models.build import build_model
 
-MODES = ("none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune")
+MODES = ("none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune")  # every one data-free: no calibration data
 BOUND_TARGET = 0.9
 WARMUP = 2  # untimed steps per model: the first allocates AdamW's moments
 
 
 class Trainee:
-    """One model in training: the (compressed) classifier, its optimizer and schedule."""
+    """One model in training: the (compressed) model, its optimizer and schedule."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, total_steps: int) -> None:
-        self.mode = cfg.ffn_mode.name
+    def __init__(self, cfg: DictConfig, head: str, opts: Options, total_steps: int) -> None:
+        self.mode, self.precision = cfg.ffn_mode.name, opts.precision
         torch.manual_seed(cfg.seed)  # a config-built (random) model gets the same weights for every mode
-        self.model = build_model(cfg.model, "classification", num_labels=cfg.task.num_labels)
+        labels = {"num_labels": cfg.task.num_labels} if head == "classification" else {}
+        self.model = build_model(cfg.model, head, device=opts.device, **labels)  # a random model is initialised there
         if self.mode != "none":
-            compress(self.model, cfg, device)
-        self.model.to(device).train()
-        self.opt, self.sched = adamw(self.model, cfg.optim, total_steps)
+            compress(self.model, cfg, opts.device)
+        self.model.train()
+        self.opt, self.sched = adamw(self.model, cfg.optim, total_steps, opts.precision)
         self.clip = cfg.trainer.gradient_clip_val
 
     def step(self, batch: dict[str, Tensor], device: torch.device) -> tuple[float, float]:
         """One training step; returns the seconds of forward + backward and of the whole step."""
-        fwd_bwd = timed(lambda: forward_backward(self.model, batch), device)
+        fwd_bwd = timed(lambda: forward_backward(self.model, batch, self.precision), device)
         rest = timed(lambda: optimizer_step(self.model, self.opt, self.sched, self.clip), device)
         return fwd_bwd, fwd_bwd + rest
 
     def flops(self, batch: dict[str, Tensor]) -> int:
         """FLOPs of forward + backward on ``batch`` (matrix products; the optimizer's work is not counted)."""
-        flops = count_flops(lambda: forward_backward(self.model, batch))
+        flops = count_flops(lambda: forward_backward(self.model, batch, self.precision))
         self.opt.zero_grad(set_to_none=True)
         return flops
 
@@ -79,7 +87,7 @@ class Trainee:
     def peak_step_bytes(self, batch: dict[str, Tensor], device: torch.device) -> int:
         """Peak bytes allocated within one training step and live at once (activations, gradients, temporaries)."""
         def run() -> None:
-            forward_backward(self.model, batch)
+            forward_backward(self.model, batch, self.precision)
             optimizer_step(self.model, self.opt, self.sched, self.clip)
 
         if device.type == "cuda":
@@ -94,12 +102,21 @@ class Trainee:
         return _peak_live_bytes(prof)
 
 
-def run(sizes: Sizes, device: torch.device) -> BenchResult:
-    """Build every mode's model, count FLOPs and memory, then time steps with the modes interleaved."""
-    cfgs = {mode: compose_config(sizes, mode) for mode in MODES}
+def run(sizes: Sizes, opts: Options) -> BenchResult:
+    """Build every mode's model, count FLOPs and memory, then time steps with the modes interleaved.
+
+    ``opts.shape``: the mode's own model on real sentences ("default"), or a realistic shape (a random
+    model on random token ids) on its default layers and width.
+    """
+    device, shape = opts.device, sizes.shapes.get(opts.shape)
+    extra = ["model.gradient_checkpointing=true"] if opts.checkpointing else []
+    cfgs = {mode: shape_config(sizes, opts, shape, mode, extra) if shape else compose_config(sizes, opts, mode, extra=extra)
+            for mode in MODES}
+    head = shape.head if shape else "classification"
     total_steps = WARMUP + sizes.step_reps + 2
-    trainees = {mode: Trainee(cfg, device, total_steps) for mode, cfg in cfgs.items()}
-    batches = real_batches(cfgs["none"], WARMUP + sizes.step_reps, device)
+    trainees = {mode: Trainee(cfg, head, opts, total_steps) for mode, cfg in cfgs.items()}
+    n_batches = WARMUP + sizes.step_reps
+    batches = _random_batches(cfgs["none"], shape, n_batches, device) if shape else real_batches(cfgs["none"], n_batches, device)
 
     for i in range(WARMUP):
         for mode in rotated(MODES, i):
@@ -115,20 +132,26 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
             step[mode].append(s)
 
     rows = [_row(mode, trainees[mode], flops, memory, fwd_bwd, step) for mode in MODES]
-    task = cfgs["none"].task
+    cfg, fused = cfgs["none"], cfgs["ntk_cluster"].ffn_mode
+    batch_size, seq_len = batches[0]["input_ids"].shape
+    inputs = (f"batch {batch_size} x {seq_len} random token ids (uniform over the {cfg.model.config.vocab_size}-word vocabulary, "
+              "no padding)"
+              if shape else f"batch {batch_size} real Rotten Tomatoes training sentences padded to {seq_len} tokens")
+    loss = "next-token cross-entropy at every position (causal LM)" if head == "generation" else "cross-entropy of the classifier"
+    checkpointing = "; activation checkpointing of every block" if opts.checkpointing else ""
     return BenchResult(
         name="finetune",
-        title=f"Fine-tuning cost: fused vs full {cfgs['none'].model.name}, layers {list(sizes.layers)} -> width {sizes.mid_dim}",
+        title=f"Fine-tuning cost: fused vs full {cfg.model.name}, layers {list(fused.layers)} -> width {fused.mid_dim}",
         columns=[("mode", "ffn_mode"), ("params_m", "params M"), ("gflops", "GFLOP/step"), ("bound", "FLOP bound"),
                  ("step_ms", "step ms"), ("speedup", "speed-up"), ("of_bound", "of bound"), ("fwd_bwd_speedup", "fwd+bwd speed-up"),
                  ("fwd_bwd_of_bound", "fwd+bwd of bound"), ("peak_mb", "peak MB"), ("memory_ratio", "memory full/fused")],
         rows=rows,
         targets=[target(f"speed-up / FLOP bound, {r['mode']}", r["of_bound"], ">=", BOUND_TARGET) for r in rows if r["mode"] != "none"],
         notes=[
-            f"one step: batch {task.batch_size} real Rotten Tomatoes training sentences padded to {task.max_seq_length} tokens, "
-            f"cross-entropy, backward, grad-norm clipping {cfgs['none'].trainer.gradient_clip_val}, AdamW (the project's groups), "
-            f"linear schedule; fp32; dropout on. {WARMUP} warm-up steps, then {sizes.step_reps} timed steps per model, "
-            "the models interleaved in a rotating order.",
+            f"one step: {inputs}, {loss}, backward, grad-norm clipping {cfg.trainer.gradient_clip_val}, the project's AdamW and "
+            f"linear schedule (src.modules.optim); dropout on{checkpointing}. "
+            f"{WARMUP} warm-up steps, then {sizes.step_reps} timed steps per model, the models interleaved in a rotating order.",
+            precision_note(opts.precision),
             "FLOP bound = FLOPs of the full model's forward + backward / the fused model's (FlopCounterMode: matrix products "
             "only); speed-up = median over steps of the paired ratio full time / fused time; 'of bound' = speed-up / bound. "
             "fwd+bwd columns leave out the optimizer step, which the FLOP count does not cover.",
@@ -137,9 +160,18 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
                "step and live at once, replayed from the PyTorch profiler's allocation events (exact for PyTorch's CPU "
                "allocator; blind to memory outside it, e.g. oneDNN scratch). Not the process RSS, which holds all seven models."),
         ],
-        settings={"modes": MODES, "reps": sizes.step_reps, "warmup": WARMUP, "layers": list(sizes.layers), "mid_dim": sizes.mid_dim,
-                  "batch_size": task.batch_size, "seq_len": task.max_seq_length, "times_fwd_bwd": fwd_bwd, "times_step": step},
+        settings={"modes": MODES, "reps": sizes.step_reps, "warmup": WARMUP, "shape": opts.shape, "model": cfg.model.name,
+                  "head": head, "precision": opts.precision, "checkpointing": opts.checkpointing, "layers": list(fused.layers),
+                  "mid_dim": fused.mid_dim, "batch_size": batch_size, "seq_len": seq_len, "inputs": "random" if shape else "rt_polarity",
+                  "times_fwd_bwd": fwd_bwd, "times_step": step},
     )
+
+
+def _random_batches(cfg: DictConfig, shape: Shape, n: int, device: torch.device) -> list[dict[str, Tensor]]:
+    """``n`` batches of ``shape``'s random token ids (batch i drawn with seed + i), on ``device``."""
+    num_labels = cfg.task.num_labels if shape.head == "classification" else None
+    return [{k: v.to(device) for k, v in random_tokens(shape.batch_size, shape.seq_len, cfg.model.config.vocab_size, cfg.seed + i,
+                                                          num_labels).items()} for i in range(n)]
 
 
 def _row(mode: str, t: Trainee, flops: dict, memory: dict, fwd_bwd: dict, step: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 from sklearn.cluster import KMeans
 from torch import Tensor
 
-from bench.common import BenchResult, Sizes, alternate, compose_config, target
+from bench.common import FP32_NOTE, BenchResult, Options, Sizes, alternate, compose_config, target
 from src.compress.common import sub_mlp_points
 from src.compress.ntk_cluster import cluster_sub_mlps
 from src.compress.types import MLPWeights
@@ -33,10 +33,11 @@ TIME_TARGET, INERTIA_TARGET = 20.0, 1.01
 Contestant = Callable[[MLPWeights, int, int], Tensor]
 
 
-def run(sizes: Sizes, device: torch.device) -> BenchResult:
+def run(sizes: Sizes, opts: Options) -> BenchResult:
     """Time and inertia of each contestant on each compressed layer of the model and one big layer."""
-    cfg = compose_config(sizes, "ntk_cluster")
-    opts = {k: cfg.ffn_mode.compress[k] for k in ("n_init", "max_iter", "tol")}
+    device = opts.device
+    cfg = compose_config(sizes, opts, "ntk_cluster")
+    ours = {k: cfg.ffn_mode.compress[k] for k in ("n_init", "max_iter", "tol")}
     torch.manual_seed(cfg.seed)  # a config-built (random) model gets the same weights every run
     model = build_model(cfg.model, "classification", num_labels=cfg.task.num_labels)
     layers = {f"{cfg.model.name} layer {i}": read_mlp(model, i) for i in sizes.layers}
@@ -44,7 +45,7 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
     big = resampled_layer(list(layers.values()), h, d, seed=cfg.seed)
     cases = [(name, w, sizes.mid_dim) for name, w in layers.items()] + [(f"{h}x{d} resampled", big, k)]
 
-    contestants = _contestants(opts, sizes.sklearn_n_init, cfg.seed, device)
+    contestants = _contestants(ours, sizes.sklearn_n_init, cfg.seed, device)
     for f in contestants.values():  # warm-up on a small problem: thread pools, BLAS, allocator
         f(_head(big, 128), 16, 0)
     rows = [_case(name, w, k, contestants, sizes, device) for name, w, k in cases]
@@ -66,10 +67,10 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
         columns=columns,
         rows=rows,
         targets=targets,
-        notes=_notes(opts, sizes, layers, big, "faiss" in contestants),
-        settings={"ours": opts, "sklearn": {"n_init": SKLEARN_N_INIT, "algorithm": "lloyd", "timed_n_init": sizes.sklearn_n_init},
+        notes=_notes(ours, sizes, layers, big, "faiss" in contestants),
+        settings={"ours": ours, "sklearn": {"n_init": SKLEARN_N_INIT, "algorithm": "lloyd", "timed_n_init": sizes.sklearn_n_init},
                   "reps": sizes.fusion_reps, "seed": cfg.seed, "big_layer": sizes.big_layer,
-                  "versions": _versions(contestants)},
+                  "versions": _versions(contestants), "precision": "32-true"},
     )
 
 
@@ -190,6 +191,7 @@ def _notes(opts: dict, sizes: Sizes, layers: dict[str, MLPWeights], big: MLPWeig
         "trained-weight scale but no trained structure, a harder case for k-means than real layers.",
         "inertia: sum of squared distances to the nearest centroid, recomputed in float64 for every contestant. "
         "The (sum) row adds the layers' times and shows their worst inertia ratio.",
+        FP32_NOTE,
     ]
     if has_faiss:
         notes.append(f"faiss: faiss.Kmeans(niter={opts['max_iter']}, nredo={opts['n_init']}); random initial centroids (no k-means++), "

@@ -28,12 +28,15 @@ from torch import Tensor, nn
 
 from bench.common import (
     BenchResult,
+    Options,
     Sizes,
     alternate,
+    autocast,
     compose_config,
     compress,
     count_flops,
     paired_ratio,
+    precision_note,
     real_batches,
     target,
 )
@@ -49,15 +52,15 @@ UNITS = {"classification": "sentences/s", "generation": "tokens/s"}
 Shape = tuple[int, int]  # (batch, length)
 
 
-def run(sizes: Sizes, device: torch.device) -> BenchResult:
+def run(sizes: Sizes, opts: Options) -> BenchResult:
     """Every model of ``sizes.inference``: build, compress, export, then time each of its cases."""
-    rows, compression, onnx_err = [], {}, {}
+    device, rows, compression, onnx_err = opts.device, [], {}, {}
     for name, head, shapes in sizes.inference:
-        cfg = compose_config(sizes, None, model=name, default_fusion=True)  # the model's own default method
+        cfg = compose_config(sizes, opts, None, model=name, default_fusion=True)  # the model's own default method
         with tempfile.TemporaryDirectory() as tmp:
             models, sessions, inputs, report, err = _prepare(cfg, head, shapes, device, Path(tmp))
             for batch_size, length in shapes:
-                rows += _case(cfg, head, models, sessions, inputs[batch_size, length], max(b for b, _ in shapes), sizes, device)
+                rows += _case(cfg, head, models, sessions, inputs[batch_size, length], max(b for b, _ in shapes), sizes, opts)
         compression[cfg.model.name] = {"method": cfg.ffn_mode.name, "layers": report.spec["layers"], "mid_dim": report.spec["mid_dim"],
                                        "params_before": report.params_before, "params_after": report.params_after}
         onnx_err[cfg.model.name] = err
@@ -71,8 +74,9 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
         rows=rows,
         targets=[target(f"speed-up compressed/original, {r['model']} {r['runtime']} batch {r['batch']}", r["speedup"], ">=", SPEEDUP_TARGET)
                  for r in rows],
-        notes=_notes(compression, onnx_err, sizes, threads, device),
+        notes=_notes(compression, onnx_err, sizes, threads, opts),
         settings={"reps": sizes.inference_reps, "warmup": WARMUP, "cases": sizes.inference, "compression": compression,
+                  "precision": opts.precision,
                   "onnx_rel_err": onnx_err, "onnxruntime_intra_op_threads": threads, "providers": ["CPUExecutionProvider"],
                   "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
                                "transformers": transformers.__version__}},
@@ -83,6 +87,7 @@ def _prepare(cfg: DictConfig, head: str, shapes: tuple[Shape, ...], device: torc
         dict[str, nn.Module], dict[str, ort.InferenceSession], dict[Shape, dict[str, Tensor]], FusionReport, float]:
     """Both models (the compressed one folded), their ONNX Runtime sessions and one real batch per case."""
     torch.manual_seed(cfg.seed)  # a config-built (random) model: the same weights on every run
+    # on the CPU, where the ONNX export runs; moved to the device after
     original = build_model(cfg.model, head, **({"num_labels": cfg.task.num_labels} if head == "classification" else {})).eval()
     compressed = copy.deepcopy(original)
     report = compress(compressed, cfg, device)
@@ -108,8 +113,10 @@ def _prepare(cfg: DictConfig, head: str, shapes: tuple[Shape, ...], device: torc
 
 
 def _case(cfg: DictConfig, head: str, models: dict[str, nn.Module], sessions: dict[str, ort.InferenceSession],
-          batch: dict[str, Tensor], rows_per_call: int, sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
-    """One (batch, length): FLOPs of each model's forward, then the four sides timed, alternating."""
+          batch: dict[str, Tensor], rows_per_call: int, sizes: Sizes, opts: Options) -> list[dict[str, Any]]:
+    """One (batch, length): FLOPs of each model's forward, then the four sides timed, alternating (PyTorch under
+    the precision's autocast; ONNX Runtime runs the fp32 graph)."""
+    device = opts.device
     batch_size, length = batch["input_ids"].shape
     forwards = rows_per_call // batch_size  # per timed call: every call of a model processes the same rows
     on_device = {n: t.to(device) for n, t in batch.items()}
@@ -129,7 +136,7 @@ def _case(cfg: DictConfig, head: str, models: dict[str, nn.Module], sessions: di
         return call
 
     fns = {f"pytorch/{k}": torch_side(models[k]) for k in MODELS} | {f"onnxruntime/{k}": ort_side(sessions[k]) for k in MODELS}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, opts.precision):
         flops = {k: count_flops(lambda k=k: models[k](**on_device, **extra)) for k in MODELS}
         times = alternate(fns, sizes.inference_reps, device, warmup=WARMUP)
     items = forwards * batch_size * (length if head == "generation" else 1)
@@ -148,7 +155,7 @@ def _case(cfg: DictConfig, head: str, models: dict[str, nn.Module], sessions: di
 
 
 def _notes(compression: dict[str, dict[str, Any]], onnx_err: dict[str, float], sizes: Sizes, threads: int,
-           device: torch.device) -> list[str]:
+           opts: Options) -> list[str]:
     models = "; ".join(f"{m}: {c['method']} on layers {c['layers']} at width {c['mid_dim']}, {c['params_before'] / 1e6:.1f} M -> "
                        f"{c['params_after'] / 1e6:.1f} M parameters, ONNX Runtime vs PyTorch rel. err {onnx_err[m]:.1e}"
                        for m, c in compression.items())
@@ -156,9 +163,10 @@ def _notes(compression: dict[str, dict[str, Any]], onnx_err: dict[str, float], s
         f"compressed = the project's defaults (what python -m src.train compresses), count scales folded: {models}.",
         "inputs: real Rotten Tomatoes training sentences padded to the length; tokens/s counts every position, padding "
         "included (a forward's cost does not depend on the mask). Causal LMs: logits of every position, no KV cache, on both sides.",
-        f"PyTorch {torch.__version__} eager under torch.inference_mode on {device}; ONNX Runtime {ort.__version__}, "
+        f"PyTorch {torch.__version__} eager under torch.inference_mode on {opts.device}; ONNX Runtime {ort.__version__} (fp32 graph), "
         f"CPUExecutionProvider, default graph optimizations, intra-op threads = torch.get_num_threads() = {threads}; "
         "the models exported by src.models.exported.export_onnx.",
+        f"PyTorch side: {precision_note(opts.precision)}",
         f"each timed call runs as many forwards as make up the largest batch of its model (forwards_per_call); {WARMUP} warm-up "
         f"call, then {sizes.inference_reps} timed calls per side, the four sides of a case interleaved in a rotating order. "
         "Throughput from the median call; speed-up = median of the paired ratios original time / compressed time.",

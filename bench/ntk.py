@@ -11,7 +11,9 @@ import statistics
 import torch
 
 from bench.common import (
+    FP32_NOTE,
     BenchResult,
+    Options,
     Sizes,
     alternate,
     compose_config,
@@ -32,12 +34,13 @@ from src.models.mlp_io import mlp_param_names
 SPEED_TARGET, DIFF_TARGET = 10.0, 1e-5
 
 
-def run(sizes: Sizes, device: torch.device) -> BenchResult:
+def run(sizes: Sizes, opts: Options) -> BenchResult:
     """Time both implementations, alternating, and compare their kernels."""
-    cfg = compose_config(sizes, "ntk_cluster")
+    device = opts.device
+    cfg = compose_config(sizes, opts, "ntk_cluster")
     cfg.task.max_train_samples = cfg.task.max_eval_samples = sizes.probe_size  # tokenize only what the probe set needs
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, "classification", num_labels=cfg.task.num_labels).to(device)
+    model = build_model(cfg.model, "classification", device=device, num_labels=cfg.task.num_labels)
     data = ClassificationDataModule(cfg.task, load_tokenizer(cfg.model), load_classification_splits(cfg.task))
     batch = {k: v.to(device) for k, v in data.probe_batch(sizes.probe_size, seed=0).items()}
     groups = {f"layer_{i}": mlp_param_names(model, i) for i in sizes.layers}
@@ -72,6 +75,7 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
             "(K_std, K_sign) per layer group.",
             f"time ratio: median over {sizes.ntk_reps} alternating repetitions (after a warm-up) of loop time / vmap time.",
             "max rel diff: max over groups and both kernels of ||K_vmap - K_loop||_F / ||K_loop||_F.",
+            FP32_NOTE,
         ],
-        settings={"reps": sizes.ntk_reps, "chunk_size": chunk, "probe_size": sizes.probe_size, "groups": groups},
+        settings={"reps": sizes.ntk_reps, "chunk_size": chunk, "probe_size": sizes.probe_size, "groups": groups, "precision": "32-true"},
     )

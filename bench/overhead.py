@@ -31,11 +31,13 @@ from torch.utils.data import DataLoader
 
 from bench.common import (
     BenchResult,
+    Options,
     Sizes,
     adamw,
     compose_config,
     forward_backward,
     optimizer_step,
+    precision_note,
     real_batches,
     sync,
     target,
@@ -70,15 +72,17 @@ class Interleave(L.Callback):
         return lightning, self.bare_s[: len(lightning)]
 
 
-def run(sizes: Sizes, device: torch.device) -> BenchResult:
+def run(sizes: Sizes, opts: Options) -> BenchResult:
     """One ``trainer.fit`` of ``overhead_steps`` steps with a bare step after each; compare the pairs."""
+    device = opts.device
     with tempfile.TemporaryDirectory(prefix="mlp-fusion-bench-") as run_dir:  # the CSV logs
-        cfg = compose_config(sizes, "none", device, output_dir=run_dir)
+        cfg = compose_config(sizes, opts, "none", output_dir=run_dir)
         torch.manual_seed(cfg.seed)
         module = ClassificationModule(cfg.model, cfg.task, cfg.optim, output_dir=run_dir)
         batches = real_batches(cfg, sizes.overhead_steps, torch.device("cpu"))  # each side moves its batches to the device
-        opt, sched = adamw(module.model, cfg.optim, sizes.overhead_steps)
-        bare = _bare_steps(module.model, opt, sched, DataLoader(batches, batch_size=None), cfg.trainer.gradient_clip_val, device)
+        opt, sched = adamw(module.model, cfg.optim, sizes.overhead_steps, cfg.trainer.precision)
+        bare = _bare_steps(module.model, opt, sched, DataLoader(batches, batch_size=None), cfg.trainer.gradient_clip_val,
+                           cfg.trainer.precision, device)
         clock = Interleave(lambda: next(bare), device)
         _fit(cfg, module, DataLoader(batches, batch_size=None), clock)
     lightning, bare_s = (side[SKIP:] for side in clock.pairs())
@@ -102,10 +106,12 @@ def run(sizes: Sizes, device: torch.device) -> BenchResult:
             "CSV logger; no checkpointing, progress bar or validation.",
             "bare: next(batch) from its own DataLoader over the same batches, to(device), zero_grad, forward, cross-entropy, "
             "backward, clip_grad_norm_, AdamW, schedule; run and timed right after each Lightning step.",
+            f"both sides: {precision_note(cfg.trainer.precision)}",
             f"{sizes.overhead_steps} Lightning steps, each followed by a bare step; the first {SKIP} pairs are left out. "
             "'slower by' = median over pairs of (Lightning step / bare step - 1), in percent; 'extra' = median of the differences.",
         ],
-        settings={"steps": sizes.overhead_steps, "skip": SKIP, "lightning_s": lightning, "bare_s": bare_s},
+        settings={"steps": sizes.overhead_steps, "skip": SKIP, "precision": cfg.trainer.precision, "lightning_s": lightning,
+                  "bare_s": bare_s},
     )
 
 
@@ -126,11 +132,11 @@ def _fit(cfg: DictConfig, module: ClassificationModule, loader: DataLoader, cloc
         trainer.fit(module, train_dataloaders=loader)
 
 
-def _bare_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, loader: DataLoader, clip: float,
+def _bare_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, loader: DataLoader, clip: float, precision: str,
                 device: torch.device) -> Iterator[None]:
     """A bare training loop that advances one step per ``next()``."""
     for batch in loader:
         model.zero_grad(set_to_none=True)  # the Lightning step before left its gradients in place
-        forward_backward(model, {k: v.to(device) for k, v in batch.items()})
+        forward_backward(model, {k: v.to(device) for k, v in batch.items()}, precision)
         optimizer_step(model, opt, sched, clip)
         yield

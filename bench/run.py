@@ -1,7 +1,7 @@
-"""Run the benchmarks: ``python -m bench.run [NAME ...] [--quick] [--device cpu|cuda] [--out DIR] [--threads N]``.
+"""Run the benchmarks: ``python -m bench.run [NAME ...] [--quick] [--device cpu|cuda] [--precision P] [--shape S] ...``.
 
-Each benchmark writes ``<out>/<name>.json`` (atomically) and prints its table of ratios in Markdown,
-headed by the machine it ran on.
+Each benchmark writes ``<out>/<name>[_<settings>].json`` (atomically; ``result_name``) and prints its
+table of ratios in Markdown, headed by the machine it ran on.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ import torch
 import transformers
 from threadpoolctl import threadpool_limits
 
-from bench import finetune, fusion, inference, ntk, overhead
-from bench.common import FULL, QUICK, BenchResult, Sizes, machine
+from bench import finetune, fusion, inference, ntk, overhead, scale
+from bench.common import FULL, PRECISIONS, QUICK, BenchResult, Options, Sizes, default_precision, machine
 from src.utils.io import write_json
 
-BENCHMARKS: dict[str, Callable[[Sizes, torch.device], BenchResult]] = {
+BENCHMARKS: dict[str, Callable[[Sizes, Options], BenchResult]] = {
     "fusion": fusion.run,
     "ntk": ntk.run,
     "finetune": finetune.run,
     "overhead": overhead.run,
     "inference": inference.run,
+    "scale": scale.run,
 }
+# full size needs a GPU (an 8B-parameter model): on the CPU only with --quick, and not among the default names there
+GPU_ONLY = ("scale",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -38,7 +41,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (CI smoke run, about a minute)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--precision", choices=PRECISIONS, help="of the training and inference steps (default: as trainer=auto, "
+                   "bf16-mixed on cuda, 32-true on cpu); compression and the NTK metrics are fp32 regardless")
+    p.add_argument("--shape", default="default", choices=("default", *FULL.shapes),
+                   help="finetune's model: default = MiniLM on real sentences; roberta_base, llama_1b = random models of those "
+                        "shapes on random token ids, sized for a GPU (toy sizes with --quick)")
+    p.add_argument("--checkpointing", action="store_true", help="finetune: activation checkpointing of every block")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all; "
+                   f"on the CPU without --quick all but {', '.join(GPU_ONLY)})")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON results (default: bench/results)")
     p.add_argument("--threads", type=int, help="CPU threads of torch, scikit-learn and faiss alike (default: all cores; "
                    "1 with --quick, where a second thread on tiny ops only adds contention)")
@@ -48,24 +58,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen benchmarks in order; print each table and write its JSON."""
     args = parse_args(argv)
-    unknown = [n for n in args.names if n not in BENCHMARKS]
-    if unknown:
-        print(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available here", file=sys.stderr)
+    names, refusal = choose(args)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     device, sizes = torch.device(args.device), QUICK if args.quick else FULL
+    opts = Options(device, args.precision or default_precision(device), args.shape, args.checkpointing)
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     with _quiet(), _threads(threads):
-        for name in args.names or list(BENCHMARKS):
+        for name in names:
             start = time.perf_counter()
-            result = BENCHMARKS[name](sizes, device)
+            result = BENCHMARKS[name](sizes, opts)
             record = {"mode": sizes.name, "command": _command(argv), "machine": machine(device),
                       "wall_s": time.perf_counter() - start, **asdict(result)}
-            write_json(args.out / f"{name}.json", record)
+            write_json(args.out / f"{result_name(name, opts)}.json", record)
             print(format_record(record), flush=True)
     return 0
+
+
+def choose(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The benchmarks to run (those named, else all that can run here), and why the command cannot run, if it cannot."""
+    on_cpu_full = args.device == "cpu" and not args.quick
+    names = args.names or [n for n in BENCHMARKS if not (on_cpu_full and n in GPU_ONLY)]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        return names, f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return names, "--device cuda: no CUDA device is available here"
+    if on_cpu_full and any(n in GPU_ONLY for n in names):
+        return names, f"{', '.join(n for n in names if n in GPU_ONLY)} at full size needs --device cuda (or --quick on the CPU)"
+    if "finetune" not in names and (args.shape != "default" or args.checkpointing):
+        return names, "--shape and --checkpointing choose finetune's model: name finetune among the benchmarks"
+    return names, None
+
+
+def result_name(name: str, opts: Options) -> str:
+    """A benchmark's results file (without .json): its name, then each setting that differs from a CPU
+    run's defaults (finetune's shape and checkpointing, the device, the precision), so that no run
+    overwrites another's: finetune_roberta_base_cuda, overhead_bf16-mixed, fusion."""
+    settings = [
+        (opts.shape, name == "finetune" and opts.shape != "default"),
+        ("checkpointing", name == "finetune" and opts.checkpointing),
+        (opts.device.type, opts.device.type != "cpu"),
+        (opts.precision, opts.precision != default_precision(opts.device)),
+    ]
+    return "_".join([name, *(label for label, differs in settings if differs)])
 
 
 @contextmanager

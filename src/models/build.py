@@ -9,9 +9,11 @@ load reads instead.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from transformers import (
     AutoConfig,
@@ -76,19 +78,27 @@ def load_tokenizer(cfg: DictConfig | dict) -> PreTrainedTokenizerBase:
     return tok
 
 
-def build_model(cfg: DictConfig | dict, head: str, **config_overrides: Any) -> PreTrainedModel:
+def build_model(cfg: DictConfig | dict, head: str, *, device: torch.device | str | None = None, **config_overrides: Any) -> PreTrainedModel:
     """Instantiate the model with a task head (``classification``, ``generation`` or ``seq2seq``),
-    with activation checkpointing where ``gradient_checkpointing`` is set."""
+    with activation checkpointing where ``gradient_checkpointing`` is set.
+
+    ``device``: where the weights go (None: the CPU). A random model built from ``config`` is
+    initialised there (a 1B-parameter model: seconds on a GPU, minutes on the CPU); loaded weights
+    are read on the CPU and moved.
+    """
     cfg = as_dict(cfg)
     auto = HEADS[head]
     if cfg.get("config") is not None:
-        model = auto.from_config(load_hf_config(cfg, **config_overrides))
+        with torch.device(device) if device is not None else nullcontext():
+            model = auto.from_config(load_hf_config(cfg, **config_overrides))
     else:
         if gguf.cache_folder(cfg) is not None:
             src, kwargs = str(gguf.dequantize_once(cfg)), {}
         else:
             src, kwargs = _pretrained_source(cfg)
         model = auto.from_pretrained(src, **kwargs, **config_overrides)
+        if device is not None:
+            model.to(device)
     if cfg.get("gradient_checkpointing"):
         enable_checkpointing(model)
     return model
