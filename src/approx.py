@@ -39,7 +39,7 @@ from src.builders import build_data_and_module, build_module
 from src.metrics.approximation import approximation_metrics, measure_reference
 from src.models.fuse import count_params
 from src.preflight import preflight
-from src.utils.config import ffn_modes
+from src.utils.config import ffn_modes, run_app
 from src.utils.errors import ConfigError
 from src.utils.hardware import to_device
 from src.utils.io import write_json, write_text
@@ -233,4 +233,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)  # a value of the wrong type (seed=abc): one sentence, exit code 2

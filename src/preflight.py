@@ -9,6 +9,8 @@ are refused earlier by Hydra, which lists the valid ones.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,66 @@ def _positive(value: Any, setting: str) -> None:
         raise ConfigError(f"{setting}={value!r} must be a positive integer.")
 
 
+def _require(ok: bool, setting: str, value: Any, allowed: str) -> None:
+    if not ok:
+        shown = "null" if value is None else repr(list(value) if OmegaConf.is_list(value) else value)
+        raise ConfigError(f"{setting}={shown} must be {allowed}.")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_run_settings(cfg: DictConfig) -> None:
-    """Batch sizes, sequence length, sample limits."""
+    """The ranges of the run's settings, ``optim`` and ``trainer`` that their types (``src/utils/schema.py``,
+    checked by Hydra while composing) cannot say, then batch sizes, sequence length, sample limits."""
+    _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, f"in 0..{2**32 - 1}")
+    o = cfg.optim
+    # 0 is allowed: a step that changes nothing (tests/test_generation.py compares metrics around one)
+    _require(_number(o.lr) and o.lr >= 0, "optim.lr", o.lr, "a number >= 0, e.g. 1e-4 (0: the steps change no weight)")
+    _require(_number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0 (0: no weight decay)")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")
+    _require(_number(o.eps) and o.eps > 0, "optim.eps", o.eps, "a positive number, e.g. 1e-6")
+    _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a fraction of the training steps in [0, 1), e.g. 0.06")
+    _require(o.schedule in ("linear", "polynomial"), "optim.schedule", o.schedule, "linear or polynomial")
+    _require(_number(o.power) and o.power > 0, "optim.power", o.power, "a positive number (1.0 decays linearly)")
+    check_trainer_settings(cfg)
     for key in ("max_seq_length", "batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
         _positive(cfg.task.get(key), f"task.{key}")
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """``trainer``: how long training runs (and that it runs at all, and ends, where ``train=true``), clipping,
+    logging, batch limits, validation interval, accumulation, devices."""
+    t = cfg.trainer
+    _require(t.max_epochs is None or t.max_epochs >= -1, "trainer.max_epochs", t.max_epochs,
+             "a number of epochs >= 1, -1 (no limit: trainer.max_steps ends training) or null (Lightning's default)")
+    _require(t.max_steps >= -1, "trainer.max_steps", t.max_steps, "a number of optimizer steps >= 1, or -1 (no limit: trainer.max_epochs ends training)")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        v = t[key]
+        _require(v is None or (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1), f"trainer.{key}", v,
+                 "null (all batches), a number of batches >= 0 or a fraction of them in [0, 1]")
+    if cfg.train:
+        zeros = [f"trainer.{k}={t[k]}" for k in ("max_epochs", "max_steps", "limit_train_batches") if t[k] == 0]
+        if zeros:
+            raise ConfigError(f"{' and '.join(zeros)} {'train' if len(zeros) > 1 else 'trains'} no step: "
+                              f"raise {'them' if len(zeros) > 1 else 'it'}, or set train=false to evaluate without training.")
+        if t.max_epochs == -1 and t.max_steps == -1:
+            raise ConfigError("trainer.max_epochs=-1 and trainer.max_steps=-1 never end training: limit one of them, e.g. trainer.max_epochs=3.")
+    clip = t.gradient_clip_val
+    _require(clip is None or (_number(clip) and clip >= 0), "trainer.gradient_clip_val", clip, "null or a number >= 0 (null or 0: no clipping)")
+    _require(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "a positive integer")
+    _require(t.num_sanity_val_steps >= -1, "trainer.num_sanity_val_steps", t.num_sanity_val_steps, "a number of batches >= 0, or -1 (all)")
+    v = t.val_check_interval
+    _require(v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "trainer.val_check_interval", v,
+             "null (once an epoch), a number of training batches >= 1 or a fraction of an epoch in (0, 1]")
+    _require(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches, "a positive integer")
+    d = t.devices
+    ok = (isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d >= 1)) \
+        or (OmegaConf.is_list(d) and len(d) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)) \
+        or (isinstance(d, str) and re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", d.strip()) is not None and d.strip() != "0")
+    _require(ok, "trainer.devices", d, "a number of devices >= 1, -1 (all), a list of device ids or auto")
+    _require(t.deterministic in (True, False, None, "warn"), "trainer.deterministic", t.deterministic, "true, false or warn")
 
 
 def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:

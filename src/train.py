@@ -17,7 +17,7 @@ from src.builders import build_callbacks, build_data_and_module, build_trainer
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
 from src.preflight import preflight, resolve_ckpt_path
 from src.utils.checkpoint_io import StreamingCheckpointIO
-from src.utils.config import VARIANT_OPTIONS  # importing it registers the config resolvers
+from src.utils.config import VARIANT_OPTIONS, run_app  # importing it registers the config resolvers and schema
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
 from src.utils.loggers import build_loggers, close_loggers
@@ -110,4 +110,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)  # a value of the wrong type (seed=abc), refused while composing: one sentence, exit code 2

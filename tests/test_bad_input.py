@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra.errors import HydraException
+from hydra.errors import ConfigCompositionException, HydraException
 
+import src.preflight
 import src.train
+from src.preflight import check_run_settings
 from src.train import train
 from src.utils.errors import ConfigError
-from tests.conftest import run_cli
+from src.utils.schema import refusal
+from tests.conftest import assert_refused_before_loading, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +141,89 @@ def test_cli_hub_task_offline_fails_fast(tmp_path: Path) -> None:
     assert proc.returncode == 2 and time.time() - start < 180
     out = proc.stdout + proc.stderr
     assert "task 'sst2'" in out and "task.data_dir" in out and "Traceback" not in out
+
+
+# Settings with a type (src/utils/schema.py): a wrong type is refused by Hydra while composing, a value
+# out of range by the preflight's check_run_settings, first of all; either in one sentence.
+RUN_SETTINGS = {  # name: (overrides, part of the message)
+    "lr_negative": (["optim.lr=-1"], "optim.lr=-1.0 must be a number >= 0, e.g. 1e-4"),
+    "betas_one": (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1), e.g. [0.9, 0.98]."),
+    "betas_one_and_above": (["optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+    "warmup_ratio": (["optim.warmup_ratio=1"], "optim.warmup_ratio=1.0 must be a fraction of the training steps in [0, 1)"),
+    "schedule": (["optim.schedule=cosine"], "optim.schedule='cosine' must be linear or polynomial."),
+    "seed_negative": (["seed=-1"], "seed=-1 must be in 0..4294967295."),
+    "max_steps_negative": (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be a number of optimizer steps >= 1, or -1 (no limit"),
+    "no_training": (["trainer.max_steps=0", "trainer.max_epochs=0"], "trainer.max_epochs=0 and trainer.max_steps=0 train no step: raise them, or set train=false"),
+    "no_training_steps": (["trainer.max_steps=0"], "trainer.max_steps=0 trains no step"),
+    "never_ends": (["trainer.max_epochs=-1", "trainer.max_steps=-1"], "trainer.max_epochs=-1 and trainer.max_steps=-1 never end training"),
+    "clip_negative": (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1.0 must be null or a number >= 0"),
+    "log_every_zero": (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be a positive integer."),
+    "limit_batches_above_one": (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches=1.5 must be null (all batches), a number of batches >= 0 or a fraction"),
+    "accumulate_zero": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive integer."),
+    "devices_zero": (["trainer.devices=0"], "trainer.devices=0 must be a number of devices >= 1, -1 (all)"),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_SETTINGS))
+def test_refused_run_settings(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Refused before the model's config is even read (the issue: optim.lr=-1 failed after compressing)."""
+    overrides, message = RUN_SETTINGS[name]
+    monkeypatch.setattr(src.preflight, "load_hf_config", lambda *a, **k: pytest.fail("the model's config was read before the check"))
+    assert_refused_before_loading(compose_cfg, monkeypatch, ["model=tiny_bert", *overrides], message)
+
+
+def test_no_training_is_allowed_when_only_evaluating(compose_cfg) -> None:
+    check_run_settings(compose_cfg(["trainer.max_steps=0", "trainer.max_epochs=0", "train=false"]))
+
+
+@pytest.mark.parametrize(
+    "override,sentence",
+    [
+        ("seed=abc", "seed='abc' must be an integer."),
+        ("seed=null", "seed=null must be an integer."),
+        ("train=maybe", "train='maybe' must be true or false."),
+        ("optim.lr=fast", "optim.lr='fast' must be a number."),
+        ("optim.betas=[0.9,x]", "optim.betas[1]='x' must be a number."),
+        ("trainer.max_steps=1.5", "trainer.max_steps=1.5 must be an integer."),
+        ("trainer.gradient_clip_val=abc", "trainer.gradient_clip_val='abc' must be a number or null."),
+        ("approx_metrics.max_memory_gb=lots", "approx_metrics.max_memory_gb='lots' must be a number."),
+    ],
+)
+def test_wrong_type_refused_while_composing(compose_cfg, override: str, sentence: str) -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg([override])
+    assert refusal(e.value) == sentence
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["debug=fast"], ["+trainer.profiler=simple"], *([f"trainer={t}"] for t in ("auto", "cpu", "gpu", "ddp", "ddp_sim", "fsdp")),
+     *([f"experiment={e}"] for e in ("minilm_rt", "roberta_sst2", "roberta_mnli", "gpt2_webnlg", "switch_sst2"))],
+)
+def test_shipped_configs_fit_the_schema(compose_cfg, overrides: list[str]) -> None:
+    """Every trainer option and experiment composes onto the schema and passes the range checks; a trainer
+    option the YAML leaves out is still added with +, and a misspelt key is refused."""
+    check_run_settings(compose_cfg(overrides, fast=False))
+    with pytest.raises(HydraException, match="Could not override 'trainer.max_step'"):
+        compose_cfg([*overrides, "trainer.max_step=5"])
+
+
+def test_cli_wrong_type_is_one_sentence(tmp_path: Path) -> None:
+    """seed=abc: one sentence naming the setting, its value and the type allowed, exit code 2, before
+    anything runs (no run folder: nothing was composed to write one)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("src.train", "model=tiny_bert", "seed=abc", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "seed='abc' must be an integer."
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow  # a CLI run up to the preflight: 10 s
+def test_cli_out_of_range_is_one_sentence_and_marks_the_run_failed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli("src.train", "model=tiny_bert", "optim.lr=-1", f"hydra.run.dir={run_dir}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "optim.lr=-1.0 must be a number >= 0" in out and "Traceback" not in out
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "failed" and res["error"].startswith("optim.lr=-1.0 must be")

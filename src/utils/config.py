@@ -1,25 +1,65 @@
-"""Hydra glue shared by the entry points: the config resolvers, the method registry and its variant options.
+"""Hydra glue shared by the entry points: the config resolvers and schema, the method registry and its
+variant options, and ``run_app`` (a refused value in one sentence).
 
-Imported by every entry point before Hydra composes (it registers the resolvers).
+Imported by every entry point before Hydra composes (it registers the resolvers and the schema).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import hydra._internal.utils as hydra_internal
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+
+from src.utils import schema
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # ${tag:k,${ffn_mode.mid_dim}} -> "-k384", or "" when the value is null (default width).
 OmegaConf.register_new_resolver("tag", lambda prefix, value: "" if value is None else f"-{prefix}{value}", replace=True)
+# conf/train.yaml's run_schema: the types of the run's settings, optim and trainer.
+schema.register()
 
 # The ffn_mode options that make a variant of a method (ntk_keep at keep 0.25 is not ntk_keep at
 # 0.5): src.train records them in results.json and src.report gives each variant its own row.
 VARIANT_OPTIONS = ("keep", "refit", "weighting", "budget")
+
+
+def run_app(main: Callable[[], object]) -> None:
+    """Run a ``@hydra.main`` app, where a value of the wrong type for ``src.utils.schema`` (``seed=abc``),
+    refused while Hydra composes, ends the process with one sentence on stderr and exit code 2, as the
+    preflight's refusals do, instead of Hydra's multi-line report (exit code 1). Nothing has started
+    then: there is no run folder and no ``results.json``. Other errors are Hydra's to report.
+
+    Hydra composes inside its ``run_and_report`` (hydra-core is pinned: pyproject.toml), which this
+    wraps for the call.
+    """
+    report = hydra_internal.run_and_report
+
+    def run_and_report(func: Callable[[], object]) -> object:
+        def composed() -> object:
+            try:
+                return func()
+            except ConfigCompositionException as e:
+                sentence = schema.refusal(e)
+                if sentence is None:
+                    raise
+                sys.stderr.write(sentence + "\n")
+                sys.exit(2)
+
+        return report(composed)
+
+    hydra_internal.run_and_report = run_and_report
+    try:
+        main()
+    finally:
+        hydra_internal.run_and_report = report
 
 
 def ffn_modes() -> list[str]:
