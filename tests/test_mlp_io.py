@@ -191,15 +191,28 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
 def test_unsupported_models_raise():
     bart = BartForConditionalGeneration(BartConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
                                                    encoder_attention_heads=2, decoder_attention_heads=2, vocab_size=V))
-    with pytest.raises(ValueError, match=r"BartForConditionalGeneration.*supported MLP families: bert"):
+    with pytest.raises(ValueError, match=r"'bart' is not in the table and its module structure shows no known MLP layout.*supported: bert"):
         read_mlp(bart, 0)
-    with pytest.raises(ValueError, match="unsupported architecture Sequential"):
+    with pytest.raises(ValueError, match="Sequential contains no transformers PreTrainedModel"):
         num_layers(nn.Sequential(nn.Linear(4, 4)))
-    with pytest.raises(ValueError, match="'bart' is not supported"):
-        family_of(BartConfig())
-    assert family_of(AutoConfig.for_model("roberta")).name == "bert"
-    assert family_of(GPT2Config()).name == "gpt2"
-    assert family_of(AutoConfig.for_model("qwen2")).name == "gated"
+    assert family_of(AutoConfig.for_model("roberta")).mlp.name == "bert"
+    assert family_of(GPT2Config()).mlp.name == "gpt2"
+    assert family_of(AutoConfig.for_model("qwen2")).mlp.name == "gated"
+
+
+def test_unknown_model_type_falls_back_to_its_module_structure(caplog):
+    """A type missing from the table whose MLPs match exactly one layout is read as that layout (with a warning)."""
+    config = AutoConfig.for_model("granite", hidden_size=H, intermediate_size=D, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, vocab_size=V)
+    with caplog.at_level("WARNING"):
+        fam = family_of(config)
+    assert fam.mlp.name == "gated" and "untested" in caplog.text
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = logits(model)
+    write_mlp(model, 1, read_mlp(model, 1))
+    torch.testing.assert_close(logits(model), before)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from src.data.base import MODEL_INPUTS
+from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
 from src.models.outputs import stack_hidden_states
 from src.utils.errors import ConfigError

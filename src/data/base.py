@@ -14,9 +14,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-# The batch keys a Hugging Face model takes as inputs (labels and sample indices are not among them);
-# encoder-decoder batches (src.data.seq2seq) carry the decoder's inputs too.
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
 def probe_indices(size: int, n: int, seed: int) -> list[int]:

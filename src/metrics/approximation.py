@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.data.base import MODEL_INPUTS
+from src.models.inputs import MODEL_INPUTS
 from src.metrics import ntk
 from src.models import mlp_io
 from src.models.outputs import stack_hidden_states

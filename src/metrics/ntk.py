@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from src.data.base import MODEL_INPUTS  # every tensor in the batch (labels included) reaches the probe
+from src.models.inputs import MODEL_INPUTS  # every tensor in the batch (labels included) reaches the probe
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ layers at once it gives the original inputs.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from transformers import Cache
 
 from src.compress.types import MLPCalibration
-from src.data.base import MODEL_INPUTS
+from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
 
 
@@ -55,11 +54,6 @@ class Calibrator:
     def __init__(self, batches: list[dict[str, Tensor]], sequential: bool = True) -> None:
         self.batches = [{k: v for k, v in b.items() if k in MODEL_INPUTS} for b in batches]
         self.sequential = sequential
-        h = hashlib.sha256()
-        for b in self.batches:
-            for k in sorted(b):
-                h.update(k.encode() + b[k].detach().cpu().numpy().tobytes())
-        self.sample_id = h.hexdigest()[:16]  # names the calibration sample (with the weights read, in the cache key)
         self._replay: _Replay | None = None
 
     @torch.no_grad()

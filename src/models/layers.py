@@ -65,6 +65,11 @@ class LowRankLinear(nn.Module):
     def rank(self) -> int:
         return self.right.out_features
 
+    @property
+    def weight(self) -> Tensor:
+        """The [out, in] matrix it applies: T5's MLP reads ``wo.weight`` (for its dtype) in every forward."""
+        return self.left.weight @ self.right.weight
+
     def forward(self, x: Tensor) -> Tensor:
         return self.left(self.right(x))
 

@@ -1,0 +1,234 @@
+"""The layer-level functions the rest of the project calls: read, write, record and rebuild one
+layer's MLP (or a sparse block's parts), and what the metrics, calibration and export need of it.
+
+Everything else sees ``src.compress.types`` containers in the ``nn.Linear`` layout ``[out, in]``.
+Compressed layers keep the Hugging Face module tree with only the projection modules swapped, so
+the stock forward still runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from transformers import PretrainedConfig
+
+from src.compress.types import Compressed, MLPWeights
+from src.models.layers import ExpertScale, ScaledLinear
+
+from .dense import DenseMLP
+from .discovery import AnyLayer, config_of, dense_width, family_of, find_mlp_layers, stacks
+from .experts import MoEBlock
+
+
+def layer(model: nn.Module, index: int) -> AnyLayer:
+    layers = find_mlp_layers(model)
+    if not 0 <= index < len(layers):
+        raise IndexError(f"layer {index} out of range: {type(model).__name__} has {len(layers)} MLP layers")
+    return layers[index]
+
+
+def _block(model: nn.Module, index: int) -> MoEBlock:
+    mlp = layer(model, index)
+    if not isinstance(mlp, MoEBlock):
+        raise ValueError(f"layer {index} of {type(model).__name__} has no experts (a dense MLP)")
+    return mlp
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of transformer MLPs in the model."""
+    return len(find_mlp_layers(model))
+
+
+def is_sparse(model: nn.Module, index: int) -> bool:
+    """Whether the layer's MLP is a Mixture-of-Experts block."""
+    return isinstance(layer(model, index), MoEBlock)
+
+
+def in_decoder(model: nn.Module, index: int) -> bool:
+    """Whether the layer is a decoder block of an encoder-decoder model (its tokens are the decoder's)."""
+    config = config_of(model)
+    return getattr(config, "is_encoder_decoder", False) and index >= config.num_layers
+
+
+def vmappable(model: nn.Module) -> bool:
+    """Whether per-sample gradients of the model batch under ``torch.func.vmap`` (not Switch Transformers', whose
+    experts dispatch tokens by data-dependent indexing and whose router reassigns its classifier in every forward)."""
+    return family_of(config_of(model)).vmappable
+
+
+def mlp_parts(model: nn.Module, index: int, experts: Sequence[int] | str = "all", shared_expert: bool = True) -> list[str | None]:
+    """What to compress in a layer: ``[None]`` (the MLP itself) for a dense layer; for a sparse block the
+    chosen routed experts (``"0"``, ...; ``experts="all"`` or ids) and, where it has one and ``shared_expert``, ``"shared"``."""
+    mlp = layer(model, index)
+    return mlp.parts(experts, shared_expert) if isinstance(mlp, MoEBlock) else [None]
+
+
+def routed_tokens(model: nn.Module, index: int, x: Tensor) -> dict[str, Tensor]:
+    """Which of a sparse block's input tokens x [T, h] each part sees, as masks [T] bool."""
+    return _block(model, index).routed_tokens(x)
+
+
+def router_counts(model: nn.Module, index: int, x: Tensor) -> Tensor:
+    """How many of the tokens x [N, h] the block's router sends to each expert, [E]."""
+    return _block(model, index).router_counts(x)
+
+
+def mlp_modules(model: nn.Module, index: int) -> dict[str, nn.Module]:
+    """The layer's projection modules ("gate", "up", "down", or "gate_up", "down"); a sparse block: its
+    experts module ("experts") and the shared expert's ("shared_gate", ...)."""
+    return layer(model, index).modules()
+
+
+def mlp_param_names(model: nn.Module, index: int) -> list[str]:
+    """Full names (as in ``model.named_parameters()``) of the layer's MLP projection parameters (a sparse
+    block: every routed expert's and the shared expert's; never the router's or a shared-expert gate's)."""
+    return layer(model, index).param_names()
+
+
+def mlp_input_module(model: nn.Module, index: int) -> nn.Module:
+    """The module whose first positional input is the MLP's input hidden states (for a forward pre-hook)."""
+    mlp = layer(model, index)
+    return mlp.root if isinstance(mlp, MoEBlock) else mlp.input_module()
+
+
+def block_module(model: nn.Module, index: int) -> nn.Module | None:
+    """The transformer block holding the layer's MLP, the outermost ``ModuleList`` element on its path
+    (``model.layers.3``, ``bert.encoder.layer.3``), for a model whose blocks form one chain; None for an
+    encoder-decoder model (its decoder blocks also read the encoder's output)."""
+    if len(stacks(config_of(model))) > 1:
+        return None
+    path = layer(model, index).path.split(".")
+    for j in range(1, len(path)):
+        if path[j].isdigit() and isinstance(parent := model.get_submodule(".".join(path[:j])), nn.ModuleList):
+            return parent[int(path[j])]
+    return None
+
+
+def mlp_forward(model: nn.Module, index: int, x: Tensor) -> Tensor:
+    """The layer's MLP on hidden states ``x`` [..., h] -> [..., h]: no dropout, residual or norm (a sparse
+    block: router, experts and shared expert, as the block computes them)."""
+    return layer(model, index).forward(x)
+
+
+def intermediate_sizes(model: nn.Module) -> list[int]:
+    """The current intermediate size (width) of every MLP layer (a sparse block: its experts')."""
+    return [mlp.width for mlp in find_mlp_layers(model)]
+
+
+def read_mlp(model: nn.Module, index: int, part: str | None = None) -> MLPWeights:
+    """The layer's MLP in the [out, in] layout (copies), as the dense MLP it computes. In a sparse block
+    ``part`` names a routed expert (``"0"``, ...) or ``"shared"``."""
+    mlp = layer(model, index)
+    if isinstance(mlp, MoEBlock):
+        if part is None:
+            raise ValueError(f"layer {index} is a Mixture-of-Experts block: name a part, one of {mlp.parts()}")
+        return mlp.read(part)
+    if part is not None:
+        raise ValueError(f"layer {index} is a dense MLP: it has no part {part!r}")
+    return mlp.read()
+
+
+def write_mlp(model: nn.Module, index: int, compressed: MLPWeights | Compressed, part: str | None = None) -> None:
+    """Write a layer's MLP (``DenseMLP.write``); in a sparse block ``part`` names the part (``write_parts`` writes several)."""
+    mlp = layer(model, index)
+    if isinstance(mlp, MoEBlock):
+        if part is None:
+            raise ValueError(f"layer {index} is a Mixture-of-Experts block: name a part, one of {mlp.parts()}")
+        mlp.write({part: compressed})
+    elif part is not None:
+        raise ValueError(f"layer {index} is a dense MLP: it has no part {part!r}")
+    else:
+        mlp.write(compressed)
+
+
+def write_parts(model: nn.Module, index: int, results: dict[str, MLPWeights | Compressed]) -> None:
+    """Write several parts of a sparse block at once (``{"0": ..., "shared": ...}``; ``MoEBlock.write``)."""
+    _block(model, index).write(results)
+
+
+def layer_spec(model: nn.Module, index: int) -> dict:
+    """The layer's current MLP structure as plain data, e.g. {"kind": "fused", "width": 16, "scaled": True,
+    "rank": None, "up_bias": True, "down_bias": True}; a sparse block {"kind": "moe", "experts": ..., "shared": ...}."""
+    mlp = layer(model, index)
+    return mlp.spec() if isinstance(mlp, MoEBlock) else mlp.spec(dense_width(config_of(model)))
+
+
+def build_from_spec(model: nn.Module, index: int, spec: dict) -> None:
+    """Replace the layer's projections with zero-initialised modules of the structure ``spec`` (from
+    ``layer_spec``), ready for ``load_state_dict`` of a checkpoint."""
+    mlp = layer(model, index)
+    if spec["kind"] == "moe":
+        if not isinstance(mlp, MoEBlock):
+            raise ValueError(f"layer {index} has no experts, but its recorded structure is a Mixture-of-Experts block")
+        mlp.build(spec)
+    elif spec["kind"] not in ("dense", "fused", "lowrank"):
+        raise ValueError(f"unknown MLP kind {spec['kind']!r}")
+    else:
+        mlp.build(spec)
+
+
+def reinit_mlp(model: nn.Module, index: int) -> None:
+    """Re-initialise the layer's MLP weights like the model's default init: weights N(0, initializer_range)
+    (GPT-2's down projection / sqrt(2 n_layer)), biases zero; a count scale is kept. A sparse block: its
+    experts and shared expert, not the router."""
+    mlp, cfg = layer(model, index), config_of(model)
+    std = getattr(cfg, "initializer_range", 0.02)
+    residual = isinstance(mlp, DenseMLP) and mlp.layout.residual_init
+    for name, m in mlp.modules().items():
+        s = std / math.sqrt(2 * cfg.num_hidden_layers) if name == "down" and residual else std
+        # torch's init, not transformers.initialization: the latter skips params flagged _is_hf_initialized
+        for pname, p in m.named_parameters():
+            if pname.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, 0.0, s)
+
+
+def stock_widths(model: nn.Module) -> dict[str, int] | None:
+    """{config attribute: width} when every layer is a plain stock MLP (no count scale, no factors) and each
+    width attribute takes one value across layers: written into ``config.json``, the folder then loads with
+    plain ``from_pretrained``. None otherwise (a shared expert whose width no attribute sets must keep it)."""
+    config = config_of(model)
+    fam = family_of(config)
+    seen: dict[str, set[int]] = {}
+
+    def add(attr: str | None, spec: dict, pretrained: int | None = None) -> bool:
+        if attr is None:  # no attribute sets this width: only the pretrained one is stock
+            return spec["kind"] == "dense" and spec["width"] == pretrained
+        seen.setdefault(attr, set()).add(spec["width"])
+        return spec["kind"] != "lowrank" and not spec["scaled"]
+
+    for i, mlp in enumerate(find_mlp_layers(model)):
+        spec = layer_spec(model, i)
+        if isinstance(mlp, MoEBlock):
+            ex = fam.experts
+            plain = add(ex.width_attr, spec["experts"]) and (
+                spec["shared"] is None or add(ex.shared_width_attr, spec["shared"], ex.shared_width(config)))
+        else:  # a dense model's MLP, or a dense block of a MoE model (Switch: its d_ff is the experts' too)
+            plain = add(fam.width_attr, spec)
+        if not plain:
+            return None
+    return {attr: ws.pop() for attr, ws in seen.items()} if all(len(ws) == 1 for ws in seen.values()) else None
+
+
+def set_config_widths(config: PretrainedConfig, widths: dict[str, int]) -> None:
+    """Write ``stock_widths``' result into a config (a stock model of those widths, for export)."""
+    for attr, width in widths.items():
+        setattr(config, attr, width)
+
+
+def fold_scales(model: nn.Module) -> int:
+    """Fold every count scale into its down projection (same outputs; for export): ScaledLinear becomes
+    nn.Linear, an experts module's ``ExpertScale`` is removed with ``down_proj`` left scaled. Returns how many."""
+    scaled = [name for name, m in model.named_modules() if isinstance(m, ScaledLinear)]
+    for name in scaled:
+        model.set_submodule(name, model.get_submodule(name).fold())
+    experts = [m for m in model.modules() if parametrize.is_parametrized(m, "down_proj")
+               and isinstance(m.parametrizations.down_proj[0], ExpertScale)]
+    for m in experts:
+        parametrize.remove_parametrizations(m, "down_proj", leave_parametrized=True)
+    return len(scaled) + len(experts)

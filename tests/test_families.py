@@ -1,0 +1,120 @@
+"""The tests every row of the MLP family table gets (src/models/mlp_io/families.py), on its tiny config.
+
+The list of architectures comes from the table: a new row with a tiny config is tested without
+editing this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from src.builders import build_callbacks, build_datamodule, build_module
+from src.callbacks.fusion import FusionCallback
+from src.models import mlp_io
+from src.models.build import HEADS
+from src.models.fuse import apply_spec, compress_model
+from src.preflight import preflight
+from src.train import train
+
+TINY = sorted({row.tiny for row in mlp_io.FAMILIES.values() if row.tiny})
+IDS = torch.randint(1000, 20000, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_every_row_names_a_tiny_config_or_shares_a_tested_layout() -> None:
+    rows = mlp_io.FAMILIES.values()
+    tested = {(row.mlp.name, row.experts.layout if row.experts else None) for row in rows if row.tiny}
+    assert all((row.mlp.name, row.experts.layout if row.experts else None) in tested for row in rows)
+    assert all((Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml").is_file() for name in TINY)
+
+
+def _module(compose_cfg, name: str, overrides: list[str] = ()) -> tuple:
+    cfg = compose_cfg([f"model={name}", *_task(name), *overrides])
+    _, splits = preflight(cfg)
+    torch.manual_seed(0)
+    return cfg, build_module(cfg), splits
+
+
+def _task(name: str) -> list[str]:
+    return ["task=rt_polarity"] if name in ("tiny_bert", "tiny_distilbert", "tiny_t5", "tiny_switch") else ["task=rt_review"]
+
+
+@torch.no_grad()
+def _out(model: nn.Module) -> torch.Tensor:
+    extra = {"decoder_input_ids": IDS[:, :4]} if model.config.is_encoder_decoder else {}
+    return model.eval()(input_ids=IDS, **extra).logits
+
+
+def _layers(model: nn.Module) -> list[int]:
+    sparse = mlp_io.sparse_layers(model.config)
+    return sparse or list(range(mlp_io.num_layers(model)))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_full_width_is_exact_and_folding_changes_nothing(compose_cfg, name: str) -> None:
+    """ntk_cluster at k = d reproduces the model; at k < d, folding the counts into down changes no output."""
+    _, module, _ = _module(compose_cfg, name)
+    model = module.model
+    before = _out(model)
+    fn = instantiate(compose_cfg(["ffn_mode=ntk_cluster"]).ffn_mode.compress)
+    layers = _layers(model)
+    full = mlp_io.config_width(model.config)
+    compress_model(model, method="ntk_cluster", fn=fn, layers=layers, mid_dim=full, seed=0, shared_expert=False)
+    torch.testing.assert_close(_out(model), before, rtol=1e-4, atol=1e-5)
+    compress_model(model, method="ntk_cluster", fn=fn, layers=layers, mid_dim=max(2, full // 4), seed=0)
+    fused = _out(model)
+    assert mlp_io.fold_scales(model) > 0
+    torch.testing.assert_close(_out(model), fused, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_recorded_structure_rebuilds_every_method(compose_cfg, name: str) -> None:
+    """Each kind a layer can take (fused with counts, low rank) records, rebuilds empty and loads back bit-exactly."""
+    for method in ("ntk_cluster", "svd"):
+        _, module, _ = _module(compose_cfg, name)
+        model = module.model
+        fn = instantiate(compose_cfg([f"ffn_mode={method}"]).ffn_mode.compress)
+        report = compress_model(model, method=method, fn=fn, layers=_layers(model)[-2:], mid_dim=8, seed=0)
+        fresh = _module(compose_cfg, name)[1].model
+        apply_spec(fresh, report.spec)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        assert torch.equal(_out(fresh), _out(model))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_calibration_and_refit(compose_cfg, name: str) -> None:
+    """wanda_sp with the least-squares refit, calibrated on the task's data, through the fusion callback."""
+    cfg, module, splits = _module(compose_cfg, name, ["ffn_mode=wanda_sp", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=8",
+                                                      "approx_metrics.enabled=false"])
+    datamodule = build_datamodule(cfg, splits)
+    callback = next(c for c in build_callbacks(cfg) if isinstance(c, FusionCallback))
+    report = callback.compress_and_measure(module.model, "cpu", datamodule, {})
+    assert report.params_after < report.params_before
+    assert torch.isfinite(_out(module.model)).all()
+    assert all(s.get("calib_err", 0.0) < 1.5 for s in report.layer_stats.values())
+
+
+@pytest.mark.slow  # three in-process runs per row
+@pytest.mark.parametrize("name", TINY)
+def test_compress_train_resume_export(compose_cfg, tmp_path: Path, name: str) -> None:
+    """Compress and fine-tune, resume from the last checkpoint, export: the export computes the checkpoint's function."""
+    from src.export import export
+    from src.models.exported import load_exported
+
+    common = [f"model={name}", *_task(name), "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "test=false"]
+    cfg = compose_cfg([*common, "trainer.max_steps=2"])
+    train(cfg)
+    train(compose_cfg([*common, "trainer.max_steps=3", "ckpt_path=last"]))
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    c = torch.load(ckpt, weights_only=True)
+    assert c["global_step"] == 3
+    out = export(str(ckpt), str(tmp_path / "export"), fmt="hf")
+    module = build_module(cfg)
+    apply_spec(module.model, c["fusion"])
+    module.load_state_dict(c["state_dict"])
+    loaded = load_exported(out, HEADS[module.head])
+    torch.testing.assert_close(_out(loaded), _out(module.model), rtol=1e-4, atol=1e-5)
