@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -28,8 +27,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.data.classification import load_rt_polarity
 from src.models.build import load_hf_config, load_tokenizer
-from src.builders import build_datamodule
-from src.models.fuse import FusionReport, needs_calibration
+from src.builders import build_datamodule, compression_settings
+from src.callbacks.fusion import FusionCallback
+from src.models.fuse import FusionReport
+from src.models.source import model_identity
 from src.modules.optim import build_adamw, build_schedule
 from src.preflight import preflight, resolve
 
@@ -187,12 +188,12 @@ def random_tokens(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: 
 
 
 def compress(model: nn.Module, cfg: DictConfig, device: torch.device) -> FusionReport:
-    """Compress ``model`` in place as ``python -m src.train`` does at setup: the fusion callback built
-    from ``cfg.ffn_mode`` (same cache, identity and options), with its approximation metrics off (they
+    """Compress ``model`` in place as ``python -m src.train`` does at setup: the fusion callback with the
+    config's compression settings (same cache, identity and options), with its approximation metrics off (they
     measure quality, not cost); a setting that reads calibration data gets the task's DataModule."""
-    f = cfg.ffn_mode
-    datamodule = build_datamodule(cfg, preflight(cfg)[1]) if needs_calibration(instantiate(f.compress), f.refit, f.budget) else None
-    callback = instantiate(f.callback, metrics={"enabled": False})
+    settings = compression_settings(cfg)
+    datamodule = build_datamodule(cfg, preflight(cfg).splits) if settings.needs_calibration else None
+    callback = FusionCallback(settings, {"enabled": False}, model_identity(cfg.model))
     return callback.compress_and_measure(model, device, datamodule=datamodule, probe_fns={})
 
 

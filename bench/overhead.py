@@ -43,7 +43,7 @@ from bench.common import (
     target,
     timed,
 )
-from src.builders import build_callbacks
+from src.builders import build_callbacks, compression_settings
 from src.modules.classifier import ClassificationModule
 from src.utils.loggers import build_loggers
 
@@ -117,7 +117,7 @@ def run(sizes: Sizes, opts: Options) -> BenchResult:
 
 def _callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The project's callbacks for this config, less checkpoint writers and progress bars."""
-    return [c for c in build_callbacks(cfg) if not isinstance(c, (ModelCheckpoint, ProgressBar))]
+    return [c for c in build_callbacks(cfg, compression_settings(cfg)) if not isinstance(c, (ModelCheckpoint, ProgressBar))]
 
 
 def _fit(cfg: DictConfig, module: ClassificationModule, loader: DataLoader, clock: Interleave) -> None:

@@ -15,11 +15,12 @@ import statistics
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
 from bench.common import FP32_NOTE, BenchResult, Options, Shape, Sizes, random_tokens, shape_config, timed
+from src.builders import compression_settings, fusion_callback
+from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.models.build import build_model
 from src.models.mlp_io import mlp_param_names
@@ -53,9 +54,10 @@ def run(sizes: Sizes, opts: Options) -> BenchResult:
     for shape in sizes.scale:
         for method in METHODS:
             cfg = shape_config(sizes, opts, shape, method)
-            rows.append(_measure(cfg, shape, opts))
+            settings = compression_settings(cfg)
+            rows.append(_measure(cfg, settings, shape, opts))
             release_memory()  # the model and what the metrics held, before the next model is built
-    a, calib = cfg.approx_metrics, cfg.ffn_mode.calib  # the last config's: the same for every row
+    a, calib = cfg.approx_metrics, settings.calib  # the last config's: the same for every row
     cuda, lengths = opts.device.type == "cuda", "/".join(map(str, sorted({s.seq_len for s in sizes.scale})))
     return BenchResult(
         name="scale",
@@ -91,17 +93,17 @@ def run(sizes: Sizes, opts: Options) -> BenchResult:
     )
 
 
-def _measure(cfg: DictConfig, shape: Shape, opts: Options) -> dict[str, Any]:
-    """Build ``shape``'s model on the device, then compress and measure it with ``cfg``'s fusion callback."""
+def _measure(cfg: DictConfig, settings: CompressionSettings, shape: Shape, opts: Options) -> dict[str, Any]:
+    """Build ``shape``'s model on the device, then compress it with ``settings`` and measure it with ``cfg``'s fusion callback."""
     device, cuda = opts.device, opts.device.type == "cuda"
-    layers = list(cfg.ffn_mode.layers)
+    layers = list(settings.layers)
     out: dict[str, Any] = {}
     torch.manual_seed(cfg.seed)  # every method compresses the same weights
     build_s = timed(lambda: out.__setitem__("model", build_model(cfg.model, shape.head, device=device)), device)
     model = out.pop("model")
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     layer_params = sum(model.get_parameter(n).numel() for n in mlp_param_names(model, layers[0]))
-    callback = instantiate(cfg.ffn_mode.callback)  # the object a training run compresses and measures with
+    callback = fusion_callback(cfg, settings)  # the object a training run compresses and measures with
     data = RandomTokens(cfg.model.config.vocab_size, shape.seq_len)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,8 +111,8 @@ def _measure(cfg: DictConfig, shape: Shape, opts: Options) -> dict[str, Any]:
     report, metrics = out["report"], callback.summary_metrics
     layer_s = [report.layer_stats[i]["seconds"] for i in layers]
     return {
-        "model": cfg.model.name, "method": cfg.ffn_mode.name, "layers": ",".join(map(str, layers)),
-        "width": f"{cfg.model.config.intermediate_size} -> {cfg.ffn_mode.mid_dim}", "params_b": report.params_before / 1e9,
+        "model": cfg.model.name, "method": settings.method.name, "layers": ",".join(map(str, layers)),
+        "width": f"{cfg.model.config.intermediate_size} -> {settings.mid_dim}", "params_b": report.params_before / 1e9,
         "model_gib": model_bytes / 2**30, "build_s": build_s, "layer_s": statistics.median(layer_s), "compress_s": report.seconds,
         "grads_gib": cfg.approx_metrics.probe_size * layer_params * 4 / 2**30, "metrics_s": total_s - report.seconds,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,

@@ -10,7 +10,8 @@ with the uncompressed model (its errors are 0). Writes into the run folder:
 
 - ``approx.json``: every (method, seed) measurement, each metric's mean, std and 95 % t interval
   over seeds per method (and per layer), and the paired difference of each method from
-  ``reference`` (``ntk_cluster``), seed by seed;
+  ``reference`` (``ntk_cluster``), seed by seed, and each method's variant options (``variants``, as
+  ``src.train`` records them in ``results.json``);
 - ``approx.md``: those tables (n = 1 prints no interval);
 - ``approx.png``: the headline errors per method, with 95 % interval error bars.
 
@@ -32,10 +33,9 @@ import numpy as np
 import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from src.builders import build_data_and_module, build_module
+from src.builders import build_data_and_module, build_module, compression_settings, fusion_callback
 from src.metrics.approximation import approximation_metrics, measure_reference
 from src.models.fuse import count_params
 from src.preflight import preflight
@@ -179,15 +179,15 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
     configs = method_configs(cfg)
     checked = {m: preflight(mc) for m, mc in configs.items()}  # every method's options, before any model loads
     device = approx_device(cfg.device)
-    compressing = {m: mc for m, mc in configs.items() if m != "none"}
-    first = next(iter(compressing.values()))
-    layers, reference = list(first.ffn_mode.layers), cfg.reference
+    name = next(m for m in configs if m != "none")
+    first, shared = configs[name], checked[name].compression  # layers, width, refit, budget and calibration: every method's
+    layers, reference = list(shared.layers), cfg.reference
     out = Path(cfg.paths.output_dir)
-    f = first.ffn_mode
-    meta = {"model": cfg.model.name, "task": cfg.task.name, "layers": layers, "mid_dim": f.mid_dim, "seeds": seeds,
-            "probe_size": cfg.approx_metrics.probe_size, "reference": reference, "refit": f.refit, "budget": f.budget,
-            "calib_size": f.calib.size, "calib_sequential": f.calib.sequential}
-    datamodule, _ = build_data_and_module(first, checked[next(iter(compressing))][1])
+    meta = {"model": cfg.model.name, "task": cfg.task.name, "layers": layers, "mid_dim": shared.mid_dim, "seeds": seeds,
+            "probe_size": cfg.approx_metrics.probe_size, "reference": reference, "refit": shared.refit, "budget": shared.budget,
+            "calib_size": shared.calib.size, "calib_sequential": shared.calib.sequential,
+            "variants": {m: c.compression.variant() for m, c in checked.items() if c.compression}}
+    datamodule, _ = build_data_and_module(first, checked[name].splits)
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         L.seed_everything(seed)  # the task head is random: seed it as a training run does, so the probe matches
@@ -203,7 +203,8 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
                                                    a.chunk_size, a.max_memory_gb, ref)
                 metrics.update({"fusion/params_after": float(count_params(original)), "fusion/compress_seconds": 0.0})
             else:
-                callback = instantiate(_with_seed(mc, seed).ffn_mode.callback)  # the object a training run compresses with
+                at_seed = _with_seed(mc, seed)
+                callback = fusion_callback(at_seed, compression_settings(at_seed))  # the object a training run compresses with
                 callback.compress_and_measure(copy.deepcopy(original), device, datamodule, module.probe_fns, ref)
                 metrics = callback.summary_metrics
             runs.append({"method": m, "seed": seed, "metrics": _flat(metrics)})

@@ -1,4 +1,4 @@
-"""Turns a composed config into the pieces of a run: data, LightningModule, callbacks, trainer.
+"""Turns a composed config into the pieces of a run: data, LightningModule, compression settings, callbacks, trainer.
 
 Shared by ``src.train``, ``src.approx`` and ``src.export`` so that each entry point stays thin;
 ``src.preflight`` resolves and checks the config before any of these run.
@@ -11,9 +11,13 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from src.callbacks.fusion import FusionCallback
+from src.compress.method import Method
+from src.compress.settings import CalibSettings, CompressionSettings
 from src.models.build import load_tokenizer
+from src.models.source import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +70,32 @@ def build_trainer(cfg: DictConfig, module: L.LightningModule, callbacks: list[L.
     return instantiate(cfg.trainer, callbacks=callbacks, **kwargs)
 
 
-def build_callbacks(cfg: DictConfig, ckpt_path: str | None = None) -> list[L.Callback]:
-    """Config callbacks, then distillation, then the compression callback (none for ``ffn_mode=none``).
+def compression_settings(cfg: DictConfig) -> CompressionSettings | None:
+    """The run's compression settings from ``cfg.ffn_mode`` (None for ``ffn_mode=none``), after
+    ``src.preflight.resolve`` filled in its layers and width: the preflight builds them, checks them and
+    returns them."""
+    f = cfg.ffn_mode
+    if f.name == "none":
+        return None
+    c = f.calib
+    return CompressionSettings(
+        method=Method.of(instantiate(f.compress, _convert_="all"), f.name),
+        layers=tuple(f.layers), mid_dim=f.mid_dim, seed=f.seed, refit=f.refit, refit_ridge=f.refit_ridge, budget=f.budget,
+        experts="all" if f.experts == "all" else tuple(f.experts), shared_expert=f.shared_expert,
+        re_init_layers=tuple(f.re_init_layers), calib=CalibSettings(c.size, c.seed, c.sequential, c.batch_size),
+        cache_dir=f.cache_dir if f.cache else None,
+    )
+
+
+def fusion_callback(cfg: DictConfig, compression: CompressionSettings, ckpt_path: str | None = None) -> FusionCallback:
+    """The callback that compresses with ``compression`` at setup and measures the run's ``approx_metrics``
+    (or, from ``ckpt_path``, rebuilds the structure that checkpoint records)."""
+    return FusionCallback(compression, OmegaConf.to_container(cfg.approx_metrics, resolve=True), model_identity(cfg.model), ckpt_path)
+
+
+def build_callbacks(cfg: DictConfig, compression: CompressionSettings | None, ckpt_path: str | None = None) -> list[L.Callback]:
+    """Config callbacks, then distillation, then the compression callback (none for ``ffn_mode=none``,
+    whose ``compression`` is None).
 
     Distillation comes first: its ``setup`` copies the uncompressed teacher before the compression
     callback's ``setup`` compresses (Lightning calls callbacks in list order).
@@ -76,6 +104,6 @@ def build_callbacks(cfg: DictConfig, ckpt_path: str | None = None) -> list[L.Cal
     if cfg.distill.name != "none":
         # a partial called with cfg: passing cfg to instantiate would merge it and break its interpolations
         callbacks.append(instantiate(cfg.distill.callback)(cfg, ckpt_path))
-    if "callback" in cfg.ffn_mode:  # every method but none (conf/ffn_mode/_base.yaml)
-        callbacks.append(instantiate(cfg.ffn_mode.callback, ckpt_path=ckpt_path))
+    if compression is not None:
+        callbacks.append(fusion_callback(cfg, compression, ckpt_path))
     return callbacks

@@ -12,39 +12,45 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PretrainedConfig
 
-from src.builders import task_classes
+from src.builders import compression_settings, task_classes
+from src.compress.settings import CompressionSettings
 from src.compress.types import OptionError
 from src.models import mlp_io
 from src.models.build import load_hf_config
-from src.models.fuse import needs_calibration
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer
 
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg: DictConfig) -> tuple[PretrainedConfig, dict[str, Any]]:
-    """Resolve the config, then check settings, model files, compression options and data, in that order.
+class Checked(NamedTuple):
+    """What the preflight read and checked: the model's transformers config, the task's validated data
+    splits and the run's compression settings (None for ``ffn_mode=none``)."""
 
-    Returns the model's transformers config and the task's validated data splits.
-    """
+    hf: PretrainedConfig
+    splits: dict[str, Any]
+    compression: CompressionSettings | None
+
+
+def preflight(cfg: DictConfig) -> Checked:
+    """Resolve the config, then check settings, model files, compression options and data, in that order."""
     check_run_settings(cfg)
     resolve_trainer(cfg)
     hf = load_hf_config(cfg.model)
     check_architecture(cfg, hf)
     resolve(cfg, hf)
-    check_ffn_mode(cfg, hf)
+    compression = check_ffn_mode(cfg, hf)
     check_approx_metrics(cfg, hf)
     if "check" in cfg.distill:
         instantiate(cfg.distill.check)(cfg)
     load_splits, _, _ = task_classes(cfg.task.kind)
-    return hf, load_splits(cfg.task)
+    return Checked(hf, load_splits(cfg.task), compression)
 
 
 def _positive(value: Any, setting: str) -> None:
@@ -142,11 +148,12 @@ def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
             f.mid_dim = max(1, round(defaults.width * d))
 
 
-def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
-    """The options every method shares, then the method's own (its ``check`` hook)."""
+def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> CompressionSettings | None:
+    """The options every method shares, then the method's own (its module's ``check`` hook); returns the
+    compression settings they make (None for ``ffn_mode=none``)."""
     f = cfg.ffn_mode
     if f.name == "none":
-        return
+        return None
     n, d = mlp_io.mlp_shape(hf)
     layers = list(f.layers) if OmegaConf.is_list(f.layers) else f.layers
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
@@ -175,18 +182,18 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> None:
         raise ConfigError(f"ffn_mode.refit_ridge={f.refit_ridge!r} must be a positive number.")
     if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):
         raise ConfigError(f"ffn_mode.budget={f.budget!r} must be a fraction of the chosen layers' MLP parameters in (0, 1), e.g. 0.25.")
-    fn = instantiate(f.compress)
     if mlp_io.num_experts(hf) and f.budget is not None:
         raise ConfigError(f"ffn_mode.budget={f.budget} allocates per-layer widths, but model={cfg.model.name} is a Mixture-of-Experts "
                           "model, whose compressed experts keep one per-expert width (ffn_mode.mid_dim): leave the budget at null.")
-    if c.size == 0 and needs_calibration(fn, f.refit, f.budget):
-        what = "refit=lstsq" if f.refit != "none" else "a budget" if f.budget is not None else f"ffn_mode={f.name} with these options"
+    s = compression_settings(cfg)
+    if s.calib.size == 0 and s.needs_calibration:
+        what = "refit=lstsq" if s.refit != "none" else "a budget" if s.budget is not None else f"ffn_mode={s.method.name} with these options"
         raise ConfigError(f"ffn_mode.calib.size=0 is data-free, but {what} needs calibration data: set ffn_mode.calib.size > 0.")
-    if "check" in f:
-        try:
-            instantiate(f.check)(d, f.mid_dim, calib_size=c.size, **fn.keywords)
-        except OptionError as e:
-            raise ConfigError(f"ffn_mode.{e}") from None
+    try:
+        s.method.validate(d, s.mid_dim, s.calib.size)
+    except OptionError as e:
+        raise ConfigError(f"ffn_mode.{e}") from None
+    return s
 
 
 def check_experts(cfg: DictConfig, hf: PretrainedConfig, layers: list[int]) -> None:
@@ -244,8 +251,9 @@ def check_architecture(cfg: DictConfig, hf: PretrainedConfig) -> None:
         raise ConfigError(f"model={cfg.model.name}: {e}") from None
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``last`` means <run dir>/checkpoints/last.ckpt; a path must exist and match model, task and compression."""
+def resolve_ckpt_path(cfg: DictConfig, compression: CompressionSettings | None) -> str | None:
+    """``last`` means <run dir>/checkpoints/last.ckpt; a path must exist and match model, task and the run's
+    ``compression`` (the preflight's)."""
     if cfg.ckpt_path is None:
         return None
     path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
@@ -264,14 +272,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             f"ckpt_path={str(path)!r} belongs to model={hp.get('model', {}).get('name')} task={hp.get('task', {}).get('name')}, "
             f"not model={cfg.model.name} task={cfg.task.name}."
         )
-    fusion = ckpt.get("fusion")  # written by the fusion callback
-    mode = fusion["method"] if fusion else "none"
-    experts = cfg.ffn_mode.get("experts", "all")
-    experts = list(experts) if OmegaConf.is_list(experts) else experts
-    if mode != cfg.ffn_mode.name or (fusion and (list(fusion["layers"]) != list(cfg.ffn_mode.layers) or fusion["mid_dim"] != cfg.ffn_mode.mid_dim
-                                                 or fusion.get("budget") != cfg.ffn_mode.get("budget")
-                                                 or fusion.get("experts", experts) != experts)):
-        got = f"ffn_mode={mode}" + (f" layers={fusion['layers']} mid_dim={fusion['mid_dim']}" if fusion else "")
-        now = f"ffn_mode={cfg.ffn_mode.name}" + (f" layers={list(cfg.ffn_mode.layers)} mid_dim={cfg.ffn_mode.mid_dim}" if fusion or cfg.ffn_mode.name != "none" else "")
+    fusion = ckpt.get("fusion") or None  # written by the fusion callback
+    if (fusion is None) != (compression is None) or (fusion and not compression.matches(fusion)):
+        got = f"ffn_mode={fusion['method']} layers={fusion['layers']} mid_dim={fusion['mid_dim']}" if fusion else "ffn_mode=none"
+        now = f"ffn_mode={cfg.ffn_mode.name}" + (f" layers={list(compression.layers)} mid_dim={compression.mid_dim}" if compression else "")
         raise ConfigError(f"ckpt_path={str(path)!r} was compressed with {got}, but this run asks for {now}.")
     return str(path)

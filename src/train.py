@@ -6,18 +6,20 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
 import hydra
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from src.builders import build_callbacks, build_data_and_module, build_trainer
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
+from src.compress.settings import CompressionSettings
 from src.preflight import preflight, resolve_ckpt_path
 from src.utils.checkpoint_io import StreamingCheckpointIO
-from src.utils.config import VARIANT_OPTIONS, run_app  # importing it registers the config resolvers and schema
+from src.utils.config import run_app  # importing it registers the config resolvers and schema
 from src.utils.errors import ConfigError
 from src.utils.io import write_json
 from src.utils.loggers import build_loggers, close_loggers
@@ -27,13 +29,15 @@ log = logging.getLogger(__name__)
 
 
 @rank_zero_only
-def write_results(cfg: DictConfig, status: str, **fields: object) -> None:
-    """``results.json`` in the run folder: the status (running, completed, interrupted, failed) and final metrics."""
+def write_results(cfg: DictConfig, status: str, compression: CompressionSettings | None, **fields: object) -> None:
+    """``results.json`` in the run folder: the status (running, completed, interrupted, failed), the compression
+    (``compression``: None for ``ffn_mode=none`` and for a run the preflight refused) and final metrics."""
+    c = compression
     summary = {"task": cfg.task.name, "model": cfg.model.name, "ffn_mode": cfg.ffn_mode.name,
-               "mid_dim": cfg.ffn_mode.get("mid_dim"), "layers": OmegaConf.to_container(cfg.ffn_mode.get("layers")) if cfg.ffn_mode.get("layers") is not None else None,
+               "mid_dim": c.mid_dim if c else None, "layers": list(c.layers) if c else None,
                "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor,
                # the options that make a variant of a method (the report tells them apart)
-               **{k: cfg.ffn_mode.get(k) for k in VARIANT_OPTIONS if cfg.ffn_mode.name != "none" and k in cfg.ffn_mode}}
+               **(c.variant() if c else {})}
     write_json(f"{cfg.paths.output_dir}/results.json", {"status": status, **summary, **fields})
 
 
@@ -56,13 +60,31 @@ def drop_training_state(trainer: L.Trainer, module: L.LightningModule) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Check everything cheap, compress (in the fusion callback's setup), fine-tune, test."""
-    _, splits = preflight(cfg)
-    ckpt_path = resolve_ckpt_path(cfg)
-    write_results(cfg, "running")
+    """Check everything cheap, compress (in the fusion callback's setup), fine-tune, test.
+
+    ``results.json`` follows the run: running, then completed, or interrupted or failed with what stopped
+    it, which is raised on.
+    """
+    compression = None
+    try:
+        _, splits, compression = preflight(cfg)
+        ckpt_path = resolve_ckpt_path(cfg, compression)
+        write_results(cfg, "running", compression)
+        metrics, seconds = _fit_and_test(cfg, splits, compression, ckpt_path)
+    except BaseException as e:
+        said = isinstance(e, (RunInterrupted, ConfigError, TrainingDiverged))  # their message is the one sentence to record
+        write_results(cfg, "interrupted" if isinstance(e, RunInterrupted) else "failed", compression,
+                      error=str(e) if said else f"{type(e).__name__}: {e}")
+        raise
+    write_results(cfg, "completed", compression, metrics=metrics, wall_time_s=seconds)
+    return metrics
+
+
+def _fit_and_test(cfg: DictConfig, splits: dict[str, Any], compression: CompressionSettings | None, ckpt_path: str | None) -> tuple[dict[str, float], float]:
+    """The run after the preflight: its metrics and the seconds it took."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg, splits)
-    callbacks = build_callbacks(cfg, ckpt_path)
+    callbacks = build_callbacks(cfg, compression, ckpt_path)
     trainer = build_trainer(cfg, module, callbacks, logger=build_loggers(cfg), plugins=[StreamingCheckpointIO()])
     start = time.time()
     stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
@@ -86,25 +108,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
         metrics[f"best/{cfg.task.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
     close_loggers(trainer.loggers)
-    write_results(cfg, "completed", metrics=metrics, wall_time_s=time.time() - start)
-    return metrics
+    return metrics, time.time() - start
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
+        metrics = train(cfg)  # it records the status in results.json
     except RunInterrupted as e:
-        write_results(cfg, "interrupted", error=str(e))
         log.error("%s", e)
         sys.exit(128 + e.signum)  # as the shell reports a process ended by the signal: a scheduler sees a failure
     except (ConfigError, TrainingDiverged) as e:
-        write_results(cfg, "failed", error=str(e))
         log.error("%s", e)
         sys.exit(2 if isinstance(e, ConfigError) else 3)
-    except BaseException as e:
-        write_results(cfg, "failed", error=f"{type(e).__name__}: {e}")
-        raise
     log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith(("test", "best", "fusion/params"))})
     return metrics.get(cfg.task.monitor)  # for Hydra sweepers that optimise
 

@@ -13,7 +13,7 @@ from torch import nn
 import src.compress.ntk_cluster
 import src.compress.sketch
 from src.compress import kmeans, ntk_cluster, sketch
-from src.compress.cache import FusionCache
+from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.metrics.approximation import approximation_metrics
 from src.models import mlp_io
@@ -48,7 +48,7 @@ PROBES = {"class0_prob": ntk.class0_prob, "label_logprob": ntk.true_label_logpro
 
 def _measure(original: nn.Module, fn, mid_dim: int) -> dict[str, float]:
     compressed = _copy(original)
-    compress_model(compressed, method="m", fn=fn, layers=LAYERS, mid_dim=mid_dim, seed=0)
+    compress_model(compressed, CompressionSettings.of(fn, LAYERS, mid_dim))
     metrics, _ = approximation_metrics(original, compressed, LAYERS, _batch(), PROBES)
     return metrics
 
@@ -85,7 +85,7 @@ def test_identical_pairs_keep_the_sign_kernel_not_the_standard_one() -> None:
             mods["up"].bias[half:] = mods["up"].bias[:half]
             mods["down"].weight[:, half:] = mods["down"].weight[:, :half]
     compressed = _copy(model)
-    report = compress_model(compressed, method="ntk_cluster", fn=functools.partial(ntk_cluster.compress, n_init=2), layers=LAYERS, mid_dim=half, seed=0)
+    report = compress_model(compressed, CompressionSettings.of(functools.partial(ntk_cluster.compress, n_init=2), LAYERS, half))
     assert all(torch.equal(mlp_io.mlp_modules(compressed, i)["down"].scale, torch.full((half,), 2.0)) for i in LAYERS)
     metrics, _ = approximation_metrics(model, compressed, LAYERS, _batch(), PROBES)
     assert report.layer_stats[1]["inertia"] < 1e-9
@@ -99,22 +99,20 @@ def test_two_layers_get_different_sketch_matrices() -> None:
     with torch.no_grad():  # layer 3 := layer 1, so only the random draw can make them differ
         for role, m in mlp_io.mlp_modules(model, 3).items():
             m.load_state_dict(mlp_io.mlp_modules(model, 1)[role].state_dict())
-    compress_model(model, method="sketch", fn=sketch.compress, layers=LAYERS, mid_dim=16, seed=0)
+    compress_model(model, CompressionSettings.of(sketch.compress, LAYERS, 16))
     a, b = (mlp_io.read_mlp(model, i) for i in LAYERS)
     assert not torch.allclose(a.up, b.up)
     again = _model()
     with torch.no_grad():
         for role, m in mlp_io.mlp_modules(again, 3).items():
             m.load_state_dict(mlp_io.mlp_modules(again, 1)[role].state_dict())
-    compress_model(again, method="sketch", fn=sketch.compress, layers=LAYERS, mid_dim=16, seed=0)
+    compress_model(again, CompressionSettings.of(sketch.compress, LAYERS, 16))
     assert torch.equal(mlp_io.read_mlp(again, 3).up, b.up)  # and the draw is a function of (seed, layer)
 
 
 def test_a_cache_entry_of_another_method_version_is_not_reused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = FusionCache(tmp_path / "c")
-
-    def run() -> list[float]:
-        report = compress_model(_model(), method="sketch", fn=sketch.compress, layers=LAYERS, mid_dim=16, seed=0, cache=cache)
+    def run() -> list[float]:  # the method's VERSION is read when its settings are made
+        report = compress_model(_model(), CompressionSettings.of(sketch.compress, LAYERS, 16, cache_dir=str(tmp_path / "c")))
         return [report.layer_stats[i]["cache_hit"] for i in LAYERS]
 
     assert run() == [0.0, 0.0] and run() == [1.0, 1.0]
@@ -143,7 +141,7 @@ def test_a_shared_reference_gives_the_same_metrics() -> None:
 
     original = _model()
     compressed = _copy(original)
-    compress_model(compressed, method="m", fn=functools.partial(ntk_cluster.compress), layers=LAYERS, mid_dim=8, seed=0)
+    compress_model(compressed, CompressionSettings.of(ntk_cluster.compress, LAYERS, 8))
     ref = measure_reference(original, LAYERS, _batch(), PROBES)
     assert approximation_metrics(original, compressed, LAYERS, _batch(), PROBES, reference=ref) == approximation_metrics(
         original, compressed, LAYERS, _batch(), PROBES)

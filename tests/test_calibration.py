@@ -12,11 +12,13 @@ from transformers import AutoModelForSequenceClassification
 
 from src.compress import budget, kmeans, ntk_keep, refit, wanda_sp
 from src.compress.common import activations
+from src.compress.method import Method
+from src.compress.settings import CompressionSettings
 from src.compress.types import MLPCalibration, MLPWeights
 from src.models import mlp_io
 from src.models.calibration import Calibrator
 from src.models.exported import load_exported
-from src.models.fuse import compress_model, needs_calibration
+from src.models.fuse import compress_model
 from src.preflight import preflight
 from src.train import train
 from src.utils.errors import ConfigError
@@ -38,7 +40,7 @@ def test_refit_never_raises_the_calibration_error(method: str, gated: bool) -> N
     w = make_mlp(gated=gated, act="silu", std=0.3)
     calib = _calib(w)
     fn = compress_fn(method)
-    c = fn(w, 12, seed=0, **({"calib": calib} if needs_calibration(fn) else {}), **({"mmd_steps": 3} if method == "mmd" else {}))
+    c = fn(w, 12, seed=0, **({"calib": calib} if Method.of(fn).needs_calibration else {}), **({"mmd_steps": 3} if method == "mmd" else {}))
     before, fitted = refit.rel_error(c, calib), refit.refit(c, calib)
     after = refit.rel_error(fitted, calib)
     assert after <= before + 1e-9 and fitted.stats["calib_err"] == pytest.approx(after)
@@ -137,7 +139,7 @@ def test_calibrator_drops_padding_and_is_sequential() -> None:
     got = cal.collect(model, [1, 3])
     assert got[1].x.shape == (int(_batches()[0]["attention_mask"].sum()), H * 2)
     torch.testing.assert_close(got[3].y, mlp_io.mlp_forward(model, 3, got[3].x))
-    compress_model(model, method="prune", fn=compress_fn("prune"), layers=[1], mid_dim=8, seed=0)
+    compress_model(model, CompressionSettings.of(compress_fn("prune"), [1], 8))
     assert not torch.allclose(cal.collect(model, [3])[3].x, got[3].x)  # layer 3's inputs follow the compressed layer 1
 
 
@@ -165,7 +167,7 @@ def test_sequential_replay_matches_a_full_forward_per_layer(compose_cfg, name: s
         del calls[before:]
         torch.testing.assert_close(got.x, want.x, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.y, want.y, rtol=1e-5, atol=1e-6)
-        compress_model(model, method="prune", fn=compress_fn("prune"), layers=[layer], mid_dim=8, seed=0)
+        compress_model(model, CompressionSettings.of(compress_fn("prune"), [layer], 8))
     chain = mlp_io.block_module(model, 0) is not None
     assert chain == (name != "tiny_t5")  # an encoder-decoder model's decoder blocks also read the encoder: no replay
     assert len(calls) == len(batches) * (1 if chain else len(layers))  # one forward of the model per batch, then block replays
@@ -173,8 +175,8 @@ def test_sequential_replay_matches_a_full_forward_per_layer(compose_cfg, name: s
 
 def test_budget_widths_sum_to_the_budget_in_a_model() -> None:
     model = _tiny()
-    report = compress_model(model, method="ntk_cluster", fn=compress_fn("ntk_cluster"), layers=[1, 2, 3], mid_dim=16, seed=0,
-                            calibrator=Calibrator(_batches()), budget=0.25, refit="lstsq")
+    settings = CompressionSettings.of(compress_fn("ntk_cluster"), [1, 2, 3], 16, budget=0.25, refit="lstsq")
+    report = compress_model(model, settings, calibrator=Calibrator(_batches()))
     widths = mlp_io.intermediate_sizes(model)
     assert sum(widths[1:]) == int(0.25 * 3 * D) and widths[0] == D
     assert report.spec["widths"] == {str(i): widths[i] for i in (1, 2, 3)} and report.spec["budget"] == 0.25

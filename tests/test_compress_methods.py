@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from src.compress import cluster, mmd, ntk_cluster, prune, sketch, svd
+from src.compress.method import Method
 from src.compress.types import FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
-from src.models.fuse import needs_calibration
 from tests.conftest import METHODS as NAMES
 from tests.conftest import compress_fn
 
@@ -17,7 +17,7 @@ from tests.conftest import compress_fn
 
 def _with_calibration(fn):
     """Methods that read calibration data (wanda_sp) get a fixed random sample of inputs."""
-    if not needs_calibration(fn):
+    if not Method.of(fn).needs_calibration:
         return fn
     x = torch.randn(64, H, generator=torch.Generator().manual_seed(7))
     return functools.partial(fn, calib=MLPCalibration(x=x, y=torch.zeros_like(x)))

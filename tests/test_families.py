@@ -15,6 +15,7 @@ from torch import nn
 
 from src.builders import build_callbacks, build_datamodule, build_module
 from src.callbacks.fusion import FusionCallback
+from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.build import HEADS
 from src.models.fuse import apply_spec, compress_model
@@ -34,9 +35,9 @@ def test_every_row_names_a_tiny_config_or_shares_a_tested_layout() -> None:
 
 def _module(compose_cfg, name: str, overrides: list[str] = ()) -> tuple:
     cfg = compose_cfg([f"model={name}", *_task(name), *overrides])
-    _, splits = preflight(cfg)
+    checked = preflight(cfg)
     torch.manual_seed(0)
-    return cfg, build_module(cfg), splits
+    return cfg, build_module(cfg), checked
 
 
 def _task(name: str) -> list[str]:
@@ -63,9 +64,9 @@ def test_full_width_is_exact_and_folding_changes_nothing(compose_cfg, name: str)
     fn = instantiate(compose_cfg(["ffn_mode=ntk_cluster"]).ffn_mode.compress)
     layers = _layers(model)
     full = mlp_io.config_width(model.config)
-    compress_model(model, method="ntk_cluster", fn=fn, layers=layers, mid_dim=full, seed=0, shared_expert=False)
+    compress_model(model, CompressionSettings.of(fn, layers, full, shared_expert=False))
     torch.testing.assert_close(_out(model), before, rtol=1e-4, atol=1e-5)
-    compress_model(model, method="ntk_cluster", fn=fn, layers=layers, mid_dim=max(2, full // 4), seed=0)
+    compress_model(model, CompressionSettings.of(fn, layers, max(2, full // 4)))
     fused = _out(model)
     assert mlp_io.fold_scales(model) > 0
     torch.testing.assert_close(_out(model), fused, rtol=1e-5, atol=1e-6)
@@ -78,7 +79,7 @@ def test_recorded_structure_rebuilds_every_method(compose_cfg, name: str) -> Non
         _, module, _ = _module(compose_cfg, name)
         model = module.model
         fn = instantiate(compose_cfg([f"ffn_mode={method}"]).ffn_mode.compress)
-        report = compress_model(model, method=method, fn=fn, layers=_layers(model)[-2:], mid_dim=8, seed=0)
+        report = compress_model(model, CompressionSettings.of(fn, _layers(model)[-2:], 8, name=method))
         fresh = _module(compose_cfg, name)[1].model
         apply_spec(fresh, report.spec)
         fresh.load_state_dict(model.state_dict(), strict=True)
@@ -88,10 +89,10 @@ def test_recorded_structure_rebuilds_every_method(compose_cfg, name: str) -> Non
 @pytest.mark.parametrize("name", TINY)
 def test_calibration_and_refit(compose_cfg, name: str) -> None:
     """wanda_sp with the least-squares refit, calibrated on the task's data, through the fusion callback."""
-    cfg, module, splits = _module(compose_cfg, name, ["ffn_mode=wanda_sp", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=8",
-                                                      "approx_metrics.enabled=false"])
-    datamodule = build_datamodule(cfg, splits)
-    callback = next(c for c in build_callbacks(cfg) if isinstance(c, FusionCallback))
+    cfg, module, checked = _module(compose_cfg, name, ["ffn_mode=wanda_sp", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=8",
+                                                       "approx_metrics.enabled=false"])
+    datamodule = build_datamodule(cfg, checked.splits)
+    callback = next(c for c in build_callbacks(cfg, checked.compression) if isinstance(c, FusionCallback))
     report = callback.compress_and_measure(module.model, "cpu", datamodule, {})
     assert report.params_after < report.params_before
     assert torch.isfinite(_out(module.model)).all()

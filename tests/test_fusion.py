@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -12,11 +14,12 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
-from src.compress.cache import FusionCache
 from src.models import mlp_io
 from src.models.build import build_model
 from src.models.calibration import Calibrator
-from src.models.fuse import apply_spec, compress_model, count_params, needs_calibration
+from src.compress import ntk_cluster
+from src.compress.settings import CompressionSettings
+from src.models.fuse import apply_spec, compress_model, count_params
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS
@@ -45,9 +48,9 @@ def _fn(compose_cfg, method: str):
 def test_every_method_on_every_family(compose_cfg, arch: str, method: str) -> None:
     model = _model(arch)
     ids = torch.randint(1, 128, (2, 7))
-    fn = _fn(compose_cfg, method)
-    calibrator = Calibrator([{"input_ids": torch.randint(1, 128, (4, 9))}]) if needs_calibration(fn) else None  # wanda_sp
-    report = compress_model(model, method=method, fn=fn, layers=[1, 3], mid_dim=16, seed=0, calibrator=calibrator)
+    settings = CompressionSettings.of(_fn(compose_cfg, method), [1, 3], 16, name=method)
+    calibrator = Calibrator([{"input_ids": torch.randint(1, 128, (4, 9))}]) if settings.needs_calibration else None  # wanda_sp
+    report = compress_model(model, settings, calibrator=calibrator)
     assert mlp_io.intermediate_sizes(model)[0] == 64 and report.params_after < report.params_before == count_params(_model(arch))
     assert torch.isfinite(model(input_ids=ids).logits).all()
     if method == "ntk_cluster":  # the counts are a frozen buffer, not a parameter
@@ -61,17 +64,18 @@ def test_every_method_on_every_family(compose_cfg, arch: str, method: str) -> No
 
 
 def test_cache_hit_and_corruption(compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    fn, cache = _fn(compose_cfg, "ntk_cluster"), FusionCache(tmp_path / "c")
-    run = lambda: compress_model(m := _model("tiny_bert"), method="ntk_cluster", fn=fn, layers=[2], mid_dim=16, seed=3, cache=cache) and m
+    fn, cache_dir = _fn(compose_cfg, "ntk_cluster"), str(tmp_path / "c")
+    settings = CompressionSettings.of(fn, [2], 16, seed=3, cache_dir=cache_dir)
+    run = lambda: compress_model(m := _model("tiny_bert"), settings) and m
     first = run()
-    files = list((tmp_path / "c").glob("*.safetensors"))
+    files = list((tmp_path / "c" / "ntk_cluster").glob("*.safetensors"))  # a folder per method
     assert len(files) == 1
     m1 = _model("tiny_bert")
-    rep = compress_model(m1, method="ntk_cluster", fn=fn, layers=[2], mid_dim=16, seed=3, cache=cache)
+    rep = compress_model(m1, settings)
     assert rep.layer_stats[2]["cache_hit"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), m1.state_dict().values()))
     # another seed is another key
-    rep = compress_model(_model("tiny_bert"), method="ntk_cluster", fn=fn, layers=[2], mid_dim=16, seed=4, cache=cache)
+    rep = compress_model(_model("tiny_bert"), CompressionSettings.of(fn, [2], 16, seed=4, cache_dir=cache_dir))
     assert rep.layer_stats[2]["cache_hit"] == 0.0
     # flip bytes inside a tensor: the checksum catches it, the file is recomputed with a warning
     data = bytearray(files[0].read_bytes())
@@ -79,9 +83,38 @@ def test_cache_hit_and_corruption(compose_cfg, tmp_path: Path, caplog: pytest.Lo
     files[0].write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         m2 = _model("tiny_bert")
-        rep = compress_model(m2, method="ntk_cluster", fn=fn, layers=[2], mid_dim=16, seed=3, cache=cache)
+        rep = compress_model(m2, settings)
     assert rep.layer_stats[2]["cache_hit"] == 0.0 and "corrupted" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), m2.state_dict().values()))
+
+
+def test_cache_keys_stay_those_existing_caches_hold(tmp_path: Path) -> None:
+    """The keys a training run's compression wrote before its settings were one object: a change in how
+    keys are made would silently orphan every existing cache."""
+    config = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 32}
+    model = build_model({"name": "t", "config": config}, "classification", num_labels=2)
+    with torch.no_grad():  # fixed weights, whatever the initialisation draws
+        for i in range(2):
+            for m in mlp_io.mlp_modules(model, i).values():
+                m.weight.copy_(torch.linspace(-1, 1, m.weight.numel()).reshape(m.weight.shape).cos())
+                m.bias.copy_(torch.linspace(0, 1, m.bias.numel()))
+    fn = functools.partial(ntk_cluster.compress, n_init=3, max_iter=100, tol=1e-4, weighting="none")  # conf/ffn_mode/ntk_cluster.yaml
+    compress_model(model, CompressionSettings.of(fn, [0, 1], 4, seed=7, cache_dir=str(tmp_path)), identity="random:abc")
+    assert sorted(p.stem for p in (tmp_path / "ntk_cluster").iterdir()) == ["40abdbce6a40d741f275a8887ddd3fe0", "ba19f37ce080f1c9184386c6961b43c7"]
+
+
+def test_settings_record_and_match_a_checkpoint(compose_cfg) -> None:
+    """The checkpoint's record comes from the settings; a run resumes a record of the same method, layers,
+    width, budget and experts (one without experts: a dense model's, or an older one's)."""
+    s = CompressionSettings.of(_fn(compose_cfg, "ntk_keep"), [1, 2], 8, name="ntk_keep", refit="lstsq")
+    assert s.variant() == {"keep": 0.5, "refit": "lstsq", "budget": None}
+    spec = s.spec({1: 8, 2: 8}, {1: {}, 2: {}}, has_experts=False)
+    assert spec == {"method": "ntk_keep", "layers": [1, 2], "mid_dim": 8, "seed": 0, "widths": {"1": 8, "2": 8}, "budget": None,
+                    "refit": "lstsq", "layer_specs": {"1": {}, "2": {}}}
+    assert s.matches(spec) and not dataclasses.replace(s, mid_dim=4).matches(spec) and not dataclasses.replace(s, layers=(2,)).matches(spec)
+    moe = dataclasses.replace(s, experts=(0, 2))
+    assert moe.matches(spec) and moe.spec({}, {}, has_experts=True)["experts"] == [0, 2]
+    assert not moe.matches({**spec, "experts": "all"})
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -81,7 +81,7 @@ def test_lists_in_cells_webnlg_style(compose_cfg, tmp_path: Path) -> None:
     for split in ("train", "validation", "test"):
         pd.DataFrame([row]).to_json(tmp_path / f"{split}.jsonl", orient="records", lines=True)
     cfg = compose_cfg(["task=web_nlg", "model=tiny_gpt2", "ffn_mode=none", f"task.data_dir={tmp_path}"])
-    _, splits = preflight(cfg)
+    splits = preflight(cfg).splits
     assert splits["train"].source.tolist() == ["A | b | C ; A | d | E"] and splits["train"].target.tolist() == [row["target"]]
     assert splits["validation"].target.tolist() == row["references"]
 

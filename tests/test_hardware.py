@@ -64,12 +64,13 @@ def test_setup_moves_the_model_to_its_training_device_before_compressing(compose
     """Lightning calls a callback's setup before moving the model: compression, calibration and the metrics
     must meet the model on the device it trains on. ``meta`` stands in for a GPU (mixing it with the CPU raises)."""
     cfg = compose_cfg(["model=tiny_bert", "ffn_mode=wanda_sp", "ffn_mode.refit=lstsq"])
-    datamodule, module = build_data_and_module(cfg, preflight(cfg)[1])
+    checked = preflight(cfg)
+    datamodule, module = build_data_and_module(cfg, checked.splits)
     datamodule.setup("fit")
-    callback = next(c for c in build_callbacks(cfg) if isinstance(c, FusionCallback))
+    callback = next(c for c in build_callbacks(cfg, checked.compression) if isinstance(c, FusionCallback))
     seen: dict[str, set[torch.device]] = {"model": set(), "inputs": set(), "compute": set()}
 
-    def fake_compress(model, *, calibrator, device, **kwargs):  # records where the pieces meet
+    def fake_compress(model, settings, *, calibrator, device, **kwargs):  # records where the pieces meet
         seen["model"].add(hardware.model_device(model))
         seen["inputs"].update(v.device for b in calibrator.batches for v in b.values() if torch.is_tensor(v))
         seen["compute"].add(torch.device(device))

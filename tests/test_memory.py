@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from src.builders import build_datamodule
+from src.builders import build_datamodule, fusion_callback
+from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.models import mlp_io
 from src.models.fuse import compress_model, count_params
@@ -29,7 +29,7 @@ GEN = ["task=rt_review", "model=tiny_llama", "task.max_new_tokens=4", "task.max_
 
 def _module_and_data(compose_cfg, checkpointing: bool) -> tuple[CausalLMModule, object]:
     cfg = compose_cfg([*GEN, f"model.gradient_checkpointing={str(checkpointing).lower()}"])
-    _, splits = preflight(cfg)
+    splits = preflight(cfg).splits
     torch.manual_seed(0)  # the same random weights either way
     return CausalLMModule(cfg.model, cfg.task, cfg.optim), build_datamodule(cfg, splits)
 
@@ -54,7 +54,7 @@ def test_checkpointing_gives_the_same_step(compose_cfg, compressed: bool) -> Non
         module, dm = _module_and_data(compose_cfg, on)
         module.head_chunk = 16  # the batch's 168 target positions in 11 chunks
         if compressed:
-            compress_model(module.model, method="svd", fn=compress_fn("svd"), layers=[2, 3], mid_dim=16, seed=0)
+            compress_model(module.model, CompressionSettings.of(compress_fn("svd"), [2, 3], 16))
         assert module.model.is_activation_checkpointing is on  # transformers 5's name of is_gradient_checkpointing
         calls = _count_checkpoints(module.model)
         dm.setup("fit")
@@ -90,8 +90,8 @@ def test_original_copy_shares_all_but_the_compressed_mlps(compose_cfg) -> None:
     """The metrics' reference model owns copies of the compressed layers' MLPs only; compressing the
     model leaves it the original."""
     cfg = compose_cfg(["model=tiny_llama", "ffn_mode=svd", "ffn_mode.layers=[2,3]", "ffn_mode.mid_dim=16"])
-    preflight(cfg)
-    callback = instantiate(cfg.ffn_mode.callback)
+    settings = preflight(cfg).compression
+    callback = fusion_callback(cfg, settings)
     module, _ = _module_and_data(compose_cfg, False)
     model = module.model
     original = callback._original_copy(model)
@@ -99,7 +99,7 @@ def test_original_copy_shares_all_but_the_compressed_mlps(compose_cfg) -> None:
     for n, p in model.named_parameters():
         assert (original.get_parameter(n) is p) is (n not in own), n
     before = {n: p.clone() for n, p in original.named_parameters()}
-    report = compress_model(model, method="svd", fn=compress_fn("svd"), layers=[2, 3], mid_dim=16, seed=0)
+    report = compress_model(model, settings)
     assert count_params(original) == report.params_before > report.params_after == count_params(model)
     assert all(torch.equal(p, before[n]) for n, p in original.named_parameters())
 

@@ -9,10 +9,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from src.compress.method import Method
+from src.compress.settings import CompressionSettings
 from src.compress.types import MLPCalibration
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.fuse import apply_spec, compress_model, count_params, needs_calibration
+from src.models.fuse import apply_spec, compress_model, count_params
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS, assert_refused_before_loading
@@ -67,7 +69,7 @@ def test_ntk_cluster_at_full_width_is_exact(compose_cfg, name: str) -> None:
     model = _model(compose_cfg, name)
     before, router = _logits(model), _router_weights(model)
     layers = [i for i in range(mlp_io.num_layers(model)) if mlp_io.is_sparse(model, i)]
-    report = compress_model(model, method="ntk_cluster", fn=_fn(compose_cfg, "ntk_cluster"), layers=layers, mid_dim=64, seed=0)
+    report = compress_model(model, CompressionSettings.of(_fn(compose_cfg, "ntk_cluster"), layers, 64))
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
     spec = mlp_io.layer_spec(model, layers[0])
     assert spec["experts"] == {"kind": "fused", "width": 64, "scaled": True, "rank": None}
@@ -83,7 +85,7 @@ def test_compressed_experts_fold_rebuild_and_keep_the_router(compose_cfg, name: 
     model = _model(compose_cfg, name)
     router = _router_weights(model)
     layer = 1
-    report = compress_model(model, method="ntk_cluster", fn=_fn(compose_cfg, "ntk_cluster"), layers=[layer], mid_dim=16, seed=0)
+    report = compress_model(model, CompressionSettings.of(_fn(compose_cfg, "ntk_cluster"), [layer], 16))
     assert mlp_io.intermediate_sizes(model)[layer] == 16 and report.params_after < report.params_before
     shared = 3 * 32 * (128 - 32) if name == "tiny_qwen2_moe" else 0  # the shared expert: 128 -> 32 (a quarter, as 64 -> 16)
     assert report.params_before - report.params_after == 4 * 3 * 32 * (64 - 16) + shared
@@ -106,7 +108,7 @@ def test_compressed_experts_fold_rebuild_and_keep_the_router(compose_cfg, name: 
 def test_a_subset_of_experts_pads_the_others(compose_cfg, name: str) -> None:
     model = _model(compose_cfg, name)
     before = {e: mlp_io.read_mlp(model, 1, str(e)) for e in range(4)}
-    compress_model(model, method="prune", fn=_fn(compose_cfg, "prune"), layers=[1], mid_dim=16, seed=0, experts=[1, 3], shared_expert=False)
+    compress_model(model, CompressionSettings.of(_fn(compose_cfg, "prune"), [1], 16, experts=(1, 3), shared_expert=False))
     assert mlp_io.intermediate_sizes(model)[1] == 64  # the widest expert's width
     scale = model.model.layers[1].mlp.experts.parametrizations.down_proj[0].scale  # [E, k]: 0 on the padding
     assert scale.sum(1).tolist() == [64, 16, 64, 16]
@@ -160,7 +162,7 @@ def test_every_method_on_one_moe_layer(compose_cfg, method: str) -> None:
     for part in mlp_io.mlp_parts(model, 1):
         w = mlp_io.read_mlp(model, 1, part)
         extra = {}
-        if needs_calibration(fn):  # wanda_sp: the part's activations on random inputs (its outputs are not read)
+        if Method.of(fn).needs_calibration:  # wanda_sp: the part's activations on random inputs (its outputs are not read)
             x = torch.randn(40, w.hidden_size, generator=torch.Generator().manual_seed(0))
             extra["calib"] = MLPCalibration(x=x, y=torch.zeros_like(x))
         results[part] = fn(w, w.width // 4, seed=0, **extra)

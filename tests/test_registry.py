@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -13,12 +14,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from src.compress import cluster, ntk_cluster
 from src.compress.common import check_mid_dim, mlp_from_points, sub_mlp_points
+from src.compress.method import Method
 from src.compress.types import FusedMLP, MLPWeights, OptionError
 from src.train import train
 from src.utils.config import ffn_modes
 from src.utils.errors import ConfigError
-from tests.conftest import CONF, FAST, METHODS, ROOT
+from tests.conftest import CONF, FAST, METHODS, ROOT, compress_fn
 
 
 def test_methods_are_discovered_from_the_config_group() -> None:
@@ -30,7 +33,9 @@ def test_methods_are_discovered_from_the_config_group() -> None:
         assert callable(importlib.import_module(f"src.compress.{method}").compress)
 
 
-# ---- a method added from outside the project: one function here, one YAML file in a config dir ----
+# ---- a method added from outside the project: this module (VERSION, compress, check), one YAML file in a config dir ----
+
+VERSION = "1"
 
 
 def check(width: int, mid_dim: int, *, stride: int = 1, **_: object) -> None:
@@ -55,10 +60,20 @@ compress:
   _target_: tests.test_registry.compress
   _partial_: true
   stride: ${..stride}
-check:
-  _target_: tests.test_registry.check
-  _partial_: true
 """
+
+
+def test_a_methods_contract_is_read_from_its_module() -> None:
+    """``Method`` reads VERSION, check, needs_calibration and whether compress takes ``calib`` from the module
+    its compress function lives in (cluster shares ntk_cluster's check)."""
+    plain = Method.of(compress_fn("cluster"), "cluster")
+    assert (plain.version, plain.check, plain.takes_calib, plain.needs_calibration) == (cluster.VERSION, ntk_cluster.check, True, False)
+    assert Method.of(functools.partial(cluster.compress, weighting="activation")).needs_calibration
+    ours = Method.of(functools.partial(compress, stride=2))  # this module's method
+    assert (ours.name, ours.version, ours.check, ours.takes_calib, ours.needs_calibration) == ("test_registry", "1", check, False, False)
+    assert dict(ours.options) == {"stride": 2}
+    with pytest.raises(OptionError, match="stride=0 must be at least 1"):
+        Method.of(functools.partial(compress, stride=0)).validate(64, 16, calib_size=0)
 
 
 @pytest.fixture

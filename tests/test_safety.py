@@ -107,8 +107,8 @@ def test_sigterm_during_test_is_interrupted_not_success(tmp_path: Path) -> None:
 
 _CACHE_WRITER = """
 import sys, time, torch
-from src.compress.cache import FusionCache
 from src.compress.ntk_cluster import compress
+from src.compress.settings import CompressionSettings
 from src.models.build import build_model
 from src.models.fuse import compress_model
 torch.manual_seed(0)
@@ -116,7 +116,7 @@ cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_att
 model = build_model({"name": "t", "config": cfg}, "classification", num_labels=2)
 while time.time() < float(sys.argv[2]):  # start together
     time.sleep(0.01)
-r = compress_model(model, method="ntk_cluster", fn=compress, layers=[0, 1], mid_dim=64, seed=0, cache=FusionCache(sys.argv[1]))
+r = compress_model(model, CompressionSettings.of(compress, [0, 1], 64, cache_dir=sys.argv[1]))
 print(sum(s["cache_hit"] for s in r.layer_stats.values()))
 """
 
@@ -129,11 +129,11 @@ def test_two_processes_share_one_cache_entry_per_layer(tmp_path: Path) -> None:
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
-    files = sorted(root.iterdir())
+    files = sorted((root / "ntk_cluster").iterdir())
     assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files), files  # one per layer, nothing half-written
     from src.compress.cache import FusionCache
 
-    cache = FusionCache(root)
+    cache = FusionCache(root / "ntk_cluster")
     assert all(cache.get(f.stem) is not None for f in files)  # both readable, checksums valid
 
 

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.build import build_model
 from src.models.fuse import apply_spec, compress_model
@@ -38,8 +39,8 @@ def _router_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "router" in n}
 
 
-def _ntk_cluster(compose_cfg):
-    return instantiate(compose_cfg(["ffn_mode=ntk_cluster"]).ffn_mode.compress)
+def _ntk_cluster(compose_cfg, layers: list[int], mid_dim: int) -> CompressionSettings:
+    return CompressionSettings.of(instantiate(compose_cfg(["ffn_mode=ntk_cluster"]).ffn_mode.compress), layers, mid_dim)
 
 
 def test_switch_layout(compose_cfg) -> None:
@@ -57,9 +58,9 @@ def test_switch_layout(compose_cfg) -> None:
 def test_switch_ntk_cluster_exact_fold_rebuild_router(compose_cfg) -> None:
     model = _model(compose_cfg, "tiny_switch")
     before, router = _logits(model), _router_weights(model)
-    compress_model(model, method="ntk_cluster", fn=_ntk_cluster(compose_cfg), layers=SPARSE, mid_dim=64, seed=0)
+    compress_model(model, _ntk_cluster(compose_cfg, SPARSE, 64))
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)  # k = d: every sub-MLP its own cluster
-    report = compress_model(model, method="ntk_cluster", fn=_ntk_cluster(compose_cfg), layers=SPARSE, mid_dim=16, seed=0)
+    report = compress_model(model, _ntk_cluster(compose_cfg, SPARSE, 16))
     assert report.params_before - report.params_after == 2 * 4 * 2 * 32 * (64 - 16)  # 2 blocks x 4 experts x (wi + wo)
     assert mlp_io.layer_spec(model, 3)["experts"] == {"kind": "fused", "width": 16, "scaled": True, "rank": None}
     scale = model.encoder.block[1].layer[1].mlp.experts["expert_0"].wo.scale  # a row of the block's [E, k] counts
@@ -79,9 +80,9 @@ def test_t5_dense_mlps(compose_cfg, ffn: str) -> None:
     model = _model(compose_cfg, "tiny_t5", 0, f"model.config.feed_forward_proj={ffn}")
     assert mlp_io.read_mlp(model, 2).is_gated == (ffn != "relu")
     before = _logits(model)
-    compress_model(model, method="ntk_cluster", fn=_ntk_cluster(compose_cfg), layers=[0, 1, 2, 3], mid_dim=64, seed=0)
+    compress_model(model, _ntk_cluster(compose_cfg, [0, 1, 2, 3], 64))
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
-    report = compress_model(model, method="ntk_cluster", fn=_ntk_cluster(compose_cfg), layers=[1, 3], mid_dim=16, seed=0)
+    report = compress_model(model, _ntk_cluster(compose_cfg, [1, 3], 16))
     assert report.params_after < report.params_before and mlp_io.intermediate_sizes(model) == [64, 16, 64, 16]
     assert torch.isfinite(_logits(model)).all()
 

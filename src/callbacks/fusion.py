@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from functools import partial
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -20,13 +19,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
-from src.compress.cache import FusionCache
+from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.metrics.approximation import Reference, approximation_metrics
 from src.models import mlp_io
-from src.models.source import model_identity
 from src.models.calibration import Calibrator
-from src.models.fuse import FusionReport, apply_spec, compress_model, needs_calibration
+from src.models.fuse import FusionReport, apply_spec, compress_model
 from src.utils import hardware
 from src.utils.memory import release_memory
 
@@ -34,49 +32,19 @@ log = logging.getLogger(__name__)
 
 
 class FusionCallback(L.Callback):
-    """Compress ``layers`` to width ``mid_dim`` with ``compress``; log parameters, time and approximation metrics.
+    """Compress with ``settings``; log parameters, time and approximation metrics (``metrics``: the
+    ``approx_metrics`` config); ``identity`` names the model's weights in the cache key; a run resumed or
+    evaluated from ``ckpt_path`` rebuilds the structure the checkpoint records instead.
 
-    Built from ``conf/ffn_mode/_base.yaml`` (``callback``); ``src.approx`` builds the same object
-    and calls ``compress_and_measure`` without a Trainer.
+    Built by ``src.builders.fusion_callback``; ``src.approx`` builds the same object and calls
+    ``compress_and_measure`` without a Trainer.
     """
 
-    def __init__(
-        self,
-        method: str,
-        compress: partial,
-        layers: list[int],
-        mid_dim: int,
-        seed: int,
-        re_init_layers: list[int],
-        cache: bool,
-        cache_dir: str,
-        model: dict[str, Any],
-        metrics: dict[str, Any],
-        calib: dict[str, Any],
-        refit: str,
-        refit_ridge: float,
-        budget: float | None,
-        experts: list[int] | str = "all",
-        shared_expert: bool = True,
-        ckpt_path: str | None = None,
-    ) -> None:
-        self.method, self.fn, self.layers, self.mid_dim, self.seed = method, compress, list(layers), mid_dim, seed
-        self.re_init_layers = list(re_init_layers)
-        self.cache = FusionCache(Path(cache_dir) / method) if cache else None
-        self.identity = model_identity(model)  # part of the cache key: the exact weights compressed
-        self.metrics_cfg = metrics
-        self.calib_cfg = calib
-        self.refit, self.refit_ridge, self.budget = refit, refit_ridge, budget
-        self.experts, self.shared_expert = experts if experts == "all" else list(experts), shared_expert  # MoE models only
-        self.ckpt_path = ckpt_path  # a run resumed or evaluated from a checkpoint rebuilds its structure
+    def __init__(self, settings: CompressionSettings, metrics: Mapping[str, Any], identity: str, ckpt_path: str | None = None) -> None:
+        self.settings, self.metrics_cfg, self.identity, self.ckpt_path = settings, metrics, identity, ckpt_path
         self.spec: dict[str, Any] | None = None
         self.summary_metrics: dict[str, float] = {}
         self.layer_rows: list[dict[str, Any]] = []
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The method's own settings (k-means restarts, sketch_keep, ...), part of the cache key."""
-        return dict(self.fn.keywords)
 
     def compress_and_measure(
         self, model: torch.nn.Module, device: torch.device | str, datamodule: Any, probe_fns: dict[str, ntk.ProbeFn],
@@ -91,24 +59,19 @@ class FusionCallback(L.Callback):
         is (``hardware.setup_device`` put it there). A GPU out of memory stops with one sentence
         naming the setting to lower. Fills ``spec``, ``summary_metrics`` and ``layer_rows``.
         """
-        m = self.metrics_cfg
+        m, s = self.metrics_cfg, self.settings
         where = hardware.model_device(model)
         original = self._original_copy(model) if m["enabled"] else None
         calibrator = None
         with hardware.refuse_oom("compression and its calibration", "ffn_mode.calib.batch_size (or ffn_mode.calib.size)"):
-            if needs_calibration(self.fn, self.refit, self.budget):
-                c = self.calib_cfg
-                batches = [hardware.to_device(b, where) for b in datamodule.calib_batches(c["size"], c["seed"], c["batch_size"])]
-                calibrator = Calibrator(batches, sequential=c["sequential"])
-            report = compress_model(
-                model, method=self.method, fn=self.fn, layers=self.layers, mid_dim=self.mid_dim, seed=self.seed,
-                options={**self.options, "identity": self.identity}, cache=self.cache, device=device,
-                calibrator=calibrator, refit=self.refit, refit_ridge=self.refit_ridge, budget=self.budget,
-                experts=self.experts, shared_expert=self.shared_expert,
-            )
+            if s.needs_calibration:
+                c = s.calib
+                batches = [hardware.to_device(b, where) for b in datamodule.calib_batches(c.size, c.seed, c.batch_size)]
+                calibrator = Calibrator(batches, sequential=c.sequential)
+            report = compress_model(model, s, identity=self.identity, device=device, calibrator=calibrator)
         del calibrator
         self.spec = report.spec
-        for layer in self.re_init_layers:  # ablation: keep the structure, forget the weights
+        for layer in s.re_init_layers:  # ablation: keep the structure, forget the weights
             mlp_io.reinit_mlp(model, layer)
             log.info("re-initialised the MLP weights of layer %d (ffn_mode.re_init_layers)", layer)
         self.summary_metrics = report.metrics()
@@ -118,7 +81,7 @@ class FusionCallback(L.Callback):
             copied = sum(t.numel() * t.element_size() for t in self._compressed_tensors(original))
             with hardware.refuse_oom("the approximation metrics", "approx_metrics.max_memory_gb or approx_metrics.chunk_size "
                                      "(or approx_metrics.enabled=false)"):
-                metrics, rows = approximation_metrics(original, model, self.layers, batch, probe_fns, m["chunk_size"],
+                metrics, rows = approximation_metrics(original, model, list(s.layers), batch, probe_fns, m["chunk_size"],
                                                       m["max_memory_gb"] - copied / 2**30, reference)
             for row in rows:
                 row.update(report.layer_stats.get(row["layer"], {}))
@@ -126,7 +89,7 @@ class FusionCallback(L.Callback):
             self.layer_rows = rows
             log.info(
                 "compression %s k=%d: params %d -> %d; final hidden states rel err %.4f; NTK sign rel err %.4f, std %.4f; "
-                "mean MLP output rel err %.4f", self.method, self.mid_dim, report.params_before, report.params_after,
+                "mean MLP output rel err %.4f", s.method.name, s.mid_dim, report.params_before, report.params_after,
                 metrics["fusion/hidden_rel_err"], metrics["fusion/ntk_sign_rel_err"], metrics["fusion/ntk_std_rel_err"],
                 metrics["fusion/output_rel_err"],
             )
@@ -174,7 +137,7 @@ class FusionCallback(L.Callback):
     def _compressed_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """Every parameter and buffer (the count scale) of the compressed layers' MLPs (before compression:
         of the MLPs to compress), in a fixed order."""
-        return [t for i in self.layers for m in mlp_io.mlp_modules(model, i).values() for t in m.state_dict(keep_vars=True).values()]
+        return [t for i in self.settings.layers for m in mlp_io.mlp_modules(model, i).values() for t in m.state_dict(keep_vars=True).values()]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.summary_metrics:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .common import mlp_from_points
-from .ntk_cluster import cluster_sub_mlps, needs_calibration  # noqa: F401  (needs_calibration: the same options as ntk_cluster)
+from .ntk_cluster import check, cluster_sub_mlps, needs_calibration  # noqa: F401  (check, needs_calibration: the same options as ntk_cluster)
 from .types import FusedMLP, MLPCalibration, MLPWeights
 
 # Bumped whenever this method's output changes: part of the compression cache key.

@@ -7,14 +7,12 @@ The method sees only ``MLPWeights`` (pure function); this module reads each laye
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from src.compress.cache import FusionCache, cache_key
 from src.compress.refit import refit as refit_down
 from src.compress.refit import output as refit_output
 from src.compress.refit import rel_error as calib_rel_error
+from src.compress.settings import CompressionSettings
 from src.compress.types import Compressed, FusedMLP, MLPCalibration, MLPWeights
 from src.models import mlp_io
 from src.models.calibration import Calibrator
@@ -43,13 +42,6 @@ def layer_seed(seed: int, layer: int, part: str | None = None) -> int:
     and in every expert of a Mixture-of-Experts block (routed expert e: 1 + e; the shared expert: 0)."""
     entropy = [seed, layer] if part is None else [seed, layer, 0 if part == mlp_io.SHARED else 1 + int(part)]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def method_version(fn: Callable[..., Compressed]) -> str:
-    """The ``VERSION`` string of the module defining a compression function (a partial's too): it
-    changes whenever the method's output changes, so the cache never serves an older method's result."""
-    func = fn.func if isinstance(fn, functools.partial) else fn
-    return str(getattr(inspect.getmodule(func), "VERSION", "0"))
 
 
 @dataclass
@@ -74,37 +66,21 @@ class FusionReport:
         return out
 
 
-def needs_calibration(fn: Callable[..., Compressed], refit: str = "none", budget: float | None = None) -> bool:
-    """Whether a compression reads calibration data: a refit, a budget, or a method that declares it
-    (its module's ``needs_calibration(**options)``, e.g. wanda_sp, or activation weighting)."""
-    func = fn.func if isinstance(fn, functools.partial) else fn
-    declared = getattr(inspect.getmodule(func), "needs_calibration", None)
-    return refit != "none" or budget is not None or bool(declared and declared(**getattr(fn, "keywords", {})))
-
-
 def compress_model(
     model: nn.Module,
+    settings: CompressionSettings,
     *,
-    method: str,
-    fn: Callable[..., Compressed],
-    layers: Iterable[int],
-    mid_dim: int,
-    seed: int,
-    options: dict[str, Any] | None = None,
-    cache: FusionCache | None = None,
+    identity: str | None = None,
     device: torch.device | str = "cpu",
     calibrator: Calibrator | None = None,
-    refit: str = "none",
-    refit_ridge: float = 1e-3,
-    budget: float | None = None,
-    experts: Sequence[int] | str = "all",
-    shared_expert: bool = True,
 ) -> FusionReport:
-    """Replace the MLP of each layer in ``layers`` by ``fn(weights, width, seed=layer_seed(seed, layer))``,
-    computed on ``device``; the cache key includes the method's ``VERSION``.
+    """Replace the MLP of each of the settings' layers by the method's output at the settings' width, seeded
+    ``layer_seed(seed, layer)`` and computed on ``device``. Results are cached under the settings'
+    ``cache_dir``, keyed by the layer's weights, the method's name, version and options (with the model's
+    ``identity``, where given), the width, the seed and the device type.
 
-    With calibration (``needs_calibration``; ``calibrator`` then required): the method receives the
-    layer's ``MLPCalibration`` if it takes ``calib``, ``refit="lstsq"`` re-fits each down projection
+    With calibration (``settings.needs_calibration``; ``calibrator`` then required): the method receives
+    the layer's ``MLPCalibration`` if it takes ``calib``, ``refit="lstsq"`` re-fits each down projection
     (``src.compress.refit``), and ``budget`` (a fraction of the chosen layers' MLP parameters)
     replaces the one ``mid_dim`` by per-layer widths (``src.compress.budget``). The layers are
     compressed in order; with ``calibrator.sequential`` each layer's calibration inputs come from the
@@ -116,13 +92,15 @@ def compress_model(
     calibration each part gets the block-input tokens its router sends it (``mlp_io.routed_tokens``;
     the shared expert all) and its own outputs on them; a budget is not available for experts.
     """
-    layers = list(layers)
+    s, method = settings, settings.method
+    layers, budget = list(s.layers), s.budget
     before, start, stats = count_params(model), time.perf_counter(), {}
-    version, dev = method_version(fn), torch.device(device)
-    takes_calib = "calib" in inspect.signature(fn).parameters
-    uses_calib = needs_calibration(fn, refit, budget)
+    dev = torch.device(device)
+    cache = FusionCache(Path(s.cache_dir) / method.name) if s.cache_dir is not None else None
+    options = {**method.options, **({"identity": identity} if identity is not None else {})}
+    uses_calib = s.needs_calibration
     if uses_calib and calibrator is None:
-        raise ValueError(f"{method} with refit={refit} budget={budget} needs calibration data (a Calibrator)")
+        raise ValueError(f"{method.name} with refit={s.refit} budget={budget} needs calibration data (a Calibrator)")
     sparse = [layer for layer in layers if mlp_io.is_sparse(model, layer)]
     if sparse and budget is not None:
         raise ValueError(f"a budget ({budget}) allocates dense layers' widths; Mixture-of-Experts layers {sparse} keep one per-expert width")
@@ -130,26 +108,26 @@ def compress_model(
 
     def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None, part: str | None = None) -> tuple[Compressed, bool]:
         w_dev = type(w)(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
-        s = layer_seed(seed, layer, part)
-        settings = {"method": method, "version": version, "options": options or {}, "mid_dim": width, "seed": s, "device": dev.type}
+        seed = layer_seed(s.seed, layer, part)
+        keyed = {"method": method.name, "version": method.version, "options": options, "mid_dim": width, "seed": seed, "device": dev.type}
         if part is not None:
-            settings["part"] = part
+            keyed["part"] = part
         if calib is not None:
-            settings.update(calib=calib_hash(calib), refit=refit, refit_ridge=refit_ridge)
-        key = cache_key(w, **settings)
+            keyed.update(calib=calib_hash(calib), refit=s.refit, refit_ridge=s.refit_ridge)
+        key = cache_key(w, **keyed)
         result = cache.get(key, dev) if cache else None
         if result is not None:
             return result, True
-        result = fn(w_dev, width, seed=s, **({"calib": calib} if takes_calib and calib is not None else {}))
-        if refit == "lstsq":
-            result = refit_down(result, calib, refit_ridge)
+        result = method(w_dev, width, seed=seed, calib=calib)
+        if s.refit == "lstsq":
+            result = refit_down(result, calib, s.refit_ridge)
         elif calib is not None:
             result = dataclasses.replace(result, stats={**result.stats, "calib_err": calib_rel_error(result, calib)})
         if cache:
             cache.put(key, result)
         return result, False
 
-    widths = {layer: mid_dim for layer in layers}
+    widths = {layer: s.mid_dim for layer in layers}
     if budget is not None:  # each layer's calibration error at a few widths, then the allocation
         curves = {}
         for layer in layers:
@@ -165,7 +143,7 @@ def compress_model(
         if uses_calib:  # the block's input tokens, then each part's share of them
             x = (calibrator.collect(model, [layer]) if calibrator.sequential else original)[layer].x  # [T, h]
             routed = mlp_io.routed_tokens(model, layer, x)
-        for part in mlp_io.mlp_parts(model, layer, experts, shared_expert):
+        for part in mlp_io.mlp_parts(model, layer, s.experts, s.shared_expert):
             w = mlp_io.read_mlp(model, layer, part)
             # the shared expert keeps the routed experts' fraction: mid_dim / expert width
             width = widths[layer] if part != mlp_io.SHARED else max(1, round(widths[layer] * w.width / expert_width))
@@ -183,7 +161,7 @@ def compress_model(
         rows = [part_stats[(layer, p)] for p in results]
         stats[layer] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}  # the mean over the block's parts
         stats[layer].update(width=float(widths[layer]), seconds=time.perf_counter() - t0)
-        log.info("compressed %d parts of MoE layer %d with %s to width %d in %.2fs (%d cache hits)", len(results), layer, method,
+        log.info("compressed %d parts of MoE layer %d with %s to width %d in %.2fs (%d cache hits)", len(results), layer, method.name,
                  widths[layer], stats[layer]["seconds"], sum(int(r["cache_hit"]) for r in rows))
     for layer in (i for i in layers if i not in sparse):
         t0 = time.perf_counter()
@@ -195,11 +173,8 @@ def compress_model(
         mlp_io.write_mlp(model, layer, result)
         stats[layer] = {**{k: float(v) for k, v in result.stats.items()}, "width": float(widths[layer]),
                         "seconds": time.perf_counter() - t0, "cache_hit": float(hit)}
-        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method, widths[layer], stats[layer]["seconds"], " (cache hit)" if hit else "")
-    spec = {"method": method, "layers": layers, "mid_dim": mid_dim, "seed": seed, "widths": {str(i): k for i, k in widths.items()},
-            "budget": budget, "refit": refit, "layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in layers}}
-    if sparse:
-        spec.update(experts=experts if experts == "all" else list(experts), shared_expert=shared_expert)
+        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method.name, widths[layer], stats[layer]["seconds"], " (cache hit)" if hit else "")
+    spec = s.spec(widths, {i: mlp_io.layer_spec(model, i) for i in layers}, has_experts=bool(sparse))
     stats = {layer: stats[layer] for layer in layers}  # in the order of `layers`
     return FusionReport(spec, before, count_params(model), time.perf_counter() - start, stats, part_stats)
 

@@ -1,5 +1,5 @@
-"""Hydra glue shared by the entry points: the config resolvers and schema, the method registry and its
-variant options, and ``run_app`` (a refused value in one sentence).
+"""Hydra glue shared by the entry points: the config resolvers and schema, the method registry, and
+``run_app`` (a refused value in one sentence).
 
 Imported by every entry point before Hydra composes (it registers the resolvers and the schema).
 """
@@ -25,10 +25,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OmegaConf.register_new_resolver("tag", lambda prefix, value: "" if value is None else f"-{prefix}{value}", replace=True)
 # conf/train.yaml's run_schema: the types of the run's settings, optim and trainer.
 schema.register()
-
-# The ffn_mode options that make a variant of a method (ntk_keep at keep 0.25 is not ntk_keep at
-# 0.5): src.train records them in results.json and src.report gives each variant its own row.
-VARIANT_OPTIONS = ("keep", "refit", "weighting", "budget")
 
 
 def run_app(main: Callable[[], object]) -> None:
