@@ -207,3 +207,36 @@ def test_bf16_true_checkpoint_exports(compose_cfg, tmp_path: Path) -> None:
     ids = torch.randint(1, 1000, (2, 7))
     loaded = load_exported(out, AutoModelForCausalLM).float().eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, ref.model.float().eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_under_fsdp_refused(compose_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    _one_gpu(monkeypatch, bf16=True)
+    assert hardware.sharded(compose_cfg(["trainer=fsdp"]).trainer) and not hardware.sharded(compose_cfg(["trainer=ddp"]).trainer)
+    assert_refused_before_loading(compose_cfg, monkeypatch, ["trainer=fsdp", "model=tiny_bert", "distill=hidden_mse"],
+                                  "FSDP cannot wrap around the already sharded student")
+
+
+def test_weight_decay_groups_survive_fsdp_flattening() -> None:
+    """Under FSDP every parameter is a 1-D shard when the optimizer is built: the dimensions recorded before decide."""
+    from src.modules.optim import FSDP_PREFIX, param_groups
+
+    flat = [(f"model.{FSDP_PREFIX}layers.0.weight", nn_param(6)), (f"model.{FSDP_PREFIX}layers.0.bias", nn_param(3)),
+            (f"model.{FSDP_PREFIX}ln_f.weight", nn_param(3))]
+    ndim = {"model.layers.0.weight": 2, "model.layers.0.bias": 1, "model.ln_f.weight": 1}
+    decay, no_decay = param_groups(flat, 0.1, ndim)
+    assert [len(decay["params"]), len(no_decay["params"])] == [1, 2] and decay["params"][0] is flat[0][1]
+
+
+def nn_param(n: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.zeros(n))
+
+
+def test_metric_states_stay_float32_under_bf16_true(compose_cfg) -> None:
+    """bf16-true converts the whole module, torchmetrics' states too (a mean of 2.3456 read 2.3438)."""
+    cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "ffn_mode=none"])
+    _, module = build_data_and_module(cfg, preflight(cfg)[1])
+    module.to(torch.bfloat16)
+    module.on_validation_start()
+    metric = module.nll["val"]
+    metric.update(torch.full((3,), 2.3456))
+    assert metric.compute().dtype == torch.float32 and metric.compute().item() == pytest.approx(2.3456, rel=1e-6)

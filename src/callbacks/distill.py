@@ -33,11 +33,12 @@ from torch import Tensor, nn
 from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
 from src.models.outputs import stack_hidden_states
-from src.utils.errors import ConfigError
 from src.utils import hardware
+from src.utils.errors import ConfigError
 from src.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
+
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse settings distillation cannot use (ConfigError naming them), before any weights load."""
@@ -47,6 +48,9 @@ def check_config(cfg: DictConfig) -> None:
             f"distill={d.name} tunes the compressed layers' MLPs, but ffn_mode=none compresses nothing: "
             "choose a compression (e.g. ffn_mode=ntk_cluster) or distill=none."
         )
+    if hardware.sharded(cfg.trainer):
+        raise ConfigError(f"distill={d.name} runs a nested single-model stage that FSDP cannot wrap around the already "
+                          "sharded student: use it with trainer=gpu or trainer=ddp, or distill=none.")
     for key, nullable in (("epochs", False), ("max_steps", True)):
         value = d[key]
         if (value is not None or not nullable) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -78,6 +82,11 @@ class HiddenStateDistillation(L.LightningModule):
         self.losses: list[Tensor] = []
         self._log_hyperparams = False  # the outer run's loggers already hold the run's config
         self.train()  # Lightning keeps the modes it finds: set them here
+
+    def cpu(self) -> HiddenStateDistillation:
+        # The nested trainer's teardown moves its module to the CPU; the student is the outer run's model,
+        # which stays where it trains (a round trip would also drop the outer DDP's gradient hooks).
+        return self
 
     def train(self, mode: bool = True) -> HiddenStateDistillation:
         # Both stay in eval mode: dropout noise in the student would swamp the compression error it
@@ -170,8 +179,6 @@ class DistillCallback(L.Callback):
                 m.train(modes[n])
             self.teacher = stage.teacher = None  # free the teacher before fine-tuning
             self.done = True
-            # the nested trainer's teardown moves its module to the CPU: back where fine-tuning runs
-            pl_module.to(trainer.strategy.root_device)
         self.history = [float(x) for x in torch.stack(stage.losses).cpu()] if stage.losses else []
         del stage  # and with it the nested trainer (a reference cycle) holding the stage's Adam states
         release_memory()  # those and the teacher, before fine-tuning allocates its optimizer

@@ -131,7 +131,9 @@ class FusionCallback(L.Callback):
                 staged = t.data.to(device)
                 dist.broadcast(staged, src=0)  # exact bits from rank zero
                 t.data.copy_(staged)
-        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in self._compressed_tensors(model))).hexdigest()[:16]
+        # bytes of any dtype (numpy has no bfloat16)
+        tensors = self._compressed_tensors(model)
+        digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)).hexdigest()[:16]
         log.info("rank %d: compressed weights sha256 %s", trainer.global_rank, digest)
 
     def _compressed_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:

@@ -93,13 +93,18 @@ class ValidateAtMaxSteps(L.Callback):
 
 
 class RNGStateCheckpoint(L.Callback):
-    """Saves torch's global RNG state (dropout) in checkpoints and restores it on resume."""
+    """Saves torch's global RNG states (dropout: the CPU's and, on a GPU, every CUDA device's) in checkpoints
+    and restores them on resume."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"torch": torch.get_rng_state()}
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda") or []  # a CPU run's checkpoint has none
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
 
 class RunInterrupted(RuntimeError):

@@ -96,7 +96,9 @@ def build_model(cfg: DictConfig | dict, head: str, *, device: torch.device | str
             src, kwargs = str(gguf.dequantize_once(cfg)), {}
         else:
             src, kwargs = _pretrained_source(cfg)
-        model = auto.from_pretrained(src, **kwargs, **config_overrides)
+        # transformers 5 loads in the checkpoint's dtype (bfloat16 for most LLMs) unless told: fp32 master
+        # weights for 32-true and the mixed precisions, model.dtype=bfloat16 where memory needs it (bf16-true)
+        model = auto.from_pretrained(src, **kwargs, dtype=getattr(torch, cfg.get("dtype") or "float32"), **config_overrides)
         if device is not None:
             model.to(device)
     if cfg.get("gradient_checkpointing"):

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 import torch
+from torchmetrics import Metric
 from omegaconf import DictConfig, OmegaConf
 
 from src.models.build import build_model
@@ -34,12 +35,31 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters({"model": to_dict(model), "task": to_dict(task), "optim": to_dict(optim)})
         self.model = build_model(self.hparams.model, self.head, **config_overrides)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
+        self._param_ndim: dict[str, int] | None = None  # configure_model records it
 
     def configure_model(self) -> None:
-        """``model.compile``: compile after the callbacks' setup compressed the model (Lightning calls this
-        hook after theirs), in place, so that the state dict keeps its keys."""
+        """After the callbacks' setup compressed the model (Lightning calls this hook after theirs) and before
+        the strategy wraps it: record each parameter's dimensions (FSDP flattens them into 1-D shards, and
+        weight decay is decided by them), and ``model.compile`` compiles in place (the state dict keeps its keys)."""
+        if self._param_ndim is None:
+            self._param_ndim = {n: p.ndim for n, p in self.named_parameters()}
         if self.hparams.model.get("compile") and self.model._compiled_call_impl is None:
             self.model.compile()
+
+    def _metrics_in_float32(self) -> None:
+        # bf16-true converts the whole module, metric states included (a mean of 2.3456 reads 2.3438)
+        for m in self.modules():
+            if isinstance(m, Metric):
+                m.set_dtype(torch.float32)
+
+    def on_fit_start(self) -> None:
+        self._metrics_in_float32()
+
+    def on_validation_start(self) -> None:
+        self._metrics_in_float32()
+
+    def on_test_start(self) -> None:
+        self._metrics_in_float32()
 
     @property
     def probe_fns(self) -> dict[str, Callable]:
@@ -48,7 +68,7 @@ class FineTuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams.optim
-        opt = build_adamw(self.named_parameters(), o, self.trainer.precision)
+        opt = build_adamw(self.named_parameters(), o, self.trainer.precision, self._param_ndim)
         sched = build_schedule(opt, o, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -15,6 +15,7 @@ from transformers import get_linear_schedule_with_warmup, get_polynomial_decay_s
 # precisions whose Lightning plugin keeps a GradScaler (fp16 autocast): it unscales the gradients before
 # clipping them, which an optimizer that unscales inside its own step (fused) does not allow
 SCALED = ("16-mixed", "16")
+FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP inserts into the names of the parameters it wraps
 
 
 def implementation(precision: str) -> dict[str, bool]:
@@ -25,18 +26,23 @@ def implementation(precision: str) -> dict[str, bool]:
     return {"foreach": True} if str(precision) in SCALED else {"fused": True}
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norms, as in the paper's (and every BERT) recipe."""
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 ndim: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """No weight decay on biases and norms (parameters of fewer than two dimensions, or named norm), as in
+    the paper's (and every BERT) recipe. ``ndim``: each parameter's dimensions recorded before FSDP
+    flattened it into 1-D shards (names without FSDP's wrapper prefix)."""
     decay, no_decay = [], []
     for name, p in named:
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            dims = (ndim or {}).get(name.replace(FSDP_PREFIX, ""), p.ndim)
+            (no_decay if dims < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(named: Iterable[tuple[str, nn.Parameter]], optim: dict[str, Any], precision: str) -> torch.optim.AdamW:
+def build_adamw(named: Iterable[tuple[str, nn.Parameter]], optim: dict[str, Any], precision: str,
+                ndim: dict[str, int] | None = None) -> torch.optim.AdamW:
     """AdamW over ``named`` parameters with ``optim``'s settings (``conf/optim/adamw.yaml``)."""
-    return torch.optim.AdamW(param_groups(named, optim["weight_decay"]), lr=optim["lr"], betas=tuple(optim["betas"]),
+    return torch.optim.AdamW(param_groups(named, optim["weight_decay"], ndim), lr=optim["lr"], betas=tuple(optim["betas"]),
                              eps=optim["eps"], **implementation(precision))
 
 

@@ -47,6 +47,11 @@ def _strategy_name(trainer_cfg: DictConfig) -> str:
     return str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower() if isinstance(strategy, DictConfig) else str(strategy)
 
 
+def sharded(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer's strategy shards the model (FSDP)."""
+    return any(s in _strategy_name(trainer_cfg) for s in SHARDED)
+
+
 def resolve_trainer(cfg: DictConfig) -> None:
     """Fill ``trainer.accelerator``/``trainer.precision`` left at ``auto`` and refuse what the hardware lacks."""
     t = cfg.trainer
@@ -64,7 +69,7 @@ def resolve_trainer(cfg: DictConfig) -> None:
     if on_gpu and not gpus:
         raise ConfigError(f"trainer.accelerator={t.accelerator} (trainer=gpu, ddp and fsdp) needs a CUDA GPU, and none is visible here: "
                           "use trainer=cpu, or the default trainer=auto, which takes what the machine has.")
-    if strategy in SHARDED and not on_gpu:
+    if sharded(t) and not on_gpu:
         raise ConfigError(f"trainer.strategy={strategy} shards the model across GPUs, and Lightning's FSDP runs on CUDA only: "
                           "use it on a GPU machine, or trainer=ddp_sim to try the multi-process path on the CPU.")
     devices = t.get("devices", 1)
