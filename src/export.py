@@ -118,7 +118,10 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
     }
     with atomic_dir(dest, overwrite=True) as tmp:
         if "hf" in meta["formats"]:
-            model.save_pretrained(tmp)
+            # a stock model keeps transformers' original checkpoint names (any loader reads it); one with a
+            # recorded structure keeps the module tree's names, which load_exported loads into that structure
+            # (transformers 5 renames MoE experts on save: experts.gate_up_proj -> experts.0.w1 ...)
+            model.save_pretrained(tmp, save_original_format=widths is not None)
         tokenizer.save_pretrained(tmp)
         if "onnx" in meta["formats"]:
             samples = dict(tokenizer(SAMPLES, padding=True, return_tensors="pt"))
