@@ -80,7 +80,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     _require(_number(o.eps) and o.eps > 0, "optim.eps", o.eps, "a positive number, e.g. 1e-6")
     _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a fraction of the training steps in [0, 1), e.g. 0.06")
     _require(o.schedule in ("linear", "polynomial"), "optim.schedule", o.schedule, "linear or polynomial")
-    _require(_number(o.power) and o.power > 0, "optim.power", o.power, "a positive number (1.0 decays linearly)")
+    _require(_number(o.power) and o.power >= 0, "optim.power", o.power, "a number >= 0 (1.0 decays linearly, 0 keeps the rate after the warm-up)")
     check_trainer_settings(cfg)
     for key in ("max_seq_length", "batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
         _positive(cfg.task.get(key), f"task.{key}")
