@@ -107,11 +107,6 @@ def compress_model(
     original = calibrator.collect(model, layers) if uses_calib and (not calibrator.sequential or budget is not None) else {}
 
     def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None, part: str | None = None) -> tuple[Compressed, bool]:
-        # on the compute device, in float32 (a bf16 model's k-means and least squares would lose precision);
-        # the calibration too: under FSDP the model (and so its activations) stays on the CPU during setup
-        w_dev = type(w)(**{k: (v.to(dev, torch.float32) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
-        if calib is not None:
-            calib = MLPCalibration(x=calib.x.to(dev, torch.float32), y=calib.y.to(dev, torch.float32))
         seed = layer_seed(s.seed, layer, part)
         keyed = {"method": method.name, "version": method.version, "options": options, "mid_dim": width, "seed": seed, "device": dev.type}
         if part is not None:
@@ -122,6 +117,11 @@ def compress_model(
         result = cache.get(key, dev) if cache else None
         if result is not None:
             return result, True
+        # on the compute device, in float32 (a bf16 model's k-means and least squares would lose precision);
+        # the calibration too: under FSDP the model (and so its activations) stays on the CPU during setup
+        w_dev = type(w)(**{k: (v.to(dev, torch.float32) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
+        if calib is not None:
+            calib = MLPCalibration(x=calib.x.to(dev, torch.float32), y=calib.y.to(dev, torch.float32))
         result = method(w_dev, width, seed=seed, calib=calib)
         if s.refit == "lstsq":
             result = refit_down(result, calib, s.refit_ridge)
