@@ -240,3 +240,14 @@ def test_metric_states_stay_float32_under_bf16_true(compose_cfg) -> None:
     metric = module.nll["val"]
     metric.update(torch.full((3,), 2.3456))
     assert metric.compute().dtype == torch.float32 and metric.compute().item() == pytest.approx(2.3456, rel=1e-6)
+
+
+@pytest.mark.parametrize("model,task", [("tiny_llama", "rt_review"), ("tiny_bert", "rt_polarity")])
+def test_compile_wraps_the_body_every_step_runs(compose_cfg, model: str, task: str) -> None:
+    """model.compile=true compiles the transformer body: the causal LM's step calls base_model, not the whole model."""
+    cfg = compose_cfg([f"model={model}", f"task={task}", "ffn_mode=none", "model.compile=true"])
+    _, module = build_data_and_module(cfg, preflight(cfg)[1])
+    module.configure_model()
+    assert module.model.base_model._compiled_call_impl is not None
+    assert set(module.state_dict()) == set(build_data_and_module(compose_cfg([f"model={model}", f"task={task}", "ffn_mode=none"]),
+                                                                 preflight(cfg)[1])[1].state_dict())

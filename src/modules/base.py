@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
-import torch
-from torchmetrics import Metric
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics import Metric
 
 from src.models.build import build_model
 from src.modules.optim import build_adamw, build_schedule
@@ -40,11 +40,13 @@ class FineTuneModule(L.LightningModule):
     def configure_model(self) -> None:
         """After the callbacks' setup compressed the model (Lightning calls this hook after theirs) and before
         the strategy wraps it: record each parameter's dimensions (FSDP flattens them into 1-D shards, and
-        weight decay is decided by them), and ``model.compile`` compiles in place (the state dict keeps its keys)."""
+        weight decay is decided by them), and ``model.compile`` compiles the transformer body in place (the
+        state dict keeps its keys): the causal LM's training step calls ``base_model`` itself, not the whole model."""
         if self._param_ndim is None:
             self._param_ndim = {n: p.ndim for n, p in self.named_parameters()}
-        if self.hparams.model.get("compile") and self.model._compiled_call_impl is None:
-            self.model.compile()
+        body = self.model.base_model
+        if self.hparams.model.get("compile") and body._compiled_call_impl is None:
+            body.compile()
 
     def _metrics_in_float32(self) -> None:
         # bf16-true converts the whole module, metric states included (a mean of 2.3456 reads 2.3438)
