@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 GPU_ACCELERATORS = ("gpu", "cuda")
-# strategies that keep one full replica of the model on each device; FSDP shards it after setup
+# strategies that shard the model across devices (after setup): the whole model may not fit one of them
 SHARDED = ("fsdp",)
 
 
