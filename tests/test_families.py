@@ -119,3 +119,19 @@ def test_compress_train_resume_export(compose_cfg, tmp_path: Path, name: str) ->
     module.load_state_dict(c["state_dict"])
     loaded = load_exported(out, HEADS[module.head])
     torch.testing.assert_close(_out(loaded), _out(module.model), rtol=1e-4, atol=1e-5)
+
+
+HUB = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml")
+             if not p.stem.startswith("_") and any(line.startswith("name_or_path: ") and line.split(": ", 1)[1].strip() not in ("null", "")
+                                                    for line in p.read_text().splitlines()))
+
+
+@pytest.mark.parametrize("name", HUB)
+def test_hub_models_fail_fast_offline(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Every Hub model config, offline: one sentence before anything loads."""
+    import src.models.source
+    from src.utils.errors import ConfigError
+
+    monkeypatch.setattr(src.models.source, "hub_reachable", lambda: False)
+    with pytest.raises(ConfigError, match=f"model '{name}' .* must be downloaded from the Hugging Face Hub"):
+        train(compose_cfg([f"model={name}", "task=rt_review"]))
