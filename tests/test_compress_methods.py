@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from src.compress import cluster, mmd, ntk_cluster, prune, sketch, svd
+from src.compress import cluster, mmd, ntk_cluster, prune, refit, sketch, svd
+from src.compress.common import clamped_swiglu
 from src.compress.method import Method
 from src.compress.types import FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
 from tests.conftest import METHODS as NAMES
@@ -28,12 +29,18 @@ METHODS = {name: _with_calibration(compress_fn(name)) for name in NAMES}
 
 
 
+OSS = clamped_swiglu(1.702, 7.0)  # gpt-oss's constants
+
+
 def make_mlp(h=H, d=D, *, gated=False, bias=True, act="gelu", std=0.02, seed=0) -> MLPWeights:
+    """gated: False, True, or "oss" (gpt-oss: biases on gate, up and down, the clamped SwiGLU; ``act`` unused)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g) * std
 
+    if gated == "oss":
+        return MLPWeights(up=rnd(d, h), down=rnd(h, d), gate=rnd(d, h), gate_bias=rnd(d), up_bias=rnd(d), down_bias=rnd(h), activation=OSS)
     if gated:
         return MLPWeights(up=rnd(d, h), down=rnd(h, d), gate=rnd(d, h), activation=act)
     biases = dict(up_bias=rnd(d), down_bias=rnd(h)) if bias else {}
@@ -47,13 +54,23 @@ def paired_mlp(gated=False) -> MLPWeights:
     def twice(t, dim=0):
         return None if t is None else torch.cat([t, t], dim)
 
-    return MLPWeights(twice(w.up), twice(w.down, 1), twice(w.up_bias), w.down_bias, twice(w.gate))
+    return MLPWeights(twice(w.up), twice(w.down, 1), twice(w.up_bias), w.down_bias, twice(w.gate), w.activation, twice(w.gate_bias))
 
 
 def mlp_out(w: MLPWeights, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = down(scale * act(up x + b)) + b_out, or down(scale * act(gate x) * up x) gated."""
-    act = ACT2FN[w.activation]
-    z = act(x @ w.gate.T) * (x @ w.up.T) if w.is_gated else act(F.linear(x, w.up, w.up_bias))
+    """y = down(scale * act(up x + b)) + b_out, or down(scale * act(gate x) * up x) gated; gpt-oss's form by
+    transformers' own GptOssExperts._apply_gate on the interleaved [gate_0, up_0, ...] pre-activations."""
+    if w.activation == OSS:
+        from types import SimpleNamespace
+
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        pre = torch.stack([F.linear(x, w.gate, w.gate_bias), F.linear(x, w.up, w.up_bias)], -1).flatten(-2)  # [T, 2d] interleaved
+        z = GptOssExperts._apply_gate(SimpleNamespace(limit=7.0, alpha=1.702), pre)
+    elif w.is_gated:
+        z = ACT2FN[w.activation](x @ w.gate.T) * (x @ w.up.T)
+    else:
+        z = ACT2FN[w.activation](F.linear(x, w.up, w.up_bias))
     return F.linear(z if scale is None else z * scale, w.down, w.down_bias)
 
 
@@ -61,7 +78,7 @@ def out(c: FusedMLP | LowRankMLP, x: torch.Tensor) -> torch.Tensor:
     if isinstance(c, FusedMLP):
         return mlp_out(c.weights, x, c.scale)
     mat = {name: left @ right for name, (left, right) in c.factors.items()}
-    w = MLPWeights(mat["up"], mat["down"], c.up_bias, c.down_bias, mat.get("gate"), c.activation)
+    w = MLPWeights(mat["up"], mat["down"], c.up_bias, c.down_bias, mat.get("gate"), c.activation, c.gate_bias)
     return mlp_out(w, x)
 
 
@@ -70,13 +87,22 @@ def inputs(n=32, h=H, seed=1):
 
 
 def n_params(w: MLPWeights) -> int:
-    return sum(t.numel() for t in (w.up, w.down, w.up_bias, w.down_bias, w.gate) if t is not None)
+    return sum(t.numel() for t in (w.up, w.down, w.up_bias, w.down_bias, w.gate, w.gate_bias) if t is not None)
 
 
 GATED = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+KINDS = pytest.mark.parametrize("gated", [False, True, "oss"], ids=["plain", "gated", "gpt_oss"])
 
 
-@GATED
+def test_gpt_oss_form_clamps_like_transformers():
+    """Past the clamp (|pre-activation| > 7) the reference and ours still agree, and the clamp bites."""
+    w, x = make_mlp(gated="oss", std=2.0), inputs()
+    y = mlp_out(w, x)
+    torch.testing.assert_close(refit.output(FusedMLP(w), x), y, rtol=1e-4, atol=1e-4)  # outputs ~1e3 at std 2
+    assert (F.linear(x, w.gate, w.gate_bias).abs() > 7).any() and (F.linear(x, w.up, w.up_bias).abs() > 7).any()
+
+
+@KINDS
 @pytest.mark.parametrize(
     "method, opts",
     [("ntk_cluster", {}), ("prune", {}), ("sketch", {"sketch_keep": D})],
@@ -87,7 +113,7 @@ def test_full_width_is_exact(method, opts, gated):
     assert torch.equal(out(c, x), mlp_out(w, x))
 
 
-@GATED
+@KINDS
 def test_fusion_finds_identical_pairs(gated):
     w, x = paired_mlp(gated=gated), inputs()
     c = ntk_cluster.compress(w, D // 2, seed=0)
@@ -116,15 +142,15 @@ def test_counts_fold_into_down():
     torch.testing.assert_close(mlp_out(folded, x), out(c, x))
 
 
-@GATED
+@KINDS
 @pytest.mark.parametrize("method", ["ntk_cluster", "cluster", "sketch", "mmd", "prune"])
 def test_width_params_activation_and_down_bias(method, gated):
     w, k = make_mlp(gated=gated, act="silu"), 12
     opts = {"mmd_steps": 3} if method == "mmd" else {}
     c = METHODS[method](w, k, seed=0, **opts)
-    assert c.weights.width == k and c.weights.hidden_size == H and c.weights.activation == "silu"
-    assert n_params(c.weights) == (3 * H * k if gated else k * (2 * H + 1) + H)
-    if not gated:
+    assert c.weights.width == k and c.weights.hidden_size == H and c.weights.activation == w.activation
+    assert n_params(c.weights) == {False: k * (2 * H + 1) + H, True: 3 * H * k, "oss": k * (3 * H + 2) + H}[gated]
+    if gated != True:  # noqa: E712
         assert torch.equal(c.weights.down_bias, w.down_bias)
 
 

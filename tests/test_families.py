@@ -28,8 +28,9 @@ IDS = torch.randint(1000, 20000, (2, 9), generator=torch.Generator().manual_seed
 
 def test_every_row_names_a_tiny_config_or_shares_a_tested_layout() -> None:
     rows = mlp_io.FAMILIES.values()
-    tested = {(row.mlp.name, row.experts.layout if row.experts else None) for row in rows if row.tiny}
-    assert all((row.mlp.name, row.experts.layout if row.experts else None) in tested for row in rows)
+    kind = lambda row: (row.mlp and row.mlp.name, row.experts and (row.experts.layout, row.experts.transposed, row.experts.bias))  # noqa: E731
+    tested = {kind(row) for row in rows if row.tiny}
+    assert all(kind(row) in tested for row in rows)
     assert all((Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml").is_file() for name in TINY)
 
 
@@ -70,6 +71,26 @@ def test_full_width_is_exact_and_folding_changes_nothing(compose_cfg, name: str)
     fused = _out(model)
     assert mlp_io.fold_scales(model) > 0
     torch.testing.assert_close(_out(model), fused, rtol=1e-5, atol=1e-6)
+
+
+FUSED = sorted(row.tiny for row in mlp_io.FAMILIES.values() if row.tiny and row.experts and row.experts.layout == "fused")
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_an_expert_read_computes_what_the_module_computes(compose_cfg, name: str) -> None:
+    """Each routed expert, read as MLPWeights (layout, biases, gated form), gives the stock experts module's output
+    on tokens all sent to it with weight 1 (a read and a write that were wrong together would pass the k = d test)."""
+    from src.compress.refit import output
+    from src.compress.types import FusedMLP
+
+    model = _module(compose_cfg, name)[1].model
+    layer = _layers(model)[0]
+    experts = mlp_io.mlp_modules(model, layer)["experts"]
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for e in (0, mlp_io.num_experts(model.config) - 1):
+        with torch.no_grad():
+            stock = experts(x, torch.full((5, 1), e), torch.ones(5, 1))
+        torch.testing.assert_close(output(FusedMLP(mlp_io.read_mlp(model, layer, str(e))), x), stock, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY)

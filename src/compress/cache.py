@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def weights_hash(w: MLPWeights) -> str:
     """sha256 over the layer's tensors (float32 bytes, CPU), so identical weights give identical keys."""
     h = hashlib.sha256(w.activation.encode())
-    for t in (w.gate, w.up, w.up_bias, w.down, w.down_bias):
+    for t in (w.gate, w.up, w.up_bias, w.down, w.down_bias, *((w.gate_bias,) if w.gate_bias is not None else ())):
         h.update(b"-" if t is None else t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -40,11 +40,11 @@ def cache_key(w: MLPWeights, **settings: Any) -> str:
 def _flatten(c: Compressed) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if isinstance(c, FusedMLP):
         w = c.weights
-        named = {"up": w.up, "down": w.down, "up_bias": w.up_bias, "down_bias": w.down_bias, "gate": w.gate, "scale": c.scale}
+        named = {"up": w.up, "down": w.down, "up_bias": w.up_bias, "down_bias": w.down_bias, "gate": w.gate, "gate_bias": w.gate_bias, "scale": c.scale}
         meta = {"kind": "fused", "activation": w.activation}
     else:
         named = {f"{k}.{side}": t for k, (left, right) in c.factors.items() for side, t in (("left", left), ("right", right))}
-        named.update({"up_bias": c.up_bias, "down_bias": c.down_bias})
+        named.update({"up_bias": c.up_bias, "down_bias": c.down_bias, "gate_bias": c.gate_bias})
         meta = {"kind": "lowrank", "activation": c.activation}
     tensors = {k: v.detach().cpu().contiguous() for k, v in named.items() if v is not None}
     meta["stats"] = json.dumps(c.stats)
@@ -61,10 +61,10 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 def _unflatten(t: dict[str, torch.Tensor], meta: dict[str, str]) -> Compressed:
     stats = json.loads(meta["stats"])
     if meta["kind"] == "fused":
-        w = MLPWeights(up=t["up"], down=t["down"], up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), gate=t.get("gate"), activation=meta["activation"])
+        w = MLPWeights(up=t["up"], down=t["down"], up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), gate=t.get("gate"), activation=meta["activation"], gate_bias=t.get("gate_bias"))
         return FusedMLP(weights=w, scale=t.get("scale"), stats=stats)
     factors = {k.split(".")[0]: (t[f"{k.split('.')[0]}.left"], t[f"{k.split('.')[0]}.right"]) for k in t if k.endswith(".left")}
-    return LowRankMLP(factors=factors, up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), activation=meta["activation"], stats=stats)
+    return LowRankMLP(factors=factors, up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), activation=meta["activation"], stats=stats, gate_bias=t.get("gate_bias"))
 
 
 class FusionCache:

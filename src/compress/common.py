@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 from transformers.activations import ACT2FN
@@ -20,45 +22,44 @@ def check_mid_dim(w: MLPWeights, mid_dim: int) -> None:
         raise ValueError(f"mid_dim must be an int in [1, {w.width}], got {mid_dim!r}")
 
 
-def sub_mlp_points(w: MLPWeights) -> Tensor:
-    """One row per sub-MLP: c_i = [gate[i, :]?, up[i, :], up_bias[i]?, down[:, i]], [d, P].
+def _segments(w: MLPWeights) -> list[tuple[str, int]]:
+    """The columns of a sub-MLP point, in order: (field, width); a field absent from ``w`` is left out."""
+    h = w.hidden_size
+    segs = [("gate", h), ("gate_bias", 1), ("up", h), ("up_bias", 1), ("down", h)]
+    return [(name, n) for name, n in segs if getattr(w, name) is not None]
 
-    P = 2h + 1 with biases, 2h without, 3h gated; in the compute dtype, never aliasing ``w``.
+
+def sub_mlp_points(w: MLPWeights) -> Tensor:
+    """One row per sub-MLP: c_i = [gate[i, :]?, gate_bias[i]?, up[i, :], up_bias[i]?, down[:, i]], [d, P].
+
+    P = 2h + 1 with biases, 2h without, 3h gated (3h + 2 with gpt-oss's biases); in the compute dtype,
+    never aliasing ``w``.
     """
-    parts = [w.gate, w.up, None if w.up_bias is None else w.up_bias[:, None], w.down.T]
+    cols = {"gate": w.gate, "up": w.up, "down": w.down.T, "gate_bias": w.gate_bias, "up_bias": w.up_bias}
     dtype = compute_dtype(w.up)
-    return torch.cat([p.to(dtype) for p in parts if p is not None], 1)
+    return torch.cat([cols[name].reshape(w.width, -1).to(dtype) for name, _ in _segments(w)], 1)
 
 
 def mlp_from_points(points: Tensor, like: MLPWeights, fold: Tensor | None = None) -> MLPWeights:
     """Split points [k, P] back into a width-k MLP shaped, typed and activated like ``like``.
 
     ``fold`` [k] multiplies each new neuron: up row, up bias and down column of a plain MLP; gate
-    row and down column of a gated one (up stays as is, so with ReLU, where act(s·z) = s·act(z),
-    folding √n equals the frozen scale n exactly). ``down_bias`` is copied unchanged.
+    row, gate bias and down column of a gated one (up stays as is, so with ReLU, where
+    act(s·z) = s·act(z), folding √n equals the frozen scale n exactly). ``down_bias`` is copied unchanged.
     """
-    h, dtype = like.hidden_size, like.up.dtype
-    if fold is not None:
-        f = fold.to(points.dtype)[:, None].expand(-1, points.shape[1]).clone()  # [k, P]
-        if like.is_gated:
-            f[:, h : 2 * h] = 1
-        points = points * f
-    gate, rest = (points[:, :h], points[:, h:]) if like.is_gated else (None, points)
-    up, rest = rest[:, :h], rest[:, h:]
-    up_bias = rest[:, 0] if like.up_bias is not None else None
-    down = rest[:, -h:].T  # [h, k]
-
-    def out(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(dtype).contiguous()
-
-    return MLPWeights(
-        up=out(up),
-        down=out(down),
-        up_bias=out(up_bias),
-        down_bias=None if like.down_bias is None else like.down_bias.clone(),
-        gate=out(gate),
-        activation=like.activation,
-    )
+    segs = _segments(like)
+    assert points.shape[1] == sum(n for _, n in segs), f"points {tuple(points.shape)} do not match {segs}"
+    folded = {"gate", "gate_bias", "down"} if like.is_gated else {"up", "up_bias", "down"}
+    parts, start = {}, 0
+    for name, n in segs:
+        t = points[:, start : start + n]  # [k, n]
+        start += n
+        if fold is not None and name in folded:
+            t = t * fold.to(t.dtype)[:, None]
+        t = t[:, 0] if n == 1 else t.T if name == "down" else t  # bias [k]; down [h, k]
+        parts[name] = t.to(like.up.dtype).contiguous()
+    down_bias = None if like.down_bias is None else like.down_bias.clone()
+    return MLPWeights(**parts, down_bias=down_bias, activation=like.activation)
 
 
 def importance(w: MLPWeights) -> Tensor:
@@ -79,10 +80,33 @@ def top_sub_mlps(w: MLPWeights, t: int, score: Tensor | None = None) -> tuple[Te
     return order[:t].sort().values, order[t:].sort().values
 
 
+# gpt-oss's gated form: (clamp(u, ±L) + 1) · c · σ(α c), c = clamp(g, max=L)
+CLAMPED_SWIGLU = re.compile(r"clamped_swiglu\(alpha=(?P<alpha>[-+.eE\d]+),limit=(?P<limit>[-+.eE\d]+)\)")
+
+
+def clamped_swiglu(alpha: float, limit: float) -> str:
+    """The activation name of gpt-oss's clamped SwiGLU with its two constants (config.swiglu_alpha, swiglu_limit)."""
+    return f"clamped_swiglu(alpha={alpha},limit={limit})"
+
+
+def gated_form(activation: str, g: Tensor, u: Tensor) -> Tensor:
+    """A gated neuron's output from its gate and up pre-activations: act(g) · u, or gpt-oss's clamped form."""
+    m = CLAMPED_SWIGLU.fullmatch(activation)
+    if m is None:
+        return ACT2FN[activation](g) * u
+    alpha, limit = float(m["alpha"]), float(m["limit"])
+    g = g.clamp(max=limit)
+    return (u.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)
+
+
 def activations(w: MLPWeights, x: Tensor) -> Tensor:
-    """Each neuron's activation on inputs x [T, h] -> [T, d]: act(up x + b), or act(gate x) * (up x)
-    gated; in the compute dtype."""
+    """Each neuron's activation on inputs x [T, h] -> [T, d]: act(up x + b), or the gated form of
+    (gate x + b_g, up x + b_u) gated; in the compute dtype."""
     dtype = compute_dtype(w.up)
-    x, act = x.to(dtype), ACT2FN[w.activation]
-    pre = x @ w.up.to(dtype).T + (0 if w.up_bias is None else w.up_bias.to(dtype))
-    return act(x @ w.gate.to(dtype).T) * pre if w.is_gated else act(pre)
+    x = x.to(dtype)
+
+    def pre(m: Tensor, b: Tensor | None) -> Tensor:
+        return x @ m.to(dtype).T + (0 if b is None else b.to(dtype))
+
+    up = pre(w.up, w.up_bias)
+    return gated_form(w.activation, pre(w.gate, w.gate_bias), up) if w.is_gated else ACT2FN[w.activation](up)

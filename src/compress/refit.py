@@ -24,7 +24,7 @@ from .types import Compressed, FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
 def _dense(c: LowRankMLP) -> MLPWeights:
     """The dense MLP a low-rank one computes (factors multiplied out)."""
     mats = {name: left @ right for name, (left, right) in c.factors.items()}
-    return MLPWeights(mats["up"], mats["down"], c.up_bias, c.down_bias, mats.get("gate"), c.activation)
+    return MLPWeights(mats["up"], mats["down"], c.up_bias, c.down_bias, mats.get("gate"), c.activation, c.gate_bias)
 
 
 def design(c: Compressed, x: Tensor) -> Tensor:

@@ -15,10 +15,10 @@ VERSION = "1"
 def svd_rank(h: int, d: int, mid_dim: int, gated: bool, biased: bool) -> int:
     """Largest r with n_mats·r·(h + d) <= mid_dim·P, P the sub-MLP length (153 for 768, 3072, 768).
 
-    P = 2h + 1 (biased), 2h (no biases), 3h (gated); n_mats = 2 (3 gated). The biases of the
-    low-rank MLP (up_bias has d entries, not k) are outside this budget.
+    P = 2h + 1 (biased), 2h (no biases), 3h (gated), 3h + 2 (gated with biases, gpt-oss); n_mats = 2
+    (3 gated). The biases of the low-rank MLP (up_bias has d entries, not k) are outside this budget.
     """
-    point_dim = 3 * h if gated else 2 * h + int(biased)
+    point_dim = 3 * h + 2 * int(biased) if gated else 2 * h + int(biased)
     return mid_dim * point_dim // ((3 if gated else 2) * (h + d))
 
 
@@ -40,6 +40,7 @@ def compress(w: MLPWeights, mid_dim: int, *, seed: int) -> LowRankMLP:
         down_bias=None if w.down_bias is None else w.down_bias.clone(),
         activation=w.activation,
         stats={"rank": r},
+        gate_bias=None if w.gate_bias is None else w.gate_bias.clone(),
     )
 
 

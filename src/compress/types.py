@@ -16,15 +16,17 @@ from torch import Tensor
 class MLPWeights:
     """One MLP ``y = down(act(gate(x)) * up(x)) + b_out`` (gated) or ``down(act(up(x) + b_up)) + b_out``.
 
-    h = hidden size, d = intermediate size (number of sub-MLPs).
+    h = hidden size, d = intermediate size (number of sub-MLPs). A gated MLP may have biases on gate
+    and up (gpt-oss) and a gated form other than ``act(g) * u`` (``src.compress.common.gated_form``).
     """
 
     up: Tensor  # [d, h]  W1: fc1 / intermediate.dense / c_fc / up_proj
     down: Tensor  # [h, d]  W2: fc2 / output.dense / c_proj / down_proj
     up_bias: Tensor | None = None  # [d]
     down_bias: Tensor | None = None  # [h]
-    gate: Tensor | None = None  # [d, h]  gated MLPs only (gate_proj), no biases there
-    activation: str = "gelu"  # a transformers.activations.ACT2FN key
+    gate: Tensor | None = None  # [d, h]  gated MLPs only (gate_proj)
+    activation: str = "gelu"  # a transformers.activations.ACT2FN key, or a gated form (common.gated_form)
+    gate_bias: Tensor | None = None  # [d]  gated MLPs with biases only (gpt-oss)
 
     @property
     def hidden_size(self) -> int:
@@ -44,6 +46,7 @@ class MLPWeights:
         assert self.gate is None or self.gate.shape == (d, h)
         assert self.up_bias is None or self.up_bias.shape == (d,)
         assert self.down_bias is None or self.down_bias.shape == (h,)
+        assert self.gate_bias is None or (self.gate is not None and self.gate_bias.shape == (d,)), "gate_bias needs a gate, [d]"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class LowRankMLP:
     down_bias: Tensor | None = None  # [h]
     activation: str = "gelu"
     stats: dict[str, float] = field(default_factory=dict)
+    gate_bias: Tensor | None = None  # [d]
 
     @property
     def rank(self) -> int:

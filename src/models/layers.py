@@ -77,8 +77,28 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def expert_native(t: Tensor, transposed: bool, interleaved: bool) -> Tensor:
+    """A fused experts' tensor from the canonical [E, out, ...] form (gate_up: the gate rows, then the up
+    rows) to the module's own: rows interleaved (gate_0, up_0, gate_1, ...) and/or transposed to
+    [E, in, out] (gpt-oss). Biases [E, out] are interleaved, never transposed."""
+    if interleaved:
+        E, n = t.shape[:2]
+        t = t.reshape(E, 2, n // 2, -1).transpose(1, 2).reshape(t.shape)
+    return t.transpose(1, 2) if transposed and t.ndim == 3 else t
+
+
+def expert_canonical(t: Tensor, transposed: bool, interleaved: bool) -> Tensor:
+    """The inverse of ``expert_native``: the module's tensor in the canonical [E, out, ...] form."""
+    t = t.transpose(1, 2) if transposed and t.ndim == 3 else t
+    if interleaved:
+        E, n = t.shape[:2]
+        t = t.reshape(E, n // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+    return t
+
+
 class ExpertScale(nn.Module):
-    """Parametrization of fused experts' ``down_proj`` [E, h, k]: ``W_e · diag(scale_e)`` for every expert e.
+    """Parametrization of fused experts' ``down_proj`` [E, h, k] ([E, k, h] transposed): ``W_e · diag(scale_e)``
+    for every expert e.
 
     ``scale`` [E, k] holds each expert's frozen k-means counts (MLP fusion; 1 for unscaled neurons, 0
     for the padding of an expert narrower than the layer's width). Scaling the down projection's
@@ -87,29 +107,34 @@ class ExpertScale(nn.Module):
     every transformers experts implementation (eager, batched_mm, grouped_mm) still runs.
     """
 
-    def __init__(self, scale: Tensor) -> None:
+    def __init__(self, scale: Tensor, transposed: bool = False) -> None:
         super().__init__()
         assert scale.ndim == 2, f"scale must be [E, k], got {tuple(scale.shape)}"
         self.register_buffer("scale", scale.detach().clone(), persistent=True)
+        self.transposed = transposed
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight * self.scale[:, None, :].to(weight.dtype)  # [E, h, k] * [E, 1, k]
+        s = self.scale.to(weight.dtype)
+        return weight * (s[:, :, None] if self.transposed else s[:, None, :])  # [E, k, h] * [E, k, 1] or [E, h, k] * [E, 1, k]
 
 
 class ExpertLowRank(nn.Module):
     """Parametrization of a fused experts' weight as per-expert factor products, stacked along dim 1:
-    ``cat_j(left_j @ right_j)`` with left_j [E, out_j, r] and right_j [E, r, in] (gate_up = [gate; up]).
+    ``cat_j(left_j @ right_j)`` with left_j [E, out_j, r] and right_j [E, r, in] (gate_up = [gate; up]),
+    then in the module's own layout (``expert_native``).
 
     The factors become the trainable originals (``original0``, ``original1``, ...); ``factors`` only
     seeds them when the parametrization is registered.
     """
 
-    def __init__(self, factors: list[tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, factors: list[tuple[Tensor, Tensor]], transposed: bool = False, interleaved: bool = False) -> None:
         super().__init__()
         self._seed = [t for pair in factors for t in pair]
+        self.transposed, self.interleaved = transposed, interleaved
 
     def forward(self, *factors: Tensor) -> Tensor:
-        return torch.cat([torch.bmm(left, right) for left, right in zip(factors[::2], factors[1::2])], dim=1)
+        w = torch.cat([torch.bmm(left, right) for left, right in zip(factors[::2], factors[1::2])], dim=1)
+        return expert_native(w, self.transposed, self.interleaved)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
         seed, self._seed = self._seed, []

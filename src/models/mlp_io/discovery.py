@@ -106,9 +106,11 @@ def mlp_param_count(config: PretrainedConfig) -> int:
     block: every routed expert and the shared expert."""
     fam, h, d = family_of(config), config.hidden_size, config_width(config)
     if fam.experts:
-        shared = fam.experts.shared_width(config) if fam.experts.shared_width else 0
-        per_neuron = 3 * h if fam.mlp.gated else 2 * h  # Switch: wi, wo
-        return per_neuron * num_experts(config) * d + 3 * h * shared
+        ex = fam.experts
+        shared = ex.shared_width(config) if ex.shared_width else 0
+        per_neuron = 2 * h if ex.layout == "modules" and not fam.mlp.gated else 3 * h  # Switch: wi, wo
+        biases = (2 * d + h) * num_experts(config) if ex.bias else 0  # gpt-oss: gate, up and down biases
+        return (per_neuron * d) * num_experts(config) + biases + 3 * h * shared
     return 3 * h * d if fam.layout(config).gated else 2 * h * d + d + h
 
 

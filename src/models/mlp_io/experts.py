@@ -2,9 +2,12 @@
 
 Two layouts of the routed experts, one class each, behind one interface (``MoEBlock``):
 
-- ``FusedExperts`` (Mixtral, OLMoE, Qwen2/3-MoE, DeepSeek-V3; transformers 5): one module with 3-D
-  parameters ``gate_up_proj`` [E, 2d, h] (gate rows first, then up) and ``down_proj`` [E, h, d], no
-  biases, and a top-k router whose forward returns (logits, weights, indices [T, k]). Compressed
+- ``FusedExperts`` (Mixtral, OLMoE, Qwen2/3-MoE, DeepSeek-V3, gpt-oss; transformers 5): one module with
+  3-D parameters ``gate_up_proj`` [E, 2d, h] (gate rows first, then up) and ``down_proj`` [E, h, d], no
+  biases, and a top-k router whose forward returns (logits, weights, indices [T, k]); or, as the row's
+  ``transposed``/``interleaved``/``bias`` flags say (gpt-oss: transformers' ``is_transposed``,
+  ``is_concatenated=False``, ``has_bias``), [E, h, 2d] with gate and up columns alternating, [E, d, h]
+  and biases ``gate_up_proj_bias`` [E, 2d], ``down_proj_bias`` [E, h]. Compressed
   experts are written back as one stock experts module of one width (the widest part; narrower
   experts zero-padded), a frozen [E, k] count scale as an ``ExpertScale`` parametrization of
   ``down_proj``, low-rank experts as an ``ExpertLowRank`` factor parametrization.
@@ -27,7 +30,7 @@ from torch.nn.utils import parametrize
 from transformers import PretrainedConfig
 
 from src.compress.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
-from src.models.layers import ExpertLowRank, ExpertScale
+from src.models.layers import ExpertLowRank, ExpertScale, expert_canonical, expert_native
 
 from . import projections as P
 from .dense import DenseMLP
@@ -109,13 +112,15 @@ class MoEBlock:
 
     def forward(self, x: Tensor) -> Tensor:
         # the block takes [B, T, h]; sequences stay sequences (Switch's expert capacity counts per sequence)
-        return self.root(x if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])).reshape(x.shape)
+        out = self.root(x if x.ndim == 3 else x.reshape(1, -1, x.shape[-1]))
+        return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)  # gpt-oss: (hidden states, router scores)
 
-    def check_expert(self, activation: str, gated: bool, hidden: int) -> None:
-        want = self.expert_gated
-        if activation != self.activation or gated != want or hidden != self.hidden_size:
-            raise ValueError(f"an expert of {self.path} must be a {'gated' if want else 'non-gated'} {self.activation!r} MLP of hidden "
-                             f"size {self.hidden_size}, got {'gated' if gated else 'non-gated'} {activation!r} of {hidden}")
+    def check_expert(self, activation: str, gated: bool, hidden: int, biased: bool) -> None:
+        want, bias = self.expert_gated, self.expert_biased
+        if activation != self.activation or gated != want or hidden != self.hidden_size or biased != bias:
+            kind = lambda g, b: f"{'gated' if g else 'non-gated'}{' biased' if b else ''}"  # noqa: E731
+            raise ValueError(f"an expert of {self.path} must be a {kind(want, bias)} {self.activation!r} MLP of hidden "
+                             f"size {self.hidden_size}, got a {kind(gated, biased)} {activation!r} of {hidden}")
 
     @torch.no_grad()
     def write(self, results: dict[str, MLPWeights | Compressed]) -> None:
@@ -139,14 +144,14 @@ class MoEBlock:
             if len({c.rank for c in fs}) != 1 or any(set(c.factors) != self.expert_roles for c in fs):
                 raise ValueError(f"low-rank experts of {self.path} need {', '.join(sorted(self.expert_roles))} factors of one common rank")
             for c in fs:
-                self.check_expert(c.activation, "gate" in c.factors, c.factors["down"][0].shape[0])
+                self.check_expert(c.activation, "gate" in c.factors, c.factors["down"][0].shape[0], c.up_bias is not None)
             self.write_lowrank(fs)
             return
         # every expert as (weights, scale or None): the new results, the current weights for the rest
         current = {e: (self.read_expert(e), None) for e in range(self.num_experts) if e not in experts}
         parts = {**current, **{e: (c.weights, c.scale) if isinstance(c, FusedMLP) else (c, None) for e, c in experts.items()}}
         for w, _ in parts.values():
-            self.check_expert(w.activation, w.is_gated, w.hidden_size)
+            self.check_expert(w.activation, w.is_gated, w.hidden_size, w.up_bias is not None)
         k = max(w.width for w, _ in parts.values())
         scale = torch.zeros(self.num_experts, k)  # [E, k]: counts, 1 for unscaled neurons, 0 on the padding
         for e, (w, s) in parts.items():
@@ -169,8 +174,8 @@ class MoEBlock:
         if spec.get("shared") is not None:
             self.shared.build(spec["shared"])
 
-    # layout-specific: ``expert_roles`` and ``expert_gated`` (what an expert is), ``width`` (the experts'
-    # common, padded intermediate size), ``hidden_size`` and the methods below ----------------------------
+    # layout-specific: ``expert_roles``, ``expert_gated`` and ``expert_biased`` (what an expert is), ``width``
+    # (the experts' common, padded intermediate size), ``hidden_size`` and the methods below ------------------
 
     def chosen(self, x: Tensor) -> Tensor:
         """The router's chosen experts of tokens x [T, h], [T, k]."""
@@ -199,21 +204,39 @@ class FusedExperts(MoEBlock):
     expert_gated = True
 
     @property
+    def expert_biased(self) -> bool:
+        return self.family.experts.bias
+
+    def canonical(self, name: str) -> Tensor:
+        """A parameter of the experts (parametrizations applied) in the canonical layout: ``gate_up_proj``
+        [E, 2k, h] and its bias [E, 2k] gate first, ``down_proj`` [E, h, k]."""
+        ex = self.family.experts
+        return expert_canonical(getattr(self.experts, name), ex.transposed and name != "down_proj_bias", ex.interleaved and name.startswith("gate_up"))
+
+    def native(self, name: str, t: Tensor) -> Tensor:
+        ex = self.family.experts
+        return expert_native(t, ex.transposed and name != "down_proj_bias", ex.interleaved and name.startswith("gate_up"))
+
+    @property
     def width(self) -> int:
-        return self.experts.intermediate_dim
+        return self.experts.down_proj.shape[1 if self.family.experts.transposed else 2]
 
     @property
     def hidden_size(self) -> int:
-        return self.experts.hidden_dim
+        return self.experts.down_proj.shape[2 if self.family.experts.transposed else 1]
 
     def chosen(self, x: Tensor) -> Tensor:
         return self.router(x.to(self.router.weight.dtype))[2]  # (logits, top-k weights, top-k ids [T, k])
 
     def read_expert(self, e: int) -> MLPWeights:
-        ex, k = self.experts, self.width
-        gate_up, down = ex.gate_up_proj[e], ex.down_proj[e]  # [2k, h] (gate rows, then up rows), [h, k]; parametrizations applied
+        k = self.width
+        gate_up, down = self.canonical("gate_up_proj")[e], self.canonical("down_proj")[e]  # [2k, h] (gate rows, then up rows), [h, k]
+        biases = {}
+        if self.family.experts.bias:
+            b = self.canonical("gate_up_proj_bias")[e]  # [2k]
+            biases = dict(gate_bias=b[:k].detach().clone(), up_bias=b[k:].detach().clone(), down_bias=self.experts.down_proj_bias[e].detach().clone())
         return MLPWeights(up=gate_up[k:].detach().clone(), down=down.detach().clone(), gate=gate_up[:k].detach().clone(),
-                          activation=self.activation)
+                          activation=self.activation, **biases)
 
     def _stock(self, width: int) -> nn.Module:
         """A new, uninitialised experts module of the block's own (stock transformers) class at ``width``."""
@@ -226,25 +249,44 @@ class FusedExperts(MoEBlock):
             new = cls(config)
         return new.to_empty(device=device).to(dtype)
 
+    def _copy_biases(self, module: nn.Module, biases: dict[int, tuple[Tensor, Tensor, Tensor]], k: int) -> None:
+        """Each expert's (gate bias [d], up bias [d], down bias [h]) into ``module`` (zero on padding neurons);
+        nothing in a layout without biases."""
+        if not self.expert_biased:
+            return
+        gate_up, down = module.gate_up_proj_bias.new_zeros(self.num_experts, 2 * k), torch.zeros_like(module.down_proj_bias)  # [E, 2k], [E, h]
+        for e, (g, u, b) in biases.items():
+            gate_up[e, : len(g)], gate_up[e, k : k + len(u)], down[e] = g, u, b
+        module.gate_up_proj_bias.copy_(self.native("gate_up_proj_bias", gate_up))
+        module.down_proj_bias.copy_(down)
+
     def write_experts(self, weights: dict[int, MLPWeights], k: int, scale: Tensor | None) -> None:
-        module = self._stock(k)
-        gate_up = torch.zeros_like(module.gate_up_proj)  # [E, 2k, h]
-        down = torch.zeros_like(module.down_proj)  # [E, h, k]
+        module, E, h = self._stock(k), self.num_experts, self.hidden_size
+        gate_up = module.gate_up_proj.new_zeros(E, 2 * k, h)
+        down = module.down_proj.new_zeros(E, h, k)
         for e, w in weights.items():
             d = w.width
             gate_up[e, :d], gate_up[e, k : k + d], down[e, :, :d] = w.gate, w.up, w.down
-        module.gate_up_proj.copy_(gate_up)
-        module.down_proj.copy_(down)
+        module.gate_up_proj.copy_(self.native("gate_up_proj", gate_up))
+        module.down_proj.copy_(self.native("down_proj", down))
+        self._copy_biases(module, {e: (w.gate_bias, w.up_bias, w.down_bias) for e, w in weights.items()}, k)
         if scale is not None:
-            parametrize.register_parametrization(module, "down_proj", ExpertScale(scale.to(device=down.device, dtype=down.dtype)))
+            s = ExpertScale(scale.to(device=down.device, dtype=down.dtype), transposed=self.family.experts.transposed)
+            parametrize.register_parametrization(module, "down_proj", s)
         self.root.set_submodule(self.family.experts.path, module)
 
+    def _lowrank(self, module: nn.Module, name: str, factors: list[tuple[Tensor, Tensor]]) -> None:
+        ex = self.family.experts
+        lowrank = ExpertLowRank(factors, transposed=ex.transposed, interleaved=ex.interleaved and name == "gate_up_proj")
+        parametrize.register_parametrization(module, name, lowrank)
+
     def write_lowrank(self, fs: list[LowRankMLP]) -> None:
-        module = self._stock(fs[0].factors["up"][0].shape[0])
+        k = fs[0].factors["up"][0].shape[0]
+        module = self._stock(k)
         stack = lambda role, side: torch.stack([c.factors[role][side] for c in fs])  # noqa: E731  [E, out, r] / [E, r, in]
-        gate_up = [(stack("gate", 0), stack("gate", 1)), (stack("up", 0), stack("up", 1))]
-        parametrize.register_parametrization(module, "gate_up_proj", ExpertLowRank(gate_up))
-        parametrize.register_parametrization(module, "down_proj", ExpertLowRank([(stack("down", 0), stack("down", 1))]))
+        self._lowrank(module, "gate_up_proj", [(stack("gate", 0), stack("gate", 1)), (stack("up", 0), stack("up", 1))])
+        self._lowrank(module, "down_proj", [(stack("down", 0), stack("down", 1))])
+        self._copy_biases(module, {e: (c.gate_bias, c.up_bias, c.down_bias) for e, c in enumerate(fs)}, k)  # biases stay dense, width k
         self.root.set_submodule(self.family.experts.path, module)
 
     def experts_spec(self) -> dict:
@@ -258,16 +300,16 @@ class FusedExperts(MoEBlock):
 
     def build_experts(self, ex: dict) -> None:
         module = self._stock(ex["width"])
-        module.gate_up_proj.zero_()
-        module.down_proj.zero_()
-        E, h, k = self.num_experts, module.hidden_dim, ex["width"]
-        z = lambda *shape: module.down_proj.new_zeros(shape)  # noqa: E731
+        for p in module.parameters():
+            p.zero_()
+        E, h, k = self.num_experts, self.hidden_size, ex["width"]
+        z = lambda *shape: module.gate_up_proj.new_zeros(shape)  # noqa: E731
         if ex["kind"] == "lowrank":
             r = ex["rank"]
-            parametrize.register_parametrization(module, "gate_up_proj", ExpertLowRank([(z(E, k, r), z(E, r, h)), (z(E, k, r), z(E, r, h))]))
-            parametrize.register_parametrization(module, "down_proj", ExpertLowRank([(z(E, h, r), z(E, r, k))]))
+            self._lowrank(module, "gate_up_proj", [(z(E, k, r), z(E, r, h)), (z(E, k, r), z(E, r, h))])
+            self._lowrank(module, "down_proj", [(z(E, h, r), z(E, r, k))])
         elif ex["scaled"]:
-            parametrize.register_parametrization(module, "down_proj", ExpertScale(z(E, k)))
+            parametrize.register_parametrization(module, "down_proj", ExpertScale(z(E, k), transposed=self.family.experts.transposed))
         self.root.set_submodule(self.family.experts.path, module)
 
 
@@ -285,6 +327,8 @@ class ModuleExperts(MoEBlock):
     @property
     def expert_gated(self) -> bool:
         return self.family.mlp.gated
+
+    expert_biased = False  # Switch's experts: T5's bias-free wi / wo
 
     @property
     def width(self) -> int:

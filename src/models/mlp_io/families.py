@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from src.compress.common import clamped_swiglu
+
 
 @dataclass(frozen=True)
 class DenseLayout:
@@ -91,6 +93,11 @@ class Experts:
     shared_width_attr: str | None = None  # the config attribute that sets it, where one does (stock export)
     block_re: str = r"layers\.\d+\.mlp"  # the end of a block's MLP name (sparse or dense), in block order
     expert_prefix: str = "expert_"  # "modules" layout: the experts' names
+    # "fused" layout, as transformers' use_experts_implementation flags say: weights [E, in, out] (is_transposed),
+    # gate and up columns alternating (is_concatenated=False), biases gate_up_proj_bias [E, 2d], down_proj_bias [E, h] (has_bias)
+    transposed: bool = False
+    interleaved: bool = False
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,9 @@ class Family:
     """One row: a model type's MLP layout, its config attributes and (MoE) its experts."""
 
     model_type: str
-    mlp: DenseLayout  # dense blocks' MLPs (MoE: the dense blocks, the shared expert, a "modules" expert)
+    mlp: DenseLayout | None  # dense blocks' MLPs (MoE: the dense blocks, the shared expert, a "modules" expert); None: none
     act_attrs: tuple[str, ...] = ("hidden_act",)  # config attributes naming the activation (an ACT2FN key), first set wins
+    gated_form: Callable[[PretrainedConfig], str] | None = None  # the activation, where it is no ACT2FN key (common.gated_form)
     width_attr: str = "intermediate_size"  # config attribute: the dense MLPs' pretrained width (None: 4h, GPT-2)
     experts: Experts | None = None
     gated_mlp: DenseLayout | None = None  # T5: the layout where ``gated_attr`` is true
@@ -111,6 +119,8 @@ class Family:
         return self.gated_mlp if self.gated_attr and getattr(config, self.gated_attr) else self.mlp
 
     def activation(self, config: PretrainedConfig) -> str:
+        if self.gated_form:
+            return self.gated_form(config)
         for attr in self.act_attrs:
             act = getattr(config, attr, None)
             if act is not None:
@@ -150,6 +160,8 @@ ROWS = (
     Family("deepseek_v3", GATED, experts=Experts("fused", "n_routed_experts", "moe_intermediate_size", sparse=deepseek_sparse,
                                                  shared="shared_experts", shared_width=lambda c: c.moe_intermediate_size * c.n_shared_experts),
            tiny="tiny_deepseek_v3"),
+    Family("gpt_oss", None, gated_form=lambda c: clamped_swiglu(c.swiglu_alpha, c.swiglu_limit), tiny="tiny_gpt_oss",
+           experts=Experts("fused", "num_local_experts", "intermediate_size", router="router", transposed=True, interleaved=True, bias=True)),
     Family("switch_transformers", T5, act_attrs=("dense_act_fn",), width_attr="d_ff", vmappable=False, tiny="tiny_switch",
            experts=Experts("modules", "num_experts", "d_ff", sparse=switch_sparse, router="router", block_re=r"block\.\d+\.layer\.\d+\.mlp")),
 )
