@@ -4,7 +4,7 @@ PY ?= python3
 STAMP := .make/installed
 ASSETS = $(shell $(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['assets']))")
 
-.PHONY: install train test test-slow test-gpu test-all bench bench-quick clean
+.PHONY: install install-deploy train test test-slow test-deploy test-gpu test-all bench bench-quick clean
 
 install: $(STAMP)
 
@@ -14,16 +14,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	@mkdir -p $(dir $@) && touch $@
 
+# llama.cpp through llama-cpp-python, built from source here (its mtmd/llava library left out: unused)
+install-deploy: .make/deploy
+
+.make/deploy: $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[deploy]"
+	@touch $@
+
 train: install
 	$(PY) -m src.train $(ARGS)
 
 # the fast tier in parallel processes (one per core, at most 4; each test pins one thread): the tests
 # share nothing but read-only assets. The slow tier stays serial: DDP, timed signals, real models.
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" -q -n auto --maxprocesses=4 $(ARGS)
+	$(PY) -m pytest -m "not slow and not gpu and not deploy" -q -n auto --maxprocesses=4 $(ARGS)
 
 test-slow: install
-	$(PY) -m pytest -m "slow and not gpu" -q $(ARGS)
+	$(PY) -m pytest -m "slow and not gpu and not deploy" -q $(ARGS)
+
+# the GGUF files in llama.cpp itself (tests/test_gguf.py): tiny models, then SmolLM2's defaults (~4 min)
+test-deploy: install-deploy
+	$(PY) -m pytest -m deploy -q $(ARGS)
 
 # the GPU tier: end to end on CUDA (tests/test_gpu.py); every test skips where no GPU is visible
 test-gpu: install

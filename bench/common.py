@@ -96,7 +96,7 @@ QUICK = Sizes(
     name="quick", overrides=("model=tiny_bert", "task.batch_size=8", "task.max_seq_length=32"), layers=(1, 2, 3),
     mid_dim=16, big_layer=(32, 128, 32), probe_size=8, sklearn_n_init=30, fusion_reps=2, ntk_reps=2, step_reps=3,
     overhead_steps=6,
-    inference=(("tiny_bert", "classification", ((1, 16), (4, 16))), ("tiny_llama", "generation", ((1, 16), (2, 16)))),
+    inference=(("tiny_bert", "classification", ((1, 16), (4, 16))), ("tiny_smollm2", "generation", ((1, 16), (2, 16)))),
     inference_reps=2,
     shapes={"roberta_base": Shape("bench_roberta_base", "classification", seq_len=16, batch_size=4, overrides=_TOY),
             "llama_1b": Shape("bench_llama_1b", "generation", seq_len=16, batch_size=4, overrides=_TOY_LLAMA)},

@@ -1,11 +1,13 @@
-"""Export a fine-tuned (compressed) checkpoint: ``python -m src.export ckpt_path=... out=DIR [format=hf|onnx|both]``.
+"""Export a fine-tuned (compressed) checkpoint: ``python -m src.export ckpt_path=... out=DIR [format=hf|onnx|both|gguf]``.
 
 ``hf``: a Hugging Face folder (count scales folded; a stock model when the MLP widths are uniform,
 else the recorded structure and ``load_exported``). ``onnx``: ``model.onnx`` with dynamic batch and
 sequence axes, from the folded model, any per-layer widths (causal LMs: logits without a KV
 cache); the export checks itself against PyTorch with ONNX Runtime. Encoder-decoder models get no
 ONNX export (``exported.onnx_unsupported``): ``format=onnx`` is refused, ``both`` writes ``hf`` and
-says, in the log and the card, why ONNX was skipped. Every format writes the tokenizer, a model
+says, in the log and the card, why ONNX was skipped. ``gguf``: ``model.gguf`` for llama.cpp
+(``gguf_dtype`` f32|f16|bf16|q8_0; ``src.models.to_gguf``: Llama-family causal LMs, per-layer widths as
+llama.cpp's ``deci`` architecture; anything else is refused before writing). Every format writes the tokenizer, a model
 card (``README.md``, which names the loader) and ``export.json``, which marks the folder as an
 export, so that a later export may replace it; any other existing folder is refused unless
 ``overwrite=true``. The folder is written beside ``out`` and renamed: an interrupted export leaves
@@ -29,12 +31,13 @@ from src.models import mlp_io
 from src.models.build import HEADS, load_tokenizer
 from src.models.exported import export_onnx, onnx_unsupported, prepare_for_export
 from src.models.fuse import apply_spec, count_params
+from src.models.to_gguf import DTYPES, gguf_unsupported, write_gguf
 from src.utils.errors import ConfigError
 from src.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "onnx", "both")
+FORMATS = ("hf", "onnx", "both", "gguf")
 MARKER = "export.json"
 # real inputs for the ONNX self-check (and the card's example)
 SAMPLES = ["a gripping, beautifully acted film", "the plot is thin and the jokes fall flat, but the cast tries hard"]
@@ -69,6 +72,18 @@ def _onnx_line(meta: dict[str, Any]) -> str:
             f"ONNX Runtime matches PyTorch to a relative error of {meta['onnx_rel_err']:.1e}")
 
 
+def _gguf_line(meta: dict[str, Any]) -> str:
+    """The card's line on ``model.gguf``: which runtimes load it, and how."""
+    if "gguf" not in meta["formats"]:
+        return "- GGUF: not exported"
+    arch = meta["gguf_arch"]
+    why = " (llama.cpp's architecture with a width per block: these layers' widths differ)" if arch == "deci" else ""
+    fallback = f"; f16 where q8_0 cannot (input width not a multiple of 32): {', '.join(meta['gguf_f16_fallbacks'])}" if meta["gguf_f16_fallbacks"] else ""
+    return (f"- GGUF: `model.gguf`, llama.cpp architecture `{arch}`{why}, {meta['gguf_dtype']}{fallback}, with the tokenizer and chat template; "
+            "run it with llama.cpp (`llama-cli -m model.gguf -p \"...\"`, `llama-server -m model.gguf`) or llama-cpp-python "
+            "(`Llama(model_path=\"model.gguf\")`)")
+
+
 def _card(meta: dict[str, Any]) -> str:
     metrics = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(meta["metrics"].items()) if k.startswith(("test/", "best/", "val/")))
     return "\n".join([
@@ -78,13 +93,16 @@ def _card(meta: dict[str, Any]) -> str:
         f"- parameters: {meta['params']:,} (count scales folded into the down projections; same outputs)",
         _loading(meta),
         _onnx_line(meta),
+        _gguf_line(meta),
         "", "| metric (the run's) | value |", "|---|---|", metrics or "| (no results.json beside the checkpoint) | |", ""])
 
 
-def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False) -> Path:
+def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False, gguf_dtype: str = "f16") -> Path:
     """Rebuild the checkpoint's model (structure from ``checkpoint["fusion"]``), fold scales, write ``fmt``."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not an export format; allowed: {list(FORMATS)}.")
+    if gguf_dtype not in DTYPES:
+        raise ConfigError(f"gguf_dtype={gguf_dtype!r} is not a GGUF weight type this export writes; allowed: {list(DTYPES)}.")
     path, dest = Path(ckpt_path), Path(out)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file.")
@@ -97,7 +115,10 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
     if "model" not in hp or "task" not in hp or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a checkpoint of this project (no model/task hyper-parameters).")
     _, _, module_cls = task_classes(hp["task"]["kind"])
-    skipped = None if fmt == "hf" else onnx_unsupported(module_cls.head)
+    if fmt == "gguf" and module_cls.head != "generation":
+        raise ConfigError(f"format=gguf is refused for model={hp['model']['name']}: llama.cpp runs causal LMs, and this is a "
+                          f"{module_cls.head} model; export it with format=hf or onnx.")
+    skipped = None if fmt in ("hf", "gguf") else onnx_unsupported(module_cls.head)
     if skipped and fmt == "onnx":
         raise ConfigError(f"format=onnx is refused for model={hp['model']['name']}: {skipped}; export it with format=hf.")
     module = module_cls(hp["model"], hp["task"], hp["optim"])  # builds the pretrained architecture
@@ -107,6 +128,8 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
     model = module.model.eval()
     widths = prepare_for_export(model)
     tokenizer = load_tokenizer(hp["model"])
+    if fmt == "gguf" and (reason := gguf_unsupported(model, tokenizer)):
+        raise ConfigError(f"format=gguf is refused for model={hp['model']['name']}: {reason}; export it with format=hf or onnx.")
     fusion = ckpt.get("fusion") or {}
     results = path.parent.parent / "results.json"  # the run folder's, when the checkpoint is still in it
     meta: dict[str, Any] = {
@@ -123,6 +146,8 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
             # (transformers 5 renames MoE experts on save: experts.gate_up_proj -> experts.0.w1 ...)
             model.save_pretrained(tmp, save_original_format=widths is not None)
         tokenizer.save_pretrained(tmp)
+        if "gguf" in meta["formats"]:
+            meta |= write_gguf(model, tokenizer, tmp, tmp / "model.gguf", gguf_dtype)
         if "onnx" in meta["formats"]:
             samples = dict(tokenizer(SAMPLES, padding=True, return_tensors="pt"))
             meta["onnx_inputs"], meta["onnx_rel_err"] = export_onnx(model, tmp / "model.onnx", samples)
@@ -138,7 +163,7 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
-        export(cfg.ckpt_path, cfg.out, cfg.format, cfg.overwrite)
+        export(cfg.ckpt_path, cfg.out, cfg.format, cfg.overwrite, cfg.gguf_dtype)
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

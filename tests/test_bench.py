@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import Options, alternate, forward_backward, random_tokens, rotated
 from bench.finetune import MODES, _peak_live_bytes
+from bench.inference import LLAMA_CPP_DTYPES, PERF, TG_TOKENS
 from bench.run import BENCHMARKS, choose, format_record, main, parse_args, result_name
 from src.models.build import build_model
 
@@ -55,10 +57,35 @@ def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFix
     inference = records["inference"]
     cases = {(r["model"], r["runtime"], r["batch"]) for r in inference["rows"]}
     runtimes = ("pytorch", "onnxruntime")
-    assert cases == {(m, rt, b) for m, bs in (("tiny_bert", (1, 4)), ("tiny_llama", (1, 2))) for rt in runtimes for b in bs}
+    # the causal LM in llama.cpp too, batch 1, where llama-cpp-python is installed (make install-deploy)
+    llama_cpp = [f"llama.cpp {d} {s}" for d in LLAMA_CPP_DTYPES for s in PERF] if importlib.util.find_spec("llama_cpp") else []
+    assert cases == ({(m, rt, b) for m, bs in (("tiny_bert", (1, 4)), ("tiny_smollm2", (1, 2))) for rt in runtimes for b in bs}
+                     | {("tiny_smollm2", rt, 1) for rt in llama_cpp})
     assert all(r["original"] > 0 and r["compressed"] > 0 and r["bound"] > 1.0 for r in inference["rows"])
     assert all(c["layers"] == [1, 2, 3] and c["mid_dim"] == 16 for c in inference["settings"]["compression"].values())  # the defaults
     assert inference["settings"]["onnxruntime_intra_op_threads"] == 1 and inference["settings"]["versions"]["onnxruntime"]
+
+
+@pytest.mark.deploy
+@pytest.mark.slow  # the inference benchmark's quick run: about a minute
+def test_quick_inference_times_llama_cpp(tmp_path: Path) -> None:
+    """The causal LM's llama.cpp rows: pp and tg at each GGUF weight type, the original a llama file, the compressed
+    one (per-layer widths) deci, llama.cpp's own counters beside the wall times."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (make install-deploy) is not installed")
+    assert main(["inference", "--quick", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "inference.json").read_text())
+    rows = {r["runtime"]: r for r in rec["rows"] if r["runtime"].startswith("llama.cpp")}
+    assert set(rows) == {f"llama.cpp {d} {s}" for d in LLAMA_CPP_DTYPES for s in PERF}
+    assert all(r["model"] == "tiny_smollm2" and r["batch"] == 1 and r["original"] > 0 and r["compressed"] > 0 and r["bound"] > 1.0
+               for r in rows.values())
+    pp, tg = rows["llama.cpp f32 pp"], rows["llama.cpp f32 tg"]
+    assert pp["seq_len"] == 16 and tg["seq_len"] == TG_TOKENS
+    assert all(c["n_p_eval"] == 16 for k in ("original", "compressed") for c in pp["llama_perf"][k])
+    assert all(c["n_eval"] == TG_TOKENS for k in ("original", "compressed") for c in tg["llama_perf"][k])
+    files = rec["settings"]["llama_cpp"]["tiny_smollm2"]["files"]
+    assert {d: (f["original"]["gguf_arch"], f["compressed"]["gguf_arch"]) for d, f in files.items()} == {
+        d: ("llama", "deci") for d in LLAMA_CPP_DTYPES}
+    assert rec["settings"]["versions"]["llama_cpp"] and any(n.startswith("llama.cpp (llama-cpp-python") for n in rec["notes"])
 
 
 def test_names_choose_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:

@@ -223,7 +223,7 @@ def test_export_refusals(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg(["model=tiny_bert", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
     train(cfg)
     ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    with pytest.raises(ConfigError, match=r"format='tflite' is not an export format; allowed: \['hf', 'onnx', 'both'\]"):
+    with pytest.raises(ConfigError, match=r"format='tflite' is not an export format; allowed: \['hf', 'onnx', 'both', 'gguf'\]"):
         export(ckpt, str(tmp_path / "x"), fmt="tflite")
     mine = tmp_path / "my_folder"
     mine.mkdir()
