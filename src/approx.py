@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from src.builders import build_data_and_module, build_module, compression_settin
 from src.metrics.approximation import approximation_metrics, measure_reference
 from src.models.fuse import count_params
 from src.preflight import preflight
-from src.utils.config import ffn_modes, run_app
+from src.utils.config import ffn_modes, refusing, run_app
 from src.utils.errors import ConfigError
 from src.utils.hardware import to_device
 from src.utils.io import write_json, write_text
@@ -226,11 +225,7 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="approx")
 def main(cfg: DictConfig) -> None:
-    try:
-        approx(cfg)
-    except ConfigError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    refusing(approx, cfg)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ Shared by ``src.train``, ``src.approx`` and ``src.export`` so that each entry po
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,7 +19,9 @@ from src.callbacks.fusion import FusionCallback
 from src.compress.method import Method
 from src.compress.settings import CalibSettings, CompressionSettings
 from src.models.build import load_tokenizer
+from src.models.fuse import apply_spec
 from src.models.source import model_identity
+from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,34 @@ def build_data_and_module(cfg: DictConfig, splits: dict[str, Any]) -> tuple[L.Li
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The task's LightningModule with the model's weights (a random head draws from the global RNG)."""
     _, _, module_cls = task_classes(cfg.task.kind)
-    return module_cls(cfg.model, cfg.task, cfg.optim, output_dir=cfg.paths.output_dir)
+    return module_cls(cfg.model, cfg.task, cfg.optim, cfg.finetune, output_dir=cfg.paths.output_dir)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of this project, read safely (weights only) on the CPU; ConfigError in one sentence if it is not one."""
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={str(path)!r} is not a file.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {e}") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "model" not in hp or "task" not in hp or "state_dict" not in ckpt:
+        raise ConfigError(f"ckpt_path={str(path)!r} is not a checkpoint of this project (no model/task hyper-parameters).")
+    return ckpt
+
+
+def restore_module(ckpt: dict[str, Any]) -> L.LightningModule:
+    """The checkpoint's LightningModule: its architecture built, its compressed structure (``checkpoint["fusion"]``)
+    and LoRA adapters (``finetune=lora``) added, its weights loaded."""
+    hp = ckpt["hyper_parameters"]
+    _, _, module_cls = task_classes(hp["task"]["kind"])
+    module = module_cls(hp["model"], hp["task"], hp["optim"], hp.get("finetune"))
+    if ckpt.get("fusion"):
+        apply_spec(module.model, ckpt["fusion"])
+    module.add_adapters()
+    module.load_state_dict(ckpt["state_dict"])
+    return module
 
 
 def build_trainer(cfg: DictConfig, module: L.LightningModule, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

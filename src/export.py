@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from src.builders import task_classes
+from src.builders import read_checkpoint, restore_module, task_classes
 from src.models import mlp_io
 from src.models.build import HEADS, load_tokenizer
 from src.models.exported import export_onnx, onnx_unsupported, prepare_for_export
-from src.models.fuse import apply_spec, count_params
+from src.models.fuse import count_params
 from src.models.to_gguf import DTYPES, gguf_unsupported, write_gguf
+from src.modules.lora import merge
 from src.utils.errors import ConfigError
 from src.utils.io import atomic_dir
 
@@ -104,16 +104,9 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
     if gguf_dtype not in DTYPES:
         raise ConfigError(f"gguf_dtype={gguf_dtype!r} is not a GGUF weight type this export writes; allowed: {list(DTYPES)}.")
     path, dest = Path(ckpt_path), Path(out)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file.")
+    ckpt = read_checkpoint(path)
     _check_out(dest, overwrite)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a readable checkpoint: {e}") from None
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "model" not in hp or "task" not in hp or "state_dict" not in ckpt:
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a checkpoint of this project (no model/task hyper-parameters).")
+    hp = ckpt["hyper_parameters"]
     _, _, module_cls = task_classes(hp["task"]["kind"])
     if fmt == "gguf" and module_cls.head != "generation":
         raise ConfigError(f"format=gguf is refused for model={hp['model']['name']}: llama.cpp runs causal LMs, and this is a "
@@ -121,11 +114,8 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
     skipped = None if fmt in ("hf", "gguf") else onnx_unsupported(module_cls.head)
     if skipped and fmt == "onnx":
         raise ConfigError(f"format=onnx is refused for model={hp['model']['name']}: {skipped}; export it with format=hf.")
-    module = module_cls(hp["model"], hp["task"], hp["optim"])  # builds the pretrained architecture
-    if ckpt.get("fusion"):
-        apply_spec(module.model, ckpt["fusion"])
-    module.load_state_dict(ckpt["state_dict"])
-    model = module.model.eval()
+    model = restore_module(ckpt).model.eval()
+    merge(model)  # finetune=lora: the adapters into the weights
     widths = prepare_for_export(model)
     tokenizer = load_tokenizer(hp["model"])
     if fmt == "gguf" and (reason := gguf_unsupported(model, tokenizer)):

@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 from src.builders import compression_settings, task_classes
 from src.compress.settings import CompressionSettings
 from src.compress.types import OptionError
+from src.evaluation import check_tasks
 from src.models import mlp_io
 from src.models.build import load_hf_config
 from src.utils.errors import ConfigError
@@ -81,6 +82,20 @@ def check_run_settings(cfg: DictConfig) -> None:
     _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a fraction of the training steps in [0, 1), e.g. 0.06")
     _require(o.schedule in ("linear", "polynomial"), "optim.schedule", o.schedule, "linear or polynomial")
     _require(_number(o.power) and o.power >= 0, "optim.power", o.power, "a number >= 0 (1.0 decays linearly, 0 keeps the rate after the warm-up)")
+    f = cfg.finetune
+    _require(f.name in ("full", "lora"), "finetune", f.name, "full or lora (conf/finetune)")
+    if f.name == "lora":
+        _require(isinstance(f.rank, int) and f.rank >= 1, "finetune.rank", f.rank, "an integer >= 1, e.g. 16")
+        _require(_number(f.alpha) and f.alpha > 0, "finetune.alpha", f.alpha, "a number > 0, e.g. 32 (the update is scaled by alpha / rank)")
+        _require(_number(f.dropout) and 0 <= f.dropout < 1, "finetune.dropout", f.dropout, "a fraction in [0, 1), e.g. 0.05")
+        _require(bool(f.target_modules), "finetune.target_modules", f.target_modules, "a non-empty list of Linear names, e.g. [q_proj, v_proj]")
+    if cfg.lm_eval.enabled:
+        if cfg.task.kind == "classification":
+            raise ConfigError(f"lm_eval.enabled=true is refused for task={cfg.task.name}: lm-evaluation-harness scores language models, "
+                              "and this run trains a classifier (its test/acc is the task's own evaluation).")
+        check_tasks(cfg.lm_eval.tasks, cfg.lm_eval.seq_lens)
+        _positive(cfg.lm_eval.limit, "lm_eval.limit")
+        _positive(cfg.lm_eval.batch_size, "lm_eval.batch_size")
     check_trainer_settings(cfg)
     for key in ("max_seq_length", "batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
         _positive(cfg.task.get(key), f"task.{key}")

@@ -74,6 +74,7 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
     ffn = cfg.get("ffn_mode", {})
     ffn_mode = res.get("ffn_mode") or ffn.get("name", "?")
     distill = res.get("distill") or cfg.get("distill", {}).get("name", "none")
+    finetune = res.get("finetune") or cfg.get("finetune", {}).get("name", "full")
     mid_dim = res.get("mid_dim", ffn.get("mid_dim"))
     return {
         "run": str(folder.relative_to(root)),
@@ -83,7 +84,7 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
         "model": res.get("model") or cfg.get("model", {}).get("name"),
         "ffn_mode": ffn_mode,
         # results.json records the variant options; runs written before it did are the method's defaults
-        "method": ffn_mode + variant_suffix(res) + ("" if distill in (None, "none") else f"+{distill}"),
+        "method": ffn_mode + variant_suffix(res) + ("" if distill in (None, "none") else f"+{distill}") + ("" if finetune == "full" else f"+{finetune}"),
         # ffn_mode=none compresses nothing: a width set for it (by an experiment) means nothing
         "mid_dim": None if ffn_mode == "none" or mid_dim is None else int(mid_dim),
         "seed": res.get("seed", cfg.get("seed")),

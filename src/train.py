@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from src.builders import build_callbacks, build_data_and_module, build_trainer
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
 from src.compress.settings import CompressionSettings
+from src.evaluation import lm_eval
 from src.preflight import preflight, resolve_ckpt_path
 from src.utils.checkpoint_io import StreamingCheckpointIO
 from src.utils.config import run_app  # importing it registers the config resolvers and schema
@@ -35,7 +36,7 @@ def write_results(cfg: DictConfig, status: str, compression: CompressionSettings
     c = compression
     summary = {"task": cfg.task.name, "model": cfg.model.name, "ffn_mode": cfg.ffn_mode.name,
                "mid_dim": c.mid_dim if c else None, "layers": list(c.layers) if c else None,
-               "distill": cfg.distill.name, "seed": cfg.seed, "monitor": cfg.task.monitor,
+               "distill": cfg.distill.name, "finetune": cfg.finetune.name, "seed": cfg.seed, "monitor": cfg.task.monitor,
                # the options that make a variant of a method (the report tells them apart)
                **(c.variant() if c else {})}
     write_json(f"{cfg.paths.output_dir}/results.json", {"status": status, **summary, **fields})
@@ -103,6 +104,12 @@ def _fit_and_test(cfg: DictConfig, splits: dict[str, Any], compression: Compress
         _raise_if_signalled(trainer, stop)
     except SIGTERMException:  # Lightning's own handler, outside training (sanity check, test): a bare SystemExit(None)
         raise RunInterrupted(signal.SIGTERM, trainer.global_step, None) from None
+    if cfg.lm_eval.enabled:  # on the tested (best) weights, as they are in memory
+        evals = lm_eval(module.model, datamodule.tokenizer, cfg.lm_eval.tasks, cfg.lm_eval.seq_lens, cfg.lm_eval.limit, cfg.lm_eval.batch_size)
+        for logger in trainer.loggers:  # the CSV and W&B, beside the run's other metrics (Lightning has finalized them)
+            logger.log_metrics(evals, step=trainer.global_step)
+            logger.save()
+        metrics.update(evals)
     for cb in callbacks:
         metrics.update(getattr(cb, "summary_metrics", {}))
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
 from src.models.build import build_model
+from src.modules.lora import add_lora
 from src.modules.optim import build_adamw, build_schedule
 
 
@@ -29,24 +30,33 @@ class FineTuneModule(L.LightningModule):
 
     head: str  # "classification" | "generation" | "seq2seq" (a key of src.models.build.HEADS)
 
-    def __init__(self, model: DictConfig | dict, task: DictConfig | dict, optim: DictConfig | dict, **config_overrides: Any) -> None:
+    def __init__(self, model: DictConfig | dict, task: DictConfig | dict, optim: DictConfig | dict,
+                 finetune: DictConfig | dict | None = None, **config_overrides: Any) -> None:
         super().__init__()
         # Plain dicts in the checkpoint, so that a checkpoint names the model and task it belongs to.
-        self.save_hyperparameters({"model": to_dict(model), "task": to_dict(task), "optim": to_dict(optim)})
+        self.save_hyperparameters({"model": to_dict(model), "task": to_dict(task), "optim": to_dict(optim),
+                                   "finetune": to_dict(finetune) if finetune is not None else {"name": "full"}})
         self.model = build_model(self.hparams.model, self.head, **config_overrides)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         self._param_ndim: dict[str, int] | None = None  # configure_model records it
 
     def configure_model(self) -> None:
         """After the callbacks' setup compressed the model (Lightning calls this hook after theirs) and before
-        the strategy wraps it: record each parameter's dimensions (FSDP flattens them into 1-D shards, and
+        the strategy wraps it: add LoRA adapters (``finetune=lora``), record each parameter's dimensions (FSDP flattens them into 1-D shards, and
         weight decay is decided by them), and ``model.compile`` compiles the transformer body in place (the
         state dict keeps its keys): the causal LM's training step calls ``base_model`` itself, not the whole model."""
+        self.add_adapters()
         if self._param_ndim is None:
             self._param_ndim = {n: p.ndim for n, p in self.named_parameters()}
         body = self.model.base_model
         if self.hparams.model.get("compile") and body._compiled_call_impl is None:
             body.compile()
+
+    def add_adapters(self) -> None:
+        """``finetune=lora``: LoRA adapters on the (compressed) model, once (``src.modules.lora``); its checkpoints
+        hold them, so a module that loads one (resume, ``src.export``) adds them first."""
+        if self.hparams.finetune["name"] == "lora" and not any("lora_" in n for n, _ in self.model.named_parameters()):
+            add_lora(self.model, self.hparams.finetune)
 
     def _metrics_in_float32(self) -> None:
         # bf16-true converts the whole module, metric states included (a mean of 2.3456 reads 2.3438)

@@ -71,8 +71,8 @@ class CausalLMModule(FineTuneModule):
     head = "generation"
     head_chunk = 128  # target positions per checkpointed chunk of the output layer (see token_nll)
 
-    def __init__(self, model: Any, task: Any, optim: Any, output_dir: str | None = None) -> None:
-        super().__init__(model, task, optim)
+    def __init__(self, model: Any, task: Any, optim: Any, finetune: Any = None, output_dir: str | None = None) -> None:
+        super().__init__(model, task, optim, finetune)
         t = self.hparams.task
         self.output_dir = output_dir
         self.eval_prefixes: list[str] = list(t["eval_splits"])

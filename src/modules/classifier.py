@@ -35,9 +35,9 @@ class ClassificationModule(FineTuneModule):
 
     head = "classification"
 
-    def __init__(self, model: Any, task: Any, optim: Any, output_dir: str | None = None) -> None:
+    def __init__(self, model: Any, task: Any, optim: Any, finetune: Any = None, output_dir: str | None = None) -> None:
         num_labels = task["num_labels"]
-        super().__init__(model, task, optim, num_labels=num_labels, **({"problem_type": "regression"} if num_labels == 1 else {}))
+        super().__init__(model, task, optim, finetune, num_labels=num_labels, **({"problem_type": "regression"} if num_labels == 1 else {}))
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = 0  # the classification head pools the last non-pad token (GPT-2 style)
         t = self.hparams.task

@@ -45,8 +45,8 @@ class Seq2SeqModule(CausalLMModule):
 
     head = "seq2seq"
 
-    def __init__(self, model: Any, task: Any, optim: Any, output_dir: str | None = None) -> None:
-        super().__init__(model, task, optim, output_dir=output_dir)
+    def __init__(self, model: Any, task: Any, optim: Any, finetune: Any = None, output_dir: str | None = None) -> None:
+        super().__init__(model, task, optim, finetune, output_dir=output_dir)
         self.classification = is_classification(self.hparams.task)
 
     @property

@@ -6,6 +6,7 @@ Imported by every entry point before Hydra composes (it registers the resolvers 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from src.utils import schema
 
@@ -25,6 +26,17 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OmegaConf.register_new_resolver("tag", lambda prefix, value: "" if value is None else f"-{prefix}{value}", replace=True)
 # conf/train.yaml's run_schema: the types of the run's settings, optim and trainer.
 schema.register()
+
+
+def refusing(job: Callable[[DictConfig], object], cfg: DictConfig) -> None:
+    """Run an entry point's job; a ConfigError (a refusal) is logged as its one sentence and ends the process with exit code 2."""
+    from src.utils.errors import ConfigError
+
+    try:
+        job(cfg)
+    except ConfigError as e:
+        logging.getLogger(job.__module__).error("%s", e)
+        sys.exit(2)
 
 
 def run_app(main: Callable[[], object]) -> None:

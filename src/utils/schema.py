@@ -80,6 +80,28 @@ class ApproxMetricsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``conf/finetune/*.yaml``: which weights train after compression (``full``, or ``lora``: ``src.modules.lora``)."""
+
+    name: str = MISSING  # full | lora
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    dropout: Optional[float] = None
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
+class LmEvalConfig:
+    """``lm_eval`` in ``conf/train.yaml`` (and ``conf/evaluate.yaml``): lm-evaluation-harness tasks (``src.evaluation``)."""
+
+    enabled: bool = MISSING
+    tasks: List[str] = MISSING
+    seq_lens: List[int] = MISSING
+    limit: Optional[int] = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class RunConfig:
     """The root of ``conf/train.yaml``: the run's own settings are typed, the other groups are free-form."""
 
@@ -91,6 +113,8 @@ class RunConfig:
     run_name: str = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     # checked by the preflight and their own hooks
     paths: Any = MISSING
     ffn_mode: Any = MISSING
@@ -105,7 +129,7 @@ def register() -> None:
     """Store the schema as ``run_schema`` in Hydra's ConfigStore (``conf/train.yaml`` names it first)."""
     root = OmegaConf.structured(RunConfig)
     OmegaConf.set_struct(root, False)  # open while composing; Hydra closes the root before the overrides
-    for closed in (root.optim, root.trainer, root.approx_metrics):
+    for closed in (root.optim, root.trainer, root.approx_metrics, root.finetune, root.lm_eval):
         OmegaConf.set_struct(closed, True)
     ConfigStore.instance().store(name="run_schema", node=root)
 

@@ -1,0 +1,66 @@
+"""LoRA recovery after compression (``finetune=lora``), with peft's LoRA layers injected in place.
+
+The model keeps its own module tree (a projection becomes peft's ``lora.Linear`` around it), so the
+task modules, checkpoints and ``mlp_io`` see the same model. Before the adapters go in, count scales
+are folded into the down projections: the same function, and with the base weights frozen the frozen
+count scale changes nothing that trains. A low-rank (``svd``) projection gets adapters on both its
+factors. ``merge`` folds the adapters back into plain weights (``src.export``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import PreTrainedModel
+
+from src.models import mlp_io
+from src.models.layers import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+
+def targets(model: nn.Module, names: list[str]) -> list[str]:
+    """Full names of the nn.Linear modules whose last name part is one of ``names`` (a LowRankLinear's two factors)."""
+    found = []
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in names:
+            continue
+        if isinstance(m, LowRankLinear):
+            found += [f"{name}.right", f"{name}.left"]
+        elif type(m) is nn.Linear:
+            found.append(name)
+    return found
+
+
+def add_lora(model: PreTrainedModel, cfg: Mapping[str, Any]) -> None:
+    """Fold count scales, inject LoRA adapters into ``cfg['target_modules']`` and freeze everything else but
+    the head outside the transformer body (a classifier's new head; a causal LM's is tied to the frozen
+    embeddings); logs the trainable count."""
+    mlp_io.fold_scales(model)
+    body = {id(p) for p in model.base_model.parameters()}
+    head = {id(p) for p in model.parameters() if id(p) not in body}
+    names = targets(model, list(cfg["target_modules"]))
+    if not names:
+        raise ValueError(f"finetune.target_modules={list(cfg['target_modules'])} names no Linear module of {type(model).__name__}")
+    config = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], target_modules=names)
+    inject_adapter_in_model(config, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or id(p) in head)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("LoRA rank %d on %d projections: %s trainable parameters of %s (%.2f %%)", cfg["rank"], len(names), f"{n_train:,}",
+             f"{n_all:,}", 100 * n_train / n_all)
+
+
+def merge(model: nn.Module) -> int:
+    """Merge every LoRA adapter into its base weight and put the plain module back; returns how many."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name, m in layers:
+        m.merge()
+        model.set_submodule(name, m.get_base_layer())
+    return len(layers)
