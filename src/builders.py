@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.fusion import FusionCallback
+from src.callbacks.lm_eval import LmEvalBeforeTraining
 from src.compress.method import Method
 from src.compress.settings import CalibSettings, CompressionSettings
 from src.models.build import load_tokenizer
@@ -137,4 +138,7 @@ def build_callbacks(cfg: DictConfig, compression: CompressionSettings | None, ck
         callbacks.append(instantiate(cfg.distill.callback)(cfg, ckpt_path))
     if compression is not None:
         callbacks.append(fusion_callback(cfg, compression, ckpt_path))
+    e = cfg.lm_eval
+    if e.enabled and e.before:  # after the compression callback: its setup compresses first
+        callbacks.append(LmEvalBeforeTraining(e.tasks, e.seq_lens, e.limit, e.batch_size))
     return callbacks

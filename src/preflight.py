@@ -94,7 +94,11 @@ def check_run_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"lm_eval.enabled=true is refused for task={cfg.task.name}: lm-evaluation-harness scores language models, "
                               "and this run trains a classifier (its test/acc is the task's own evaluation).")
         check_tasks(cfg.lm_eval.tasks, cfg.lm_eval.seq_lens)
-        _positive(cfg.lm_eval.limit, "lm_eval.limit")
+        limit = cfg.lm_eval.limit
+        if isinstance(limit, DictConfig):
+            _require(set(limit) <= set(cfg.lm_eval.tasks), "lm_eval.limit", OmegaConf.to_container(limit), "a mapping of lm_eval.tasks to document counts")
+        for n in limit.values() if isinstance(limit, DictConfig) else [limit]:
+            _positive(n, "lm_eval.limit")
         _positive(cfg.lm_eval.batch_size, "lm_eval.batch_size")
     check_trainer_settings(cfg)
     for key in ("max_seq_length", "batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):

@@ -95,9 +95,10 @@ class LmEvalConfig:
     """``lm_eval`` in ``conf/train.yaml`` (and ``conf/evaluate.yaml``): lm-evaluation-harness tasks (``src.evaluation``)."""
 
     enabled: bool = MISSING
+    before: bool = MISSING
     tasks: List[str] = MISSING
     seq_lens: List[int] = MISSING
-    limit: Optional[int] = MISSING
+    limit: Any = MISSING  # null, an int (every task) or {task: int}
     batch_size: int = MISSING
 
 
