@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="finetune's model: default = MiniLM on real sentences; roberta_base, llama_1b = random models of those "
                         "shapes on random token ids, sized for a GPU (toy sizes with --quick)")
     p.add_argument("--checkpointing", action="store_true", help="finetune: activation checkpointing of every block")
+    p.add_argument("--models", nargs="+", help="inference: only these of its models (default: all, e.g. minilm smollm2)")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all; "
                    f"on the CPU without --quick all but {', '.join(GPU_ONLY)})")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON results (default: bench/results)")
@@ -63,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(refusal, file=sys.stderr)
         return 2
     device, sizes = torch.device(args.device), QUICK if args.quick else FULL
+    if args.models:
+        known = [m for m, _, _ in sizes.inference]
+        if set(args.models) - set(known):
+            print(f"--models {' '.join(args.models)}: the inference benchmark's models are {', '.join(known)}", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, inference=tuple(c for c in sizes.inference if c[0] in args.models))
     opts = Options(device, args.precision or default_precision(device), args.shape, args.checkpointing)
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     with _quiet(), _threads(threads):

@@ -82,9 +82,12 @@ def lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: S
     task (or per task named). Returns ``{"eval/<task>[_<len>]/<metric>": value}``; the model's train/eval mode is restored."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     check_tasks(tasks, seq_lens)
     configs = {t: _offline_config(t) if t in OFFLINE else t for t in tasks}
+    # lm-eval's index of its own task files takes seconds to build: only for Hub tasks, and once
+    manager = TaskManager(include_defaults=any(t in HUB for t in tasks))
     cap = (lambda t: limit.get(t)) if isinstance(limit, Mapping) else (lambda t: limit)  # noqa: E731
     # one simple_evaluate per (sequence length of the perplexity tasks, document limit)
     runs = [(n, c, [t for t in tasks if t in PERPLEXITY and cap(t) == c]) for n in seq_lens for c in {cap(t) for t in tasks}]
@@ -100,7 +103,8 @@ def lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: S
                 continue
             lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, backend=backend, batch_size=batch_size, device=str(model.device),
                       prefix_token_id=prefix, **({"max_length": length} if length else {}))
-            out = simple_evaluate(model=lm, tasks=[configs[t] for t in names], limit=n_docs, bootstrap_iters=0, verbosity="WARNING")
+            out = simple_evaluate(model=lm, tasks=[configs[t] for t in names], limit=n_docs, bootstrap_iters=0, verbosity="WARNING",
+                                  task_manager=manager)
             for task, values in out["results"].items():
                 name = f"{task}_{length}" if length else task
                 for key, v in values.items():

@@ -88,6 +88,11 @@ def test_quick_inference_times_llama_cpp(tmp_path: Path) -> None:
     assert rec["settings"]["versions"]["llama_cpp"] and any(n.startswith("llama.cpp (llama-cpp-python") for n in rec["notes"])
 
 
+def test_models_filter_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inference", "--quick", "--models", "gpt5"]) == 2
+    assert "the inference benchmark's models are tiny_bert, tiny_smollm2" in capsys.readouterr().err
+
+
 def test_names_choose_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse_args(["inference", "--quick"]).names == ["inference"]
     assert choose(parse_args(["--quick"])) == (list(BENCHMARKS), None)  # every benchmark

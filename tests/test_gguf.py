@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -189,6 +190,8 @@ def test_smollm2_defaults_export_reproduces_pytorch_in_llama_cpp(compose_cfg, tm
     assert all(same) and err < RTOL["f32"], (err, same)
     card = (out / "README.md").read_text()
     assert "architecture `deci`" in card and "llama-cli -m model.gguf" in card
+    fields = gguf.GGUFReader(out / "model.gguf").fields
+    assert "tokenizer.chat_template" in fields and "tokenizer.ggml.merges" in fields  # SmolLM2-Instruct's template travels
     f16 = export(ckpt, str(tmp_path / "f16"), fmt="gguf", gguf_dtype="f16")
     err16, _ = _compare(model, f16 / "model.gguf", ids, n=0)
     print(f"\nSmolLM2 defaults in llama.cpp: logits rel. err f32 {err:.1e}, f16 {err16:.1e}; {GREEDY} greedy tokens the same "

@@ -80,20 +80,23 @@ def test_lora_settings_are_refused_in_one_sentence(compose_cfg) -> None:
 
 
 def test_lm_eval_offline_tasks_at_the_end_of_training_and_on_a_checkpoint(compose_cfg) -> None:
-    """hamlet (two sequence lengths) and rt_verdict: eval/<task>/<metric> in results.json and the CSV; src.evaluate on
-    the checkpoint gives the same numbers and merges them into the run's results.json."""
+    """hamlet (two sequence lengths) and rt_verdict, before and after training: eval[_before]/<task>/<metric> in
+    results.json and the CSV; src.evaluate on the checkpoint gives the same numbers and merges them into the run's
+    results.json."""
     from src.evaluate import evaluate
 
-    lm = ["lm_eval.enabled=true", "lm_eval.limit=1", "lm_eval.seq_lens=[32,64]", "lm_eval.batch_size=16"]
+    lm = ["lm_eval.enabled=true", "lm_eval.before=true", "lm_eval.limit={hamlet:1,rt_verdict:4}", "lm_eval.seq_lens=[32,64]",
+          "lm_eval.batch_size=16"]
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", *LORA, "trainer.max_steps=1", *lm])
     metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     keys = {f"eval/hamlet_{n}/{m}" for n in (32, 64) for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")}
     keys |= {"eval/rt_verdict/acc", "eval/rt_verdict/acc_norm"}
     assert keys <= set(metrics) and keys <= set(json.loads((run / "results.json").read_text())["metrics"])
+    assert {k.replace("eval/", "eval_before/") for k in keys} <= set(metrics)
     assert "eval/rt_verdict/acc" in (run / "metrics.csv").read_text().splitlines()[0]
     assert metrics["eval/hamlet_32/word_perplexity"] > 1 and 0 <= metrics["eval/rt_verdict/acc"] <= 1
-    again = evaluate(_evaluate_cfg([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *lm[1:]]))
+    again = evaluate(_evaluate_cfg([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *lm[2:]]))
     assert again == pytest.approx({k: metrics[k] for k in keys}, rel=1e-5)
     assert json.loads((run / "eval.json").read_text())["metrics"] == again
 
@@ -109,5 +112,7 @@ def test_lm_eval_refusals_come_before_any_model_loads(compose_cfg, monkeypatch: 
         evaluate(_evaluate_cfg(["ckpt_path=/nonexistent.ckpt", "lm_eval.tasks=[hamlet,boolq]"]))
     with pytest.raises(ConfigError, match="unknown 'hellaswagg'"):
         preflight(compose_cfg(["model=tiny_llama", "task=rt_review", "lm_eval.enabled=true", "lm_eval.tasks=[hellaswagg]"]))
+    with pytest.raises(ConfigError, match=r"lm_eval.limit=\{'boolq': 3\} .* a mapping of lm_eval.tasks to document counts"):
+        preflight(compose_cfg(["model=tiny_llama", "task=rt_review", "lm_eval.enabled=true", "lm_eval.limit={boolq:3}"]))
     with pytest.raises(ConfigError, match="lm-evaluation-harness scores language models, and this run trains a classifier"):
         preflight(compose_cfg(["model=tiny_bert", "lm_eval.enabled=true"]))
