@@ -14,11 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	@mkdir -p $(dir $@) && touch $@
 
-# llama.cpp through llama-cpp-python, built from source here (its mtmd/llava library left out: unused)
+# llama.cpp through llama-cpp-python, built from source here (about 10 minutes on two cores; pip caches the wheel)
 install-deploy: .make/deploy
 
 .make/deploy: $(STAMP)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[deploy]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[deploy]"
 	@touch $@
 
 train: install
