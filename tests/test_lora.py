@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -30,13 +31,13 @@ def _evaluate_cfg(overrides: list[str]):
         return compose("evaluate", overrides=overrides)
 
 
-@pytest.mark.parametrize("method", ["ntk_cluster", "svd"])
-def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("model, method", [("tiny_llama", "ntk_cluster"), ("tiny_llama", "svd"), ("tiny_gpt2", "ntk_cluster")])
+def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_path: Path, model: str, method: str) -> None:
     """Only the adapters change (the compressed base, count scales folded, stays as compression left it); the run
     resumes with them; the merged export computes what the adapted model computes."""
     from src.export import export
 
-    common = ["model=tiny_llama", "task=rt_review", f"ffn_mode={method}", "ffn_mode.layers=[1,3]", *LORA]
+    common = [f"model={model}", "task=rt_review", f"ffn_mode={method}", "ffn_mode.layers=[1,3]", *LORA]
     cfg = compose_cfg([*common, "trainer.max_steps=2"])
     train(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -51,7 +52,8 @@ def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_p
     module = restore_module(last)
     kinds = {type(m.base_layer) for m in module.model.modules() if hasattr(m, "base_layer")}
     assert not any(isinstance(m, ScaledLinear) for m in module.model.modules())  # counts folded into the frozen base
-    assert (method == "svd") == any(isinstance(m, LowRankLinear) for m in module.model.modules()) and kinds == {torch.nn.Linear}
+    assert (method == "svd") == any(isinstance(m, LowRankLinear) for m in module.model.modules())
+    assert kinds == ({torch.nn.Linear, Conv1D} if model == "tiny_gpt2" else {torch.nn.Linear})  # GPT-2's attention: Conv1D
     with torch.no_grad():
         adapted = module.model.eval()(input_ids=IDS).logits
     loaded = load_exported(export(str(ckpt), str(tmp_path / "export"), fmt="hf"), AutoModelForCausalLM)

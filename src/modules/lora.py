@@ -17,6 +17,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from src.models import mlp_io
 from src.models.layers import LowRankLinear
@@ -25,14 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def targets(model: nn.Module, names: list[str]) -> list[str]:
-    """Full names of the nn.Linear modules whose last name part is one of ``names`` (a LowRankLinear's two factors)."""
+    """Full names of the nn.Linear (or GPT-2 Conv1D) modules whose last name part is one of ``names`` (a LowRankLinear's
+    two factors)."""
     found = []
     for name, m in model.named_modules():
         if name.rsplit(".", 1)[-1] not in names:
             continue
         if isinstance(m, LowRankLinear):
             found += [f"{name}.right", f"{name}.left"]
-        elif type(m) is nn.Linear:
+        elif type(m) in (nn.Linear, Conv1D):  # not a ScaledLinear: add_lora folds those first
             found.append(name)
     return found
 
@@ -47,7 +49,8 @@ def add_lora(model: PreTrainedModel, cfg: Mapping[str, Any]) -> None:
     names = targets(model, list(cfg["target_modules"]))
     if not names:
         raise ValueError(f"finetune.target_modules={list(cfg['target_modules'])} names no Linear module of {type(model).__name__}")
-    config = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], target_modules=names)
+    conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in names)  # GPT-2 stores [in, out]
+    config = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], target_modules=names, fan_in_fan_out=conv1d)
     inject_adapter_in_model(config, model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n or id(p) in head)
