@@ -12,6 +12,9 @@ by ``src.train``; never W&B, so it works offline) and writes, into that folder:
 - ``task_metric_vs_mid_dim.png`` and ``ntk_sign_err_vs_mid_dim.png``: one line per method with
   95 % interval error bars (``ffn_mode=none`` has no width: a horizontal band), and
   ``task_metric_by_method.png``: every row's task metric with its interval.
+
+``--at-step N`` reports the logged metrics (validation, training loss) as they stood after N training steps,
+read from each run's ``metrics.csv``, instead of their final values; the other columns stay final.
 """
 from __future__ import annotations
 
@@ -64,13 +67,30 @@ def variant_suffix(res: dict[str, Any]) -> str:
     return "".join(f"+{SHORT_LABELS.get((o, v), f'{o}={v}')}" for o, v in values if v not in (None, "none"))
 
 
-def read_run(folder: Path, root: Path) -> dict[str, Any]:
-    """One run folder as a flat record: settings, status and its final metrics (``metric:<key>``)."""
+def metrics_at_step(folder: Path, step: int) -> dict[str, float]:
+    """The metrics a run logged after ``step`` training steps (``metrics.csv``; Lightning writes them at step
+    ``step - 1``, counting from 0), or {} where it logged none there (a run that stopped earlier)."""
+    try:
+        rows = pd.read_csv(folder / "metrics.csv")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return {}
+    at = rows[rows["step"] == step - 1].drop(columns=["step", "epoch"], errors="ignore")
+    return {k: float(v) for k, v in at.bfill().iloc[0].dropna().items()} if len(at) else {}
+
+
+def read_run(folder: Path, root: Path, at_step: int | None = None) -> dict[str, Any]:
+    """One run folder as a flat record: settings, status and its final metrics (``metric:<key>``), the logged ones
+    as they stood after ``at_step`` steps where given (a run that never got there: status ``short``)."""
     cfg_path = folder / ".hydra" / "config.yaml"
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False) if cfg_path.is_file() else {}
     res = _read_json(folder / "results.json")
     if res is None:  # never got as far as the first results.json write, or it is unreadable
         res = {"status": "unknown", "error": "no readable results.json"}
+    if at_step is not None:
+        logged = metrics_at_step(folder, at_step)
+        res["metrics"] = {**(res.get("metrics") or {}), **logged}
+        if not logged and res.get("status") == "completed":
+            res = {**res, "status": "short", "error": f"logged nothing after step {at_step}"}
     ffn = cfg.get("ffn_mode", {})
     ffn_mode = res.get("ffn_mode") or ffn.get("name", "?")
     distill = res.get("distill") or cfg.get("distill", {}).get("name", "none")
@@ -93,7 +113,7 @@ def read_run(folder: Path, root: Path) -> dict[str, Any]:
     }
 
 
-def gather_runs(folder: str | Path) -> pd.DataFrame:
+def gather_runs(folder: str | Path, at_step: int | None = None) -> pd.DataFrame:
     """Every run under ``folder`` (a folder holding ``results.json`` or ``.hydra/config.yaml``), one row each."""
     root = Path(folder)
     if not root.is_dir():
@@ -104,19 +124,22 @@ def gather_runs(folder: str | Path) -> pd.DataFrame:
             f"{folder} holds no runs (no folder under it has a results.json or .hydra/config.yaml); give the "
             "multirun folder of a sweep, e.g. logs/multiruns/<time>_minilm_rt_sweep."
         )
-    return pd.DataFrame([read_run(r, root) for r in runs])
+    return pd.DataFrame([read_run(r, root, at_step) for r in runs])
 
 
 # ---------------------------------------------------------------------------------------------
 # the table
 
 
-def task_metric(runs: pd.DataFrame) -> str:
+def task_metric(runs: pd.DataFrame, at_step: int | None = None) -> str:
     """The run metric to report: the monitor's test counterpart (``val/acc`` -> ``test/acc``), else,
-    where test labels are hidden (GLUE), the best validation value, else the last one."""
+    where test labels are hidden (GLUE), the best validation value, else the last one; the monitor itself
+    along the way (``at_step``)."""
     monitor = next((m for m in runs["monitor"].dropna()), None)
     if monitor is None:
         raise ConfigError("the runs name no task.monitor in results.json or .hydra/config.yaml; pass --metric.")
+    if at_step is not None:
+        return monitor
     head, _, rest = monitor.partition("/")
     candidates = [f"test/{rest}" if head.startswith("val") else monitor, f"best/{monitor}", monitor]
     present = [c for c in candidates if f"metric:{c}" in runs]
@@ -252,20 +275,29 @@ def plot_by_method(table: pd.DataFrame, metric: str, path: Path) -> None:
 # entry point
 
 
-def build_report(folder: str | Path, metric: str | None = None, reference: str = "ntk_cluster") -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Gather, summarise and write ``report.md``, ``report.csv`` and the three plots into ``folder``.
+def build_report(folder: str | Path, metric: str | None = None, reference: str = "ntk_cluster",
+                 at_step: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Gather, summarise and write ``report.md``, ``report.csv`` and the three plots into ``folder``
+    (``report_step<N>.md`` / ``.csv`` and no plots for the metrics after ``at_step`` steps).
 
     Returns (summary table, runs left out, Markdown text).
     """
     folder = Path(folder)
-    runs = gather_runs(folder)
+    runs = gather_runs(folder, at_step)
     done, others = runs[runs["status"] == "completed"], runs[runs["status"] != "completed"]
-    metric = metric or task_metric(runs)
+    metric = metric or task_metric(runs, at_step)
     setups = runs[["task", "model"]].drop_duplicates().dropna()
     if len(setups) > 1:  # rows are per method and width only
         log.warning("the runs span %d task/model pairs (%s): their rows mix; report one sweep at a time",
                     len(setups), ", ".join(f"{t}/{m}" for t, m in setups.itertuples(index=False)))
     table = summarize(done, metric, reference)
+    if at_step is not None:
+        label = f"{metric} @ step {at_step}"
+        table = table.rename(columns=lambda c: c.replace(metric, label))
+        text = to_markdown(table, others, label, folder, reference)
+        write_text(folder / f"report_step{at_step}.md", text)
+        write_text(folder / f"report_step{at_step}.csv", table.to_csv(index=False))
+        return table, others, text
     text = to_markdown(table, others, metric, folder, reference)
     write_text(folder / "report.md", text)
     write_text(folder / "report.csv", table.to_csv(index=False))
@@ -283,13 +315,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="a multirun folder (logs/multiruns/<time>_<sweep>)")
     parser.add_argument("--metric", help="the run metric to report (default: the monitor's test counterpart, e.g. test/acc)")
     parser.add_argument("--reference", default="ntk_cluster", help="the method the others are paired with, seed by seed (ntk_cluster)")
-    # `reference=svd` / `metric=...` as in the other entry points' key=value overrides
+    parser.add_argument("--at-step", type=int, help="the logged metrics after this many training steps (metrics.csv), not the final ones")
+    # `reference=svd` / `metric=...` / `at_step=50` as in the other entry points' key=value overrides
+    keys = {"reference": "--reference", "metric": "--metric", "at_step": "--at-step"}
     argv = [a for kv in (sys.argv[1:] if argv is None else argv)
-            for a in ((f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1]) if kv.split("=", 1)[0] in ("reference", "metric") else (kv,))]
+            for a in ((keys[kv.split("=", 1)[0]], kv.split("=", 1)[1]) if kv.split("=", 1)[0] in keys else (kv,))]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        _, _, text = build_report(args.folder, args.metric, args.reference)
+        if args.at_step is not None and args.at_step < 1:
+            raise ConfigError(f"--at-step {args.at_step}: give a number of training steps >= 1, e.g. --at-step 50.")
+        _, _, text = build_report(args.folder, args.metric, args.reference, args.at_step)
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer, ParamWrapper
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -31,13 +32,15 @@ def _evaluate_cfg(overrides: list[str]):
         return compose("evaluate", overrides=overrides)
 
 
-@pytest.mark.parametrize("model, method", [("tiny_llama", "ntk_cluster"), ("tiny_llama", "svd"), ("tiny_gpt2", "ntk_cluster")])
+@pytest.mark.parametrize("model, method", [("tiny_llama", "ntk_cluster"), ("tiny_llama", "svd"), ("tiny_gpt2", "ntk_cluster"),
+                                           ("tiny_mixtral", "ntk_cluster"), ("tiny_gpt_oss", "ntk_cluster")])
 def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_path: Path, model: str, method: str) -> None:
     """Only the adapters change (the compressed base, count scales folded, stays as compression left it); the run
-    resumes with them; the merged export computes what the adapted model computes."""
+    resumes with them; the merged export computes what the adapted model computes. MoE: the fused experts' 3-D
+    weights are adapted too (Mixtral [E, out, in]; gpt-oss transposed, gate/up interleaved, with biases)."""
     from src.export import export
 
-    common = [f"model={model}", "task=rt_review", f"ffn_mode={method}", "ffn_mode.layers=[1,3]", *LORA]
+    common = [f"model={model}", "task=rt_review", f"ffn_mode={method}", "ffn_mode.layers=[1,2]", *LORA]
     cfg = compose_cfg([*common, "trainer.max_steps=2"])
     train(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -50,7 +53,9 @@ def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_p
     assert lora and all(torch.equal(state0[k], state[k]) for k in state if "lora_" not in k)  # the base is frozen
     assert all(state0[k].abs().sum() > 0 for k in lora if "lora_B" in k)  # the adapters trained (B starts at zero)
     module = restore_module(last)
-    kinds = {type(m.base_layer) for m in module.model.modules() if hasattr(m, "base_layer")}
+    kinds = {type(m.base_layer) for m in module.model.modules() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
+    experts = {m.parameter_name for m in module.model.modules() if isinstance(m, ParamWrapper)}
+    assert experts == ({"gate_up_proj", "down_proj"} if "mixtral" in model or "gpt_oss" in model else set())
     assert not any(isinstance(m, ScaledLinear) for m in module.model.modules())  # counts folded into the frozen base
     assert (method == "svd") == any(isinstance(m, LowRankLinear) for m in module.model.modules())
     assert kinds == ({torch.nn.Linear, Conv1D} if model == "tiny_gpt2" else {torch.nn.Linear})  # GPT-2's attention: Conv1D

@@ -111,3 +111,27 @@ def test_report_on_a_folder_without_runs(tmp_path: Path, caplog: pytest.LogCaptu
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "holds no runs" in caplog.text and str(tmp_path) in caplog.text
+
+
+def test_report_at_step_reads_each_runs_logged_metrics(tmp_path: Path) -> None:
+    """``--at-step 50``: the value each run logged after 50 steps (Lightning's CSV row at step 49), paired per seed;
+    a run that stopped before is listed apart, not averaged in."""
+    root = tmp_path / "sweep"
+    for ft, base in (("full", 60.0), ("lora", 70.0)):
+        for seed in (0, 1, 2):
+            name = f"{ft}-s{seed}"
+            _run(root, name, "completed", "wanda_sp", 1152, seed, {"val/ppl": base, "perf/step_time_s": 4.0}, finetune=ft)
+            rows = [{"step": 49, "epoch": 0, "val/ppl": base + 10 + seed, "train/loss": None},
+                    {"step": 49, "epoch": 0, "val/ppl": None, "train/loss": 3.0},
+                    {"step": 99, "epoch": 0, "val/ppl": base + seed, "train/loss": None}]
+            pd.DataFrame(rows[: 2 if name == "lora-s2" else 3]).to_csv(root / name / "metrics.csv", index=False)
+    table, others, text = build_report(root, metric="val/ppl", reference="wanda_sp", at_step=100)
+    rows = table.set_index("method")
+    assert rows.loc["wanda_sp", "val/ppl @ step 100 mean"] == pytest.approx(61.0)  # 60, 61, 62
+    assert rows.loc["wanda_sp+lora", "seeds"] == 2 and list(others["run"]) == ["lora-s2"]
+    assert rows.loc["wanda_sp+lora", "diff vs wanda_sp"] == pytest.approx(10.0)  # paired on seeds 0 and 1
+    assert "val/ppl @ step 100" in text and (root / "report_step100.md").is_file()
+    table, _, _ = build_report(root, metric="val/ppl", reference="wanda_sp", at_step=50)
+    assert table.set_index("method").loc["wanda_sp", "val/ppl @ step 50 mean"] == pytest.approx(71.0)
+    with pytest.raises(SystemExit):
+        main([str(root), "--at-step", "0"])

@@ -88,6 +88,7 @@ class FinetuneConfig:
     alpha: Optional[float] = None
     dropout: Optional[float] = None
     target_modules: Optional[List[str]] = None
+    experts: Optional[bool] = None
 
 
 @dataclass

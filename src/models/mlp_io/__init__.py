@@ -16,6 +16,7 @@ from .layers import (
     block_module,
     build_from_spec,
     fold_scales,
+    fused_expert_weights,
     in_decoder,
     intermediate_sizes,
     is_sparse,
@@ -38,7 +39,7 @@ from .layers import (
 )
 
 __all__ = [
-    "FAMILIES", "SHARED", "block_module", "build_from_spec", "config_width", "family_of", "find_mlp_layers", "fold_scales",
+    "FAMILIES", "SHARED", "block_module", "build_from_spec", "config_width", "family_of", "find_mlp_layers", "fold_scales", "fused_expert_weights",
     "in_decoder", "intermediate_sizes", "is_sparse", "layer_spec", "mlp_forward", "mlp_input_module", "mlp_modules",
     "mlp_param_count", "mlp_param_names", "mlp_parts", "mlp_shape", "num_experts", "num_layers", "read_mlp", "reinit_mlp",
     "routed_tokens", "router_counts", "set_config_widths", "sparse_layers", "stacks", "stock_widths", "vmappable",

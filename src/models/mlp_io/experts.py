@@ -289,6 +289,13 @@ class FusedExperts(MoEBlock):
         self._copy_biases(module, {e: (c.gate_bias, c.up_bias, c.down_bias) for e, c in enumerate(fs)}, k)  # biases stay dense, width k
         self.root.set_submodule(self.family.experts.path, module)
 
+    def fused_weights(self) -> list[str]:
+        """Full names of the routed experts' 3-D projection weights as they are stored, where a LoRA update can add to
+        them: none when they are low-rank factors (svd) or carry a count scale (``fold_scales`` first)."""
+        if parametrize.is_parametrized(self.experts):
+            return []
+        return [f"{self.path}.{self.family.experts.path}.{n}" for n in ("gate_up_proj", "down_proj")]
+
     def experts_spec(self) -> dict:
         ex = self.experts
         lowrank = parametrize.is_parametrized(ex, "gate_up_proj")

@@ -21,7 +21,7 @@ from src.models.layers import ExpertScale, ScaledLinear
 
 from .dense import DenseMLP
 from .discovery import AnyLayer, config_of, dense_width, family_of, find_mlp_layers, stacks
-from .experts import MoEBlock
+from .experts import FusedExperts, MoEBlock
 
 
 def layer(model: nn.Module, index: int) -> AnyLayer:
@@ -219,6 +219,12 @@ def set_config_widths(config: PretrainedConfig, widths: dict[str, int]) -> None:
     """Write ``stock_widths``' result into a config (a stock model of those widths, for export)."""
     for attr, width in widths.items():
         setattr(config, attr, width)
+
+
+def fused_expert_weights(model: nn.Module) -> list[str]:
+    """Full names of every sparse block's fused 3-D expert weights ([E, out, in] or, transposed, [E, in, out]) that
+    LoRA can adapt in place (``src.modules.lora``); a ModuleDict layout's experts are Linear modules instead."""
+    return [name for mlp in find_mlp_layers(model) if isinstance(mlp, FusedExperts) for name in mlp.fused_weights()]
 
 
 def fold_scales(model: nn.Module) -> int:
