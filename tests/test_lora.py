@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from src.builders import read_checkpoint, restore_module
 from src.models.exported import load_exported
-from src.models.layers import LowRankLinear, ScaledLinear
+from src.models.layers import ExpertLowRank, LowRankLinear, ScaledLinear
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import CONF
@@ -33,11 +33,12 @@ def _evaluate_cfg(overrides: list[str]):
 
 
 @pytest.mark.parametrize("model, method", [("tiny_llama", "ntk_cluster"), ("tiny_llama", "svd"), ("tiny_gpt2", "ntk_cluster"),
-                                           ("tiny_mixtral", "ntk_cluster"), ("tiny_gpt_oss", "ntk_cluster")])
+                                           ("tiny_mixtral", "ntk_cluster"), ("tiny_mixtral", "svd"), ("tiny_gpt_oss", "ntk_cluster")])
 def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_path: Path, model: str, method: str) -> None:
     """Only the adapters change (the compressed base, count scales folded, stays as compression left it); the run
     resumes with them; the merged export computes what the adapted model computes. MoE: the fused experts' 3-D
-    weights are adapted too (Mixtral [E, out, in]; gpt-oss transposed, gate/up interleaved, with biases)."""
+    weights are adapted too (Mixtral [E, out, in]; gpt-oss transposed, gate/up interleaved, with biases), svd-factored
+    ones are not."""
     from src.export import export
 
     common = [f"model={model}", "task=rt_review", f"ffn_mode={method}", "ffn_mode.layers=[1,2]", *LORA]
@@ -54,10 +55,12 @@ def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_p
     assert all(state0[k].abs().sum() > 0 for k in lora if "lora_B" in k)  # the adapters trained (B starts at zero)
     module = restore_module(last)
     kinds = {type(m.base_layer) for m in module.model.modules() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
-    experts = {m.parameter_name for m in module.model.modules() if isinstance(m, ParamWrapper)}
-    assert experts == ({"gate_up_proj", "down_proj"} if "mixtral" in model or "gpt_oss" in model else set())
+    experts = {(int(n.split(".layers.")[1].split(".")[0]), m.parameter_name) for n, m in module.model.named_modules() if isinstance(m, ParamWrapper)}
+    moe = model in ("tiny_mixtral", "tiny_gpt_oss")
+    adapted = [i for i in range(module.model.config.num_hidden_layers) if method != "svd" or i not in (1, 2)]  # svd-factored experts: none
+    assert experts == ({(i, p) for i in adapted for p in ("gate_up_proj", "down_proj")} if moe else set())
     assert not any(isinstance(m, ScaledLinear) for m in module.model.modules())  # counts folded into the frozen base
-    assert (method == "svd") == any(isinstance(m, LowRankLinear) for m in module.model.modules())
+    assert (method == "svd") == any(isinstance(m, (LowRankLinear, ExpertLowRank)) for m in module.model.modules())
     assert kinds == ({torch.nn.Linear, Conv1D} if model == "tiny_gpt2" else {torch.nn.Linear})  # GPT-2's attention: Conv1D
     with torch.no_grad():
         adapted = module.model.eval()(input_ids=IDS).logits
