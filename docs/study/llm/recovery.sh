@@ -3,7 +3,7 @@
 # at 1152): 200 steps at batch 8 and lr 1e-4 (LLM-Pruner's LoRA recovery rate), val/ppl on 64 validation
 # sources every 50 steps, Hamlet perplexity (lm-eval, first two scenes, length 128) after training, step
 # time and peak memory; seeds vary the fine-tuning, the compression is fixed at seed 0 (cached). Runs
-# alternate LoRA and full per seed, so a cut-short run still gives pairs. About 15 min a run on two CPU cores.
+# alternate LoRA and full per seed, so a cut-short study still gives pairs. About 25 min a run on two CPU cores.
 #   bash docs/study/llm/recovery.sh       # runs under logs/study_llm_recovery/{lora,full}-s<seed>
 #   python -m src.report logs/study_llm_recovery --metric val/ppl --at-step 50   (and 200)
 set -euo pipefail
