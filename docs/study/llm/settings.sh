@@ -1,4 +1,4 @@
-# The study's four settings on SmolLM2 (sourced by run.sh and eval_2048.sh), all on layers 10-29 at 1152:
+# The study's four settings on SmolLM2 (sourced by run.sh), all on layers 10-29 at 1152:
 # uncompressed, its defaults (wanda_sp + refit), ntk_cluster + refit, data-free ntk_cluster; compression at seed 0.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 FIXED=(ffn_mode.seed=0 ffn_mode.calib.seed=0)
