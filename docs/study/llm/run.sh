@@ -13,9 +13,15 @@ STEPS=${STEPS:-10}
 COMMON=(task=rt_review model=smollm2 "trainer.max_steps=$STEPS" task.batch_size=8 task.max_eval_samples=16
         trainer.limit_val_batches=1 trainer.num_sanity_val_steps=0 approx_metrics.enabled=false test=false
         lm_eval.enabled=true "lm_eval.seq_lens=[128]" "lm_eval.limit={hamlet:2,rt_verdict:100}")
-source "$(dirname "$0")/settings.sh"
+FIXED=(ffn_mode.seed=0 ffn_mode.calib.seed=0)
+declare -A SETTINGS=(
+  [none]="ffn_mode=none"
+  [wanda_sp_refit]="ffn_mode=wanda_sp ${FIXED[*]}"
+  [ntk_cluster_refit]="ffn_mode=ntk_cluster ${FIXED[*]}"
+  [ntk_cluster_datafree]="ffn_mode=ntk_cluster ffn_mode.refit=none ${FIXED[*]}"
+)
 for seed in 0 1 2; do
-  for s in "${NAMES[@]}"; do
+  for s in none wanda_sp_refit ntk_cluster_refit ntk_cluster_datafree; do
     before=$([ "$seed" = 0 ] && echo true || echo false)
     # shellcheck disable=SC2086  # a setting is several overrides
     python -m src.train "${COMMON[@]}" ${SETTINGS[$s]} finetune=lora "lm_eval.before=$before" "seed=$seed" "hydra.run.dir=$OUT/lora/$s-s$seed"
