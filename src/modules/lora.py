@@ -66,8 +66,9 @@ def add_lora(model: PreTrainedModel, cfg: Mapping[str, Any]) -> None:
         p.requires_grad_("lora_" in n or id(p) in head)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("LoRA rank %d on %d projections and %d fused expert weights: %s trainable parameters of %s (%.2f %%)", cfg["rank"],
-             len(names), len(experts), f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+    fused = f" and {len(experts)} fused expert weights" if experts else ""
+    log.info("LoRA rank %d on %d projections%s: %s trainable parameters of %s (%.2f %%)", cfg["rank"], len(names), fused,
+             f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
 
 
 def merge(model: nn.Module) -> int:
