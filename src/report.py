@@ -69,13 +69,17 @@ def variant_suffix(res: dict[str, Any]) -> str:
 
 def metrics_at_step(folder: Path, step: int) -> dict[str, float]:
     """The metrics a run logged after ``step`` training steps (``metrics.csv``; Lightning writes them at step
-    ``step - 1``, counting from 0), or {} where it logged none there (a run that stopped earlier)."""
+    ``step - 1``, counting from 0), and nan for each one it logs along the way (more than once) but not there, so
+    that a final value never stands in for it; {} without a ``metrics.csv``."""
     try:
         rows = pd.read_csv(folder / "metrics.csv")
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return {}
-    at = rows[rows["step"] == step - 1].drop(columns=["step", "epoch"], errors="ignore")
-    return {k: float(v) for k, v in at.bfill().iloc[0].dropna().items()} if len(at) else {}
+    rows = rows.drop(columns=["epoch"], errors="ignore")
+    along = [c for c in rows.columns if c != "step" and rows[c].notna().sum() > 1]
+    at = rows[rows["step"] == step - 1].drop(columns=["step"]).bfill().head(1)
+    logged = {k: float(v) for k, v in at.iloc[0].dropna().items()} if len(at) else {}
+    return dict.fromkeys(along, math.nan) | logged
 
 
 def read_run(folder: Path, root: Path, at_step: int | None = None) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def read_run(folder: Path, root: Path, at_step: int | None = None) -> dict[str, 
     if at_step is not None:
         logged = metrics_at_step(folder, at_step)
         res["metrics"] = {**(res.get("metrics") or {}), **logged}
-        if not logged and res.get("status") == "completed":
+        if all(math.isnan(v) for v in logged.values()) and res.get("status") == "completed":
             res = {**res, "status": "short", "error": f"logged nothing after step {at_step}"}
     ffn = cfg.get("ffn_mode", {})
     ffn_mode = res.get("ffn_mode") or ffn.get("name", "?")
@@ -291,16 +295,13 @@ def build_report(folder: str | Path, metric: str | None = None, reference: str =
         log.warning("the runs span %d task/model pairs (%s): their rows mix; report one sweep at a time",
                     len(setups), ", ".join(f"{t}/{m}" for t, m in setups.itertuples(index=False)))
     table = summarize(done, metric, reference)
-    if at_step is not None:
-        label = f"{metric} @ step {at_step}"
-        table = table.rename(columns=lambda c: c.replace(metric, label))
-        text = to_markdown(table, others, label, folder, reference)
-        write_text(folder / f"report_step{at_step}.md", text)
-        write_text(folder / f"report_step{at_step}.csv", table.to_csv(index=False))
+    label, stem = (metric, "report") if at_step is None else (f"{metric} @ step {at_step}", f"report_step{at_step}")
+    table = table.rename(columns=lambda c: c.replace(metric, label))
+    text = to_markdown(table, others, label, folder, reference)
+    write_text(folder / f"{stem}.md", text)
+    write_text(folder / f"{stem}.csv", table.to_csv(index=False))
+    if at_step is not None:  # the plots are of the final values
         return table, others, text
-    text = to_markdown(table, others, metric, folder, reference)
-    write_text(folder / "report.md", text)
-    write_text(folder / "report.csv", table.to_csv(index=False))
     plot_vs_mid_dim(table, f"{metric} mean", f"{metric} ci_low", f"{metric} ci_high", metric, folder / "task_metric_vs_mid_dim.png")
     plot_vs_mid_dim(table, "ntk_sign_rel_err", "ntk_sign_rel_err low", "ntk_sign_rel_err high", "NTK (sign kernel) relative error",
                     folder / "ntk_sign_err_vs_mid_dim.png")
