@@ -51,7 +51,7 @@ def add_lora(model: PreTrainedModel, cfg: Mapping[str, Any]) -> None:
     body = {id(p) for p in model.base_model.parameters()}
     head = {id(p) for p in model.parameters() if id(p) not in body}
     names = targets(model, list(cfg["target_modules"]))
-    experts = mlp_io.fused_expert_weights(model) if cfg.get("experts", True) else []
+    experts = mlp_io.fused_expert_weights(model) if cfg.get("experts") else []  # a checkpoint from before the option: none
     if not names and not experts:
         raise ValueError(f"finetune.target_modules={list(cfg['target_modules'])} names no Linear module of {type(model).__name__}")
     if names:
