@@ -56,8 +56,8 @@ def _loading(meta: dict[str, Any]) -> str:
     if widths:
         sets = ", ".join(f"`{k}={v}`" for k, v in widths.items())
         return f"- Hugging Face weights: a stock model (config.json sets {sets}); load with `{auto}.from_pretrained(folder)`"
-    return ("- Hugging Face weights: not a stock model's MLPs (per-layer widths or factors, recorded under `mlp_fusion` in "
-            f"config.json); load with `src.models.exported.load_exported(folder, {auto})`, not plain `from_pretrained`")
+    return ("- Hugging Face weights: not a stock model's MLPs (per-layer widths, factors or biases the stock model lacks, recorded "
+            f"under `mlp_fusion` in config.json); load with `src.models.exported.load_exported(folder, {auto})`, not plain `from_pretrained`")
 
 
 def _onnx_line(meta: dict[str, Any]) -> str:

@@ -217,6 +217,64 @@ def test_onnx_export_of_a_fused_causal_lm(compose_cfg, tmp_path: Path) -> None:
     assert "no KV cache" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
+def test_a_down_bias_in_a_bias_free_llama_trains_resumes_and_exports(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bias compensation's output (FLAP) in a bias-free Llama: every layer narrowed to 16, the down projections of
+    layers 1 and 3 alone with a bias. One width, so only those biases keep the export from being a stock model
+    (``mlp_bias`` would give every layer's gate, up and down one). It trains, resumes from the recorded structure,
+    and every export computes the checkpoint's logits: Hugging Face (through load_exported), ONNX, GGUF."""
+    import gguf
+
+    import src.compress.prune as prune
+    from src.builders import restore_module
+    from src.export import export
+    from src.models.exported import load_exported
+    from transformers import AutoModelForCausalLM
+
+    pruned, made = prune.compress, []
+
+    def with_down_bias(w, mid_dim: int, *, seed: int):
+        fused = pruned(w, mid_dim, seed=seed)
+        made.append(0.5 + torch.rand(w.hidden_size, generator=torch.Generator().manual_seed(seed)))
+        if len(made) % 2:  # layers 0 and 2 (compressed in layer order) stay bias-free
+            return fused
+        return dataclasses.replace(fused, weights=dataclasses.replace(fused.weights, down_bias=made[-1]))
+
+    monkeypatch.setattr(prune, "compress", with_down_bias)
+    overrides = ["model=tiny_smollm2", "task=rt_review", "ffn_mode=prune", "ffn_mode.layers=[0,1,2,3]", "ffn_mode.mid_dim=16",
+                 "approx_metrics.enabled=false", "test=false"]
+    train(compose_cfg([*overrides, "trainer.max_steps=2"]))  # the linear warm-up's first step has lr 0, its second not
+    cfg = compose_cfg([*overrides, "trainer.max_steps=3", "ckpt_path=last"])
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]["model.model.layers.1.mlp.down_proj.bias"]
+    assert len(made) == 4 and not torch.equal(trained, made[1])
+    train(cfg)  # resumed: the structure rebuilt from the checkpoint's record, not compressed again
+    c = torch.load(ckpt, weights_only=True)
+    assert c["global_step"] == 3 and len(made) == 4
+    assert [(s["width"], s["up_bias"], s["down_bias"]) for s in c["fusion"]["layer_specs"].values()] == [(16, False, False), (16, False, True)] * 2
+    ref = restore_module(c).model.eval()
+    ids = torch.randint(1, 49152, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+
+    out = export(str(ckpt), str(tmp_path / "both"))
+    config = json.loads((out / "config.json").read_text())
+    assert not config.get("mlp_bias") and [s["down_bias"] for s in config["mlp_fusion"]["layer_specs"].values()] == [False, True, False, True]
+    loaded = load_exported(out, AutoModelForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-6)
+    assert "biases the stock model lacks" in (out / "README.md").read_text()
+    _assert_onnx_matches(out, ref, {"input_ids": ids, "attention_mask": mask})
+
+    out = export(str(ckpt), str(tmp_path / "gguf"), fmt="gguf", gguf_dtype="f32")
+    assert json.loads((out / "export.json").read_text())["gguf_arch"] == "llama"
+    biases = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out / "model.gguf").tensors if t.name.endswith(".bias")}
+    assert sorted(biases) == ["blk.1.ffn_down.bias", "blk.3.ffn_down.bias"]
+    for i in (1, 3):
+        np.testing.assert_array_equal(biases[f"blk.{i}.ffn_down.bias"], mlp_io.read_mlp(ref, i).down_bias.numpy())
+
+
 def test_export_refusals(compose_cfg, tmp_path: Path) -> None:
     from src.export import export
 

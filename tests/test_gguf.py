@@ -1,7 +1,8 @@
 """GGUF export (src.models.to_gguf, src.export format=gguf), checked by llama.cpp itself.
 
-The refusals and the atomic write run in the fast tier; everything that loads a file in llama.cpp
-is the ``deploy`` tier (``make test-deploy``: llama-cpp-python, built from source on this machine).
+The refusals, the atomic write and the tensors a file holds (read back with gguf's reader) run in
+the fast tier; everything that loads a file in llama.cpp is the ``deploy`` tier (``make
+test-deploy``: llama-cpp-python, built from source on this machine).
 The tiny models there are random Llamas and Qwens with SmolLM2's tokenizer (a byte-level BPE that
 llama.cpp knows), so that the file is one a user could run.
 """
@@ -114,17 +115,19 @@ def _compare(model: PreTrainedModel, path: Path, ids_list: list[list[int]], n: i
     return max(errs), same
 
 
-def _tiny(model_type: str, narrow: bool = False, **extra) -> PreTrainedModel:
-    """A random tiny causal LM with SmolLM2's vocabulary; ``narrow``: layer 1's MLP cut to 40 of 128 neurons."""
+def _tiny(model_type: str, narrow: bool = False, down_bias: bool = False, **extra) -> PreTrainedModel:
+    """A random tiny causal LM with SmolLM2's vocabulary; ``narrow``: layer 1's MLP cut to 40 of 128 neurons;
+    ``down_bias``: layer 1's down projection alone given a bias (bias compensation's, in a bias-free model)."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
                                   initializer_range=0.1, **extra)
     model = AutoModelForCausalLM.from_config(config).eval()
-    if narrow:
+    if narrow or down_bias:
         w = mlp_io.read_mlp(model, 1)
-        mlp_io.write_mlp(model, 1, FusedMLP(MLPWeights(up=w.up[:40], down=w.down[:, :40], gate=w.gate[:40], activation=w.activation),
-                                            scale=torch.full((40,), 2.0)))
+        k, bias = 40 if narrow else w.width, 0.1 * torch.randn(w.hidden_size) if down_bias else None
+        mlp_io.write_mlp(model, 1, FusedMLP(MLPWeights(up=w.up[:k], down=w.down[:, :k], down_bias=bias, gate=w.gate[:k], activation=w.activation),
+                                            scale=torch.full((k,), 2.0)))
         mlp_io.fold_scales(model)
     return model
 
@@ -132,12 +135,36 @@ def _tiny(model_type: str, narrow: bool = False, **extra) -> PreTrainedModel:
 TINY = {
     "llama": dict(model_type="llama"),
     "llama_per_layer_widths": dict(model_type="llama", narrow=True),
+    "llama_down_bias": dict(model_type="llama", down_bias=True),
+    "llama_per_layer_widths_down_bias": dict(model_type="llama", narrow=True, down_bias=True),
     "llama3_rope": dict(model_type="llama", rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                                                  high_freq_factor=4.0, original_max_position_embeddings=16)),
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=32),
 }
+ARCH = {"llama_per_layer_widths": "deci", "llama_per_layer_widths_down_bias": "deci", "llama3_rope": "llama", "mistral": "llama",
+        "llama_down_bias": "llama"}  # the llama.cpp architecture of each case not named after its own
+
+
+@pytest.mark.parametrize("case", ["llama_down_bias", "llama_per_layer_widths_down_bias"])
+def test_a_down_bias_is_written_as_the_optional_tensor_llama_cpp_adds(smollm2_tokenizer, tmp_path: Path, case: str) -> None:
+    """A down projection's bias (layer 1 only) is ``blk.1.ffn_down.bias``, f32 in any file type: llama.cpp's llama and deci
+    loaders create it in every block as optional (TENSOR_NOT_REQUIRED) and pass it to build_ffn, which adds it."""
+    model = _tiny(**TINY[case])
+    assert gguf_unsupported(model, smollm2_tokenizer) is None
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    assert write_gguf(model, smollm2_tokenizer, tmp_path, tmp_path / "m.gguf", "q8_0")["gguf_arch"] == ARCH[case]
+    biases = [t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name.endswith(".bias")]
+    assert [(t.name, t.tensor_type) for t in biases] == [("blk.1.ffn_down.bias", gguf.GGMLQuantizationType.F32)]
+    np.testing.assert_array_equal(biases[0].data, mlp_io.read_mlp(model, 1).down_bias.numpy())
+
+
+def test_a_down_bias_is_refused_where_llama_cpp_has_no_tensor_for_it(smollm2_tokenizer) -> None:
+    """qwen2 and qwen3 create no ffn_down.bias (a file with a tensor the loader does not create fails to load:
+    "wrong number of tensors"): refused, naming the layer."""
+    assert gguf_unsupported(_tiny("qwen3", down_bias=True, head_dim=32), smollm2_tokenizer) == (
+        "layer 1's MLP down projection has a bias, which llama.cpp's qwen3 architecture has no tensor for")
 
 
 @pytest.mark.deploy
@@ -148,7 +175,7 @@ def test_tiny_models_run_in_llama_cpp(smollm2_tokenizer, tmp_path: Path, case: s
     assert gguf_unsupported(model, smollm2_tokenizer) is None
     smollm2_tokenizer.save_pretrained(tmp_path)
     meta = write_gguf(model, smollm2_tokenizer, tmp_path, tmp_path / "m.gguf", "f32")
-    assert meta["gguf_arch"] == {"llama_per_layer_widths": "deci", "llama3_rope": "llama", "mistral": "llama"}.get(case, case)
+    assert meta["gguf_arch"] == ARCH.get(case, case)
     ids = [smollm2_tokenizer.encode(p) for p in PROMPTS]
     ids.append(ids[0] * 12)  # past 64 positions: where Llama 3's low-frequency RoPE factors matter
     err, same = _compare(model, tmp_path / "m.gguf", ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
+from src.models.fuse import apply_spec
 from src.models.layers import LowRankLinear, ScaledLinear
 from src.models.mlp_io import (
     build_from_spec,
@@ -34,6 +37,7 @@ from src.models.mlp_io import (
     num_layers,
     read_mlp,
     reinit_mlp,
+    stock_widths,
     write_mlp,
 )
 
@@ -186,6 +190,42 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
     assert [layer_spec(fresh, i) for i in range(L)] == specs
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(logits(fresh), logits(model))
+
+
+def test_a_down_bias_in_a_bias_free_gated_mlp_computes_trains_and_rebuilds(tmp_path):
+    """Bias compensation's output (FLAP): a narrower Llama MLP whose down projection alone gains a bias [h]."""
+    model = make("llama")
+    fused = rand_fused(model, 1, 16, scaled=True)
+    w = dataclasses.replace(fused.weights, down_bias=0.5 + torch.rand(H))  # nonzero everywhere
+    write_mlp(model, 1, dataclasses.replace(fused, weights=w))
+    assert layer_spec(model, 1) == {"kind": "fused", "width": 16, "scaled": True, "rank": None, "up_bias": False, "down_bias": True}
+    mods = mlp_modules(model, 1)
+    assert mods["gate"].bias is None and mods["up"].bias is None and torch.equal(read_mlp(model, 1).down_bias, w.down_bias)
+    x = torch.randn(3, H)
+    with torch.no_grad():
+        want = (nn.functional.silu(x @ w.gate.T) * (x @ w.up.T) * fused.scale) @ w.down.T + w.down_bias
+        torch.testing.assert_close(mlp_forward(model, 1, x), want)
+    model(input_ids=IDS, labels=IDS).loss.backward()  # training moves the bias
+    assert mods["down"].bias.grad.abs().sum() > 0
+    # a checkpoint: saved, its structure rebuilt from the record (as resume and load_exported do), loaded strictly
+    spec = {"layer_specs": {str(i): layer_spec(model, i) for i in range(L)}}
+    torch.save({"state_dict": model.state_dict(), "fusion": spec}, tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    fresh = make("llama", seed=1)
+    apply_spec(fresh, ckpt["fusion"])
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    assert torch.equal(logits(fresh), logits(model))
+
+
+def test_a_bias_the_stock_mlp_lacks_makes_no_stock_model():
+    """One width everywhere, but a down bias in a bias-free Llama: no stock config holds it (``mlp_bias`` gives every
+    layer's gate, up and down a bias), so the export records the structure for load_exported."""
+    model = make("llama")
+    for i in range(L):
+        write_mlp(model, i, rand_fused(model, i, 16, scaled=False))
+    assert stock_widths(model) == {"intermediate_size": 16}
+    write_mlp(model, 1, FusedMLP(dataclasses.replace(read_mlp(model, 1), down_bias=torch.randn(H))))
+    assert stock_widths(model) is None
 
 
 def test_unsupported_models_raise():

@@ -1,12 +1,13 @@
 """Hugging Face folders of compressed models: write (with scales folded) and load back.
 
-When every layer's MLP is a plain MLP and each of the config's width attributes takes one value
-across the layers (``mlp_io.stock_widths``), the folder is a stock transformers model with those
-widths in its config and loads with ``AutoModelFor*.from_pretrained``. Otherwise
-``config.json`` also records the per-layer structure under ``mlp_fusion`` and
-:func:`load_exported` rebuilds it. :func:`export_onnx` writes the folded model as ONNX, whatever
-its per-layer widths, and checks it with ONNX Runtime (sequence classifiers and causal LMs:
-:func:`onnx_unsupported`).
+When every layer's MLP is a plain MLP with the stock model's parameters (no bias the stock MLP
+lacks) and each of the config's width attributes takes one value across the layers
+(``mlp_io.stock_widths``), the folder is a stock transformers model with those widths in its config
+and loads with ``AutoModelFor*.from_pretrained``. Otherwise ``config.json`` also records the
+per-layer structure under ``mlp_fusion`` (a bias per layer and projection: a compensated down bias
+in a bias-free Llama stays on its layer's down projection alone) and :func:`load_exported` rebuilds
+it. :func:`export_onnx` writes the folded model as ONNX, whatever its per-layer widths, and checks
+it with ONNX Runtime (sequence classifiers and causal LMs: :func:`onnx_unsupported`).
 """
 
 from __future__ import annotations

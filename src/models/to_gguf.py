@@ -11,6 +11,12 @@ and ``src/models/*.cpp``, at the version llama-cpp-python 0.3.36 vendors):
   layers are narrower than the rest becomes a ``deci`` file, otherwise the same Llama block.
   Qwen2/3 have no such architecture (q/k norms, biases): per-layer widths there are refused.
 
+A down projection's bias (bias compensation in an otherwise bias-free Llama, in any layer) is written
+as ``blk.N.ffn_down.bias``: the ``llama`` and ``deci`` loaders create that tensor in every block as an
+optional one (``TENSOR_NOT_REQUIRED``, ``src/models/llama.cpp`` and ``deci.cpp``) and their graphs pass it
+to ``build_ffn``, which adds it after the down projection; ``qwen2`` and ``qwen3`` create no such tensor
+(a file with one does not load), so a down bias there is refused.
+
 ``llama`` and ``deci`` rotate adjacent pairs in RoPE where transformers rotates halves, so q and k
 rows are permuted per head (``_permute``, as llama.cpp's own converter does); ``qwen2``/``qwen3``
 rotate halves like transformers. Norms, biases and RoPE factors are float32, the 2-D weights
@@ -38,6 +44,7 @@ from src.models.layers import LowRankLinear
 # model_type -> llama.cpp architecture (at uniform widths)
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PAIR_ROPE = ("llama", "deci")  # architectures whose RoPE rotates adjacent pairs: q/k rows permuted
+DOWN_BIAS = ("llama", "deci")  # architectures that load and add an optional blk.N.ffn_down.bias
 Q = gguf.GGMLQuantizationType
 DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
           "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
@@ -67,20 +74,30 @@ def pre_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return PRE_TOKENIZERS.get(hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest())
 
 
+def _arch(model: PreTrainedModel) -> str | None:
+    """The llama.cpp architecture ``model`` is written as: ``deci`` for a Llama with per-layer widths, else its
+    model type's; None where llama.cpp has none here."""
+    arch = ARCHS.get(model.config.model_type)
+    return "deci" if arch == "llama" and len(set(mlp_io.intermediate_sizes(model))) > 1 else arch
+
+
 def gguf_unsupported(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:
     """Why ``model`` cannot be written as a GGUF file llama.cpp runs (one clause), or None."""
     config = model.config
-    arch = ARCHS.get(config.model_type)
+    arch = _arch(model)
     if arch is None:
         return (f"the GGUF export covers Llama-family causal LMs ({', '.join(ARCHS)}), and model_type {config.model_type!r} "
                 "is not one (encoders, encoder-decoders and MoE models have no llama.cpp architecture here)")
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         return "low-rank (svd) layers are factor pairs, which llama.cpp's architectures have no tensors for"
-    if len(set(mlp_io.intermediate_sizes(model))) > 1 and arch != "llama":
+    if len(set(mlp_io.intermediate_sizes(model))) > 1 and arch != "deci":
         return (f"llama.cpp builds every {arch} block's FFN at one width, and this model's differ per layer "
                 f"({sorted(set(mlp_io.intermediate_sizes(model)))}); compress every layer to one width")
     if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):  # (qwen2's q/k/v biases are no option)
         return "MLP or attention biases in a Llama are not written by this export"
+    biased = [i for i in range(mlp_io.num_layers(model)) if mlp_io.layer_spec(model, i)["down_bias"]]
+    if biased and arch not in DOWN_BIAS:
+        return f"layer {biased[0]}'s MLP down projection has a bias, which llama.cpp's {arch} architecture has no tensor for"
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ("default", "llama3") or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return f"RoPE type {rope.get('rope_type')!r} (or a partial rotary factor) is not written by this export (default and llama3 are)"
@@ -156,7 +173,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token
     assert reason is None, reason  # the caller refuses before writing
     config = model.config
     widths = mlp_io.intermediate_sizes(model)
-    arch = "deci" if len(set(widths)) > 1 else ARCHS[config.model_type]
+    arch = _arch(model)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     n_layer, rope = config.num_hidden_layers, _rope(config)
@@ -207,6 +224,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token
         t.add(f"{name(M.FFN_GATE, i)}.weight", mlp.gate)
         t.add(f"{name(M.FFN_UP, i)}.weight", mlp.up)
         t.add(f"{name(M.FFN_DOWN, i)}.weight", mlp.down)
+        if mlp.down_bias is not None:  # llama / deci only (gguf_unsupported)
+            t.add(f"{name(M.FFN_DOWN, i)}.bias", mlp.down_bias)
     t.add(f"{name(M.OUTPUT_NORM)}.weight", body.norm.weight)
     if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd
         t.add(f"{name(M.OUTPUT)}.weight", model.lm_head.weight)

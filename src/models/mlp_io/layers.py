@@ -8,13 +8,14 @@ the stock forward still runs.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from src.compress.types import Compressed, MLPWeights
 from src.models.layers import ExpertScale, ScaledLinear
@@ -191,7 +192,9 @@ def reinit_mlp(model: nn.Module, index: int) -> None:
 def stock_widths(model: nn.Module) -> dict[str, int] | None:
     """{config attribute: width} when every layer is a plain stock MLP (no count scale, no factors) and each
     width attribute takes one value across layers: written into ``config.json``, the folder then loads with
-    plain ``from_pretrained``. None otherwise (a shared expert whose width no attribute sets must keep it)."""
+    plain ``from_pretrained``. None otherwise (a shared expert whose width no attribute sets must keep it), and
+    where the stock model of those widths lacks one of the model's parameters (a compensated down-projection
+    bias in a bias-free Llama: ``mlp_bias`` would give every layer's gate, up and down one)."""
     config = config_of(model)
     fam = family_of(config)
     seen: dict[str, set[int]] = {}
@@ -212,7 +215,21 @@ def stock_widths(model: nn.Module) -> dict[str, int] | None:
             plain = add(fam.width_attr, spec)
         if not plain:
             return None
-    return {attr: ws.pop() for attr, ws in seen.items()} if all(len(ws) == 1 for ws in seen.values()) else None
+    if not all(len(ws) == 1 for ws in seen.values()):
+        return None
+    widths = {attr: ws.pop() for attr, ws in seen.items()}
+    return widths if _stock_params(model, widths) else None
+
+
+def _stock_params(model: nn.Module, widths: dict[str, int]) -> bool:
+    """Whether the stock model of ``widths`` (its skeleton, built on the meta device) has exactly the model's
+    parameters, by name and shape: else ``from_pretrained`` would drop or invent weights."""
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    config = copy.deepcopy(hf.config)
+    set_config_widths(config, widths)
+    with torch.device("meta"):
+        stock = type(hf)(config)
+    return {n: p.shape for n, p in stock.named_parameters()} == {n: p.shape for n, p in hf.named_parameters()}
 
 
 def set_config_widths(config: PretrainedConfig, widths: dict[str, int]) -> None:
