@@ -38,7 +38,7 @@ class RandomTokens:
     def __init__(self, vocab_size: int, seq_len: int) -> None:
         self.vocab_size, self.seq_len = vocab_size, seq_len
 
-    def calib_batches(self, n: int, seed: int, batch_size: int) -> list[dict[str, Tensor]]:
+    def calib_batches(self, n: int, seed: int, batch_size: int, source: str = "task") -> list[dict[str, Tensor]]:
         batch = random_tokens(n, self.seq_len, self.vocab_size, seed)
         return [{k: v[i : i + batch_size] for k, v in batch.items()} for i in range(0, n, batch_size)]
 

@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PretrainedConfig
 
 from src.builders import compression_settings, task_classes
-from src.compress.settings import CompressionSettings
+from src.compress.budget import ALLOCATIONS
+from src.compress.refit import REFITS
+from src.compress.settings import CALIB_SOURCES, CompressionSettings
 from src.compress.types import OptionError
 from src.evaluation import check_tasks
 from src.models import mlp_io
@@ -195,10 +197,18 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> CompressionSettings
     if isinstance(c.size, bool) or not isinstance(c.size, int) or c.size < 0:
         raise ConfigError(f"ffn_mode.calib.size={c.size!r} must be a non-negative integer (0 = data-free).")
     _positive(c.batch_size, "ffn_mode.calib.batch_size")
-    if f.refit not in ("none", "lstsq"):
-        raise ConfigError(f"ffn_mode.refit={f.refit!r} must be none or lstsq.")
-    if not isinstance(f.refit_ridge, (int, float)) or f.refit_ridge <= 0:
-        raise ConfigError(f"ffn_mode.refit_ridge={f.refit_ridge!r} must be a positive number.")
+    if c.source not in CALIB_SOURCES:
+        raise ConfigError(f"ffn_mode.calib.source={c.source!r} must be one of {', '.join(CALIB_SOURCES)}.")
+    if c.source == "mixed" and cfg.task.kind == "seq2seq":
+        raise ConfigError("ffn_mode.calib.source=mixed adds general text as decoder-less inputs, which an encoder-decoder model "
+                          "cannot take: use ffn_mode.calib.source=task.")
+    if f.refit not in REFITS:
+        raise ConfigError(f"ffn_mode.refit={f.refit!r} must be one of {', '.join(REFITS)}.")
+    ridge = f.refit_ridge
+    if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge <= 0):
+        raise ConfigError(f"ffn_mode.refit_ridge={ridge!r} must be a positive number or auto (chosen on held-out calibration sequences).")
+    if f.allocation not in ALLOCATIONS:
+        raise ConfigError(f"ffn_mode.allocation={f.allocation!r} must be one of {', '.join(ALLOCATIONS)}.")
     if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):
         raise ConfigError(f"ffn_mode.budget={f.budget!r} must be a fraction of the chosen layers' MLP parameters in (0, 1), e.g. 0.25.")
     if mlp_io.num_experts(hf) and f.budget is not None:
@@ -206,7 +216,7 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> CompressionSettings
                           "model, whose compressed experts keep one per-expert width (ffn_mode.mid_dim): leave the budget at null.")
     s = compression_settings(cfg)
     if s.calib.size == 0 and s.needs_calibration:
-        what = "refit=lstsq" if s.refit != "none" else "a budget" if s.budget is not None else f"ffn_mode={s.method.name} with these options"
+        what = f"refit={s.refit}" if s.refit != "none" else "a budget" if s.budget is not None else f"ffn_mode={s.method.name} with these options"
         raise ConfigError(f"ffn_mode.calib.size=0 is data-free, but {what} needs calibration data: set ffn_mode.calib.size > 0.")
     try:
         s.method.validate(d, s.mid_dim, s.calib.size)

@@ -185,7 +185,7 @@ def test_budget_widths_sum_to_the_budget_in_a_model() -> None:
 @pytest.mark.parametrize("overrides,message", [
     (["ffn_mode=wanda_sp", "ffn_mode.calib.size=0"], "ffn_mode.calib.size=0 is data-free, but ffn_mode=wanda_sp"),
     (["ffn_mode.refit=lstsq", "ffn_mode.calib.size=0"], "but refit=lstsq needs calibration data"),
-    (["ffn_mode.refit=exact"], "ffn_mode.refit='exact' must be none or lstsq"),
+    (["ffn_mode.refit=exact"], "ffn_mode.refit='exact' must be one of none, lstsq, bias"),
     (["ffn_mode.budget=1.5"], "ffn_mode.budget=1.5 must be a fraction"),
     (["ffn_mode.weighting=energy"], "ffn_mode.weighting='energy' must be one of ['none', 'activation']"),
     (["ffn_mode.calib.size=-1"], "ffn_mode.calib.size=-1 must be a non-negative integer"),

@@ -66,7 +66,7 @@ class FusionCallback(L.Callback):
         with hardware.refuse_oom("compression and its calibration", "ffn_mode.calib.batch_size (or ffn_mode.calib.size)"):
             if s.needs_calibration:
                 c = s.calib
-                batches = [hardware.to_device(b, where) for b in datamodule.calib_batches(c.size, c.seed, c.batch_size)]
+                batches = [hardware.to_device(b, where) for b in datamodule.calib_batches(c.size, c.seed, c.batch_size, c.source)]
                 calibrator = Calibrator(batches, sequential=c.sequential)
             report = compress_model(model, s, identity=self.identity, device=device, calibrator=calibrator)
         del calibrator

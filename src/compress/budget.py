@@ -10,6 +10,36 @@ is then optimal for the summed error, and fills the budget exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import flap, wanda_sp
+from .types import MLPCalibration, MLPWeights
+
+# ffn_mode.allocation's neuron scores: a budget spread by standardised scores (FLAP's AL-MM) instead of by error curves
+SCORES: dict[str, Callable[[MLPWeights, MLPCalibration], Tensor]] = {"flap": flap.scores, "wanda_sp": wanda_sp.scores}
+ALLOCATIONS = ("error", *SCORES)
+
+
+def total_neurons(budget: float, widths: list[int]) -> int:
+    """The neurons a budget keeps over layers of ``widths``: floor(β · Σ d_l), robust to β's decimal rounding (5/6 of 6 is 5)."""
+    return math.floor(budget * sum(widths) + 1e-6)
+
+
+def allocate_by_scores(scores: dict[int, Tensor], total: int) -> dict[int, int]:
+    """Widths per layer keeping the ``total`` neurons of largest standardised score over all layers (at least 1 a layer).
+
+    FLAP's adaptive structure (AL-MM): each layer's scores [d_l] minus their mean, over their (unbiased)
+    std, so that layers whose scores live on other scales compete fairly; the globally lowest go.
+    """
+    z = {layer: (s.double() - s.double().mean()) / s.double().std() for layer, s in scores.items()}
+    pooled = torch.cat(list(z.values()))
+    if not 0 < total <= len(pooled):
+        raise ValueError(f"a budget of {total} neurons is outside 1..{len(pooled)}")
+    cut = pooled.sort(descending=True).values[total - 1]  # the smallest kept standardised score
+    return {layer: max(1, int((v >= cut).sum())) for layer, v in z.items()}
 
 
 def candidate_widths(width: int, budget: float) -> list[int]:

@@ -8,6 +8,11 @@ For a rank-r ``svd`` layer the factor that multiplies the activations is re-fitt
 fixed: ``down = left @ right``, right = (leftᵀleft)⁻¹ leftᵀ W, the best such factor for the full
 solution W (the error splits into the part in left's column space and the part outside it).
 The result is kept only where it lowers the calibration error, so a refit never raises it.
+
+``ridge="auto"`` chooses ρ from ``RIDGES`` on held-out calibration sequences (every fifth one): each
+ρ is fitted on the others and scored on them, the best is refitted on all tokens. Bias compensation
+(``compensate``, FLAP's, for any method) leaves the weights and adds the mean of what the compressed
+MLP misses to the down projection's bias.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from torch import Tensor
 
 from .common import activations
 from .types import Compressed, FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
+
+REFITS = ("none", "lstsq", "bias")  # ffn_mode.refit: nothing, the least-squares refit, bias compensation
+# ρ candidates of ridge="auto" (relative to mean(diag(ZᵀZ)))
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+HOLDOUT_EVERY = 5  # ridge="auto" holds out every fifth calibration sequence
 
 
 def _dense(c: LowRankMLP) -> MLPWeights:
@@ -49,9 +59,66 @@ def rel_error(c: Compressed, calib: MLPCalibration) -> float:
     return (torch.linalg.norm(output(c, calib.x).double() - y) / torch.linalg.norm(y)).item()
 
 
+def seq_mean(t: Tensor, lengths: Tensor | None) -> Tensor:
+    """The mean over calibration sequences of each sequence's mean of t [T, ...] (FLAP's baseline); no lengths: over tokens."""
+    if lengths is None:
+        return t.mean(0)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=t.device), lengths.to(t.device))
+    sums = torch.zeros(len(lengths), *t.shape[1:], dtype=t.dtype, device=t.device).index_add_(0, seg, t)
+    return (sums / lengths.to(t.device, t.dtype).reshape(-1, *[1] * (t.ndim - 1))).mean(0)
+
+
+def _with_down_bias(c: Compressed, b: Tensor) -> Compressed:
+    """``c`` with the down projection's bias ``b`` [h]."""
+    if isinstance(c, LowRankMLP):
+        return dataclasses.replace(c, down_bias=b.to(c.factors["down"][0].dtype))
+    return dataclasses.replace(c, weights=dataclasses.replace(c.weights, down_bias=b.to(c.weights.down.dtype)))
+
+
 @torch.no_grad()
-def refit(c: Compressed, calib: MLPCalibration, ridge: float = 1e-3) -> Compressed:
+def compensate(c: Compressed, calib: MLPCalibration) -> Compressed:
+    """``c`` with b_down += mean(Y − MLP'(X)): the mean output of what the compression removed, per
+    calibration sequence then over sequences (``seq_mean``). For a pruned MLP this is FLAP's
+    ``down[:, removed] · ā[removed]``; the weights are unchanged."""
+    old = c.down_bias if isinstance(c, LowRankMLP) else c.weights.down_bias
+    missing = seq_mean(calib.y.double() - output(c, calib.x).double(), calib.lengths)  # [h]
+    new = _with_down_bias(c, missing if old is None else old.double() + missing)
+    return dataclasses.replace(new, stats={**c.stats, "calib_err_before_refit": rel_error(c, calib), "calib_err": rel_error(new, calib)})
+
+
+def _holdout(calib: MLPCalibration) -> tuple[MLPCalibration, MLPCalibration]:
+    """(fit, held out): every ``HOLDOUT_EVERY``-th calibration sequence held out (without lengths, blocks of 32 tokens)."""
+    lengths = calib.lengths
+    if lengths is None:
+        lengths = torch.tensor([min(32, len(calib.x) - s) for s in range(0, len(calib.x), 32)])
+    held = torch.arange(len(lengths)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1  # [S]
+    tokens = torch.repeat_interleave(held, lengths).to(calib.x.device)  # [T]
+    return (MLPCalibration(calib.x[~tokens], calib.y[~tokens], lengths[~held]),
+            MLPCalibration(calib.x[tokens], calib.y[tokens], lengths[held]))
+
+
+def choose_ridge(c: Compressed, calib: MLPCalibration) -> tuple[float, dict[float, float]]:
+    """The ρ of ``RIDGES`` with the lowest error on held-out calibration sequences, and each ρ's error."""
+    fit, held = _holdout(calib)
+    if len(held.x) == 0 or len(fit.x) == 0:
+        return 1e-3, {}
+    errors = {rho: rel_error(_solve(c, fit, rho), held) for rho in RIDGES}
+    return min(errors, key=errors.get), errors
+
+
+@torch.no_grad()
+def refit(c: Compressed, calib: MLPCalibration, ridge: float | str = 1e-3) -> Compressed:
     """``c`` with its down projection (and bias) re-fitted to the calibration outputs; see the module doc."""
+    rho = choose_ridge(c, calib)[0] if ridge == "auto" else float(ridge)
+    new = _solve(c, calib, rho)
+    before, after = rel_error(c, calib), rel_error(new, calib)
+    kept = new if after <= before else c
+    stats = {**c.stats, "calib_err_before_refit": before, "calib_err": min(before, after), **({"refit_ridge": rho} if ridge == "auto" else {})}
+    return dataclasses.replace(kept, stats=stats)
+
+
+def _solve(c: Compressed, calib: MLPCalibration, ridge: float) -> Compressed:
+    """The ridge solution for ``c``'s down projection (and bias) on ``calib``, whatever its error."""
     z, y = design(c, calib.x).double(), calib.y.double()  # [T, k], [T, h]
     has_bias = (c.down_bias if isinstance(c, LowRankMLP) else c.weights.down_bias) is not None
     mz, my = (z.mean(0), y.mean(0)) if has_bias else (0.0, 0.0)
@@ -72,6 +139,4 @@ def refit(c: Compressed, calib: MLPCalibration, ridge: float = 1e-3) -> Compress
         dtype = c.weights.down.dtype
         weights = dataclasses.replace(c.weights, down=w.to(dtype).contiguous(), down_bias=None if b is None else b.to(dtype))
         new = dataclasses.replace(c, weights=weights)
-    before, after = rel_error(c, calib), rel_error(new, calib)
-    kept = new if after <= before else c
-    return dataclasses.replace(kept, stats={**c.stats, "calib_err_before_refit": before, "calib_err": min(before, after)})
+    return new

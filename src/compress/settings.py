@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 # The options that make a variant of a method (ntk_keep at keep 0.25 is not ntk_keep at 0.5): src.train
 # records them in results.json (``CompressionSettings.variant``) and src.report gives each variant its own row.
-VARIANT_OPTIONS = ("keep", "refit", "weighting", "budget")
+VARIANT_OPTIONS = ("keep", "refit", "weighting", "budget", "allocation")
+
+CALIB_SOURCES = ("task", "mixed")  # ffn_mode.calib.source
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class CalibSettings:
     seed: int = 0
     sequential: bool = True
     batch_size: int = 32
+    source: str = "task"  # task | mixed (half the sample general text, src.data.general_text)
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,10 @@ class CompressionSettings:
     layers: tuple[int, ...]
     mid_dim: int
     seed: int = 0
-    refit: str = "none"
-    refit_ridge: float = 1e-3
+    refit: str = "none"  # none | lstsq | bias
+    refit_ridge: float | str = 1e-3  # or "auto": chosen on held-out calibration sequences
     budget: float | None = None
+    allocation: str = "error"  # how a budget's neurons are spread over layers: error | flap | wanda_sp
     experts: str | tuple[int, ...] = "all"  # Mixture-of-Experts models: "all" or routed expert ids
     shared_expert: bool = True
     re_init_layers: tuple[int, ...] = ()
@@ -64,7 +68,8 @@ class CompressionSettings:
     def variant(self) -> dict[str, Any]:
         """The variant options (``VARIANT_OPTIONS``) these settings have: refit and budget, and the method's own
         keep or weighting where it takes them."""
-        values = {**self.method.options, "refit": self.refit, "budget": self.budget}
+        values = {**self.method.options, "refit": self.refit, "budget": self.budget,
+                  **({"allocation": self.allocation} if self.budget is not None else {})}
         return {k: values[k] for k in VARIANT_OPTIONS if k in values}
 
     def _experts(self) -> str | list[int]:
@@ -74,7 +79,7 @@ class CompressionSettings:
         """What a checkpoint records (``checkpoint["fusion"]``), from the widths and structures the compression
         produced; the experts settings where compressed blocks hold experts."""
         spec = {"method": self.method.name, "layers": list(self.layers), "mid_dim": self.mid_dim, "seed": self.seed,
-                "widths": {str(i): k for i, k in widths.items()}, "budget": self.budget, "refit": self.refit,
+                "widths": {str(i): k for i, k in widths.items()}, "budget": self.budget, "allocation": self.allocation, "refit": self.refit,
                 "layer_specs": {str(i): s for i, s in layer_specs.items()}}
         if has_experts:
             spec.update(experts=self._experts(), shared_expert=self.shared_expert)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -61,9 +62,17 @@ class MLPCalibration:
 
     x: Tensor  # [T, h]
     y: Tensor  # [T, h]
+    # tokens of each calibration sequence [S], in order, summing to T; None where the grouping is lost
+    # (a Mixture-of-Experts part's routed tokens). FLAP's running statistics go sequence by sequence.
+    lengths: Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.x.ndim == 2 and self.x.shape == self.y.shape, f"x {tuple(self.x.shape)} vs y {tuple(self.y.shape)}"
+        assert self.lengths is None or int(self.lengths.sum()) == len(self.x), "lengths must sum to the tokens T"
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> MLPCalibration:
+        """x and y on ``device`` in ``dtype`` (lengths stay on the CPU: they count tokens)."""
+        return MLPCalibration(self.x.to(device, dtype), self.y.to(device, dtype), self.lengths)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from src.data import general_text
+
 
 
 def probe_indices(size: int, n: int, seed: int) -> list[int]:
@@ -89,13 +91,20 @@ class TaskDataModule(L.LightningDataModule):
         return ResumableDataLoader(dataset, sampler=EpochSeededSampler(len(dataset), self.seed), generator=torch.Generator(), skip=skip,
                                    batch_size=bs, collate_fn=self.train_collate, num_workers=self.task.num_workers)
 
-    def calib_batches(self, n: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
+    def calib_batches(self, n: int, seed: int, batch_size: int, source: str = "task") -> list[dict[str, Any]]:
         """``n`` training inputs drawn with ``seed``, collated in batches: the compression's calibration
-        sample (docs/methods.md section 6; the probe set comes from the validation split, so they are disjoint)."""
+        sample (docs/methods.md section 6; the probe set comes from the validation split, so they are disjoint).
+        ``source="mixed"``: half of them (rounded up) and windows of general text for the rest (``src.data.general_text``)."""
         self.setup()
         train = self.data["train"]
-        idx = probe_indices(len(train), n, seed)
-        return [self.train_collate([train[i] for i in idx[j : j + batch_size]]) for j in range(0, len(idx), batch_size)]
+        n_task = n if source == "task" else -(-n // 2)
+        idx = probe_indices(len(train), n_task, seed)
+        batches = [self.train_collate([train[i] for i in idx[j : j + batch_size]]) for j in range(0, len(idx), batch_size)]
+        if source == "mixed":
+            texts = general_text.windows(self.tokenizer, n - n_task, seed)
+            for j in range(0, len(texts), batch_size):
+                batches.append(self.tokenizer.pad({"input_ids": texts[j : j + batch_size]}, return_tensors="pt"))
+        return batches
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.data[split], batch_size=self.task.eval_batch_size, collate_fn=self.eval_collate,

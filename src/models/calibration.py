@@ -71,11 +71,12 @@ class Calibrator:
             model.train(was_training)
         out = {}
         for i in layers:
-            x = torch.cat(captured[i])  # [T, h]
-            out[i] = MLPCalibration(x=x, y=mlp_io.mlp_forward(model, i, x))
+            x = torch.cat([t for t, _ in captured[i]])  # [T, h]
+            lengths = torch.cat([n for _, n in captured[i]]).cpu()  # [S]: each sequence's non-padding tokens
+            out[i] = MLPCalibration(x=x, y=mlp_io.mlp_forward(model, i, x), lengths=lengths)
         return out
 
-    def _mlp_hooks(self, model: nn.Module, layers: list[int], batch: dict[str, Tensor], captured: dict[int, list[Tensor]],
+    def _mlp_hooks(self, model: nn.Module, layers: list[int], batch: dict[str, Tensor], captured: dict[int, list[tuple[Tensor, Tensor]]],
                    stop: int | None) -> list:
         def hook(i: int):
             # an encoder-decoder model's decoder blocks see the decoder's tokens
@@ -83,7 +84,7 @@ class Calibrator:
             keep = batch.get(mask, torch.ones_like(batch[ids])).bool()  # [B, T]
 
             def fn(module: nn.Module, args: tuple) -> None:
-                captured[i].append(args[0][keep].detach())  # [B, T, h] -> [N, h], padding dropped
+                captured[i].append((args[0][keep].detach(), keep.sum(1)))  # [B, T, h] -> [N, h], padding dropped; [B]
                 if i == stop:
                     raise _Stop
 
@@ -91,10 +92,10 @@ class Calibrator:
 
         return [mlp_io.mlp_input_module(model, i).register_forward_pre_hook(hook(i)) for i in layers]
 
-    def _full_pass(self, model: nn.Module, layers: list[int]) -> dict[int, list[Tensor]]:
+    def _full_pass(self, model: nn.Module, layers: list[int]) -> dict[int, list[tuple[Tensor, Tensor]]]:
         """One forward per batch up to the deepest layer's MLP; with one layer asked for and a chain
         of blocks, on to the last block's inputs, recording every block's inputs for later replays."""
-        captured: dict[int, list[Tensor]] = {i: [] for i in layers}
+        captured: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in layers}
         chain = len(layers) == 1 and self.sequential
         blocks = [mlp_io.block_module(model, i) for i in range(mlp_io.num_layers(model))] if chain else []
         record = chain and all(b is not None for b in blocks)
@@ -131,11 +132,11 @@ class Calibrator:
             self._replay = _Replay(id(model), layers[0], hidden, rest)
         return captured
 
-    def _replayed(self, model: nn.Module, layer: int) -> dict[int, list[Tensor]]:
+    def _replayed(self, model: nn.Module, layer: int) -> dict[int, list[tuple[Tensor, Tensor]]]:
         """Blocks from the last collected layer's up to ``layer``'s MLP, from the recorded inputs."""
         r = self._replay
         blocks = [mlp_io.block_module(model, j) for j in range(r.layer, layer + 1)]
-        captured: dict[int, list[Tensor]] = {layer: []}
+        captured: dict[int, list[tuple[Tensor, Tensor]]] = {layer: []}
         hidden = []
         for batch, h, rest in zip(self.batches, r.hidden, r.rest):
             for j, block in zip(range(r.layer, layer), blocks):

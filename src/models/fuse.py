@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.compress.budget import allocate, candidate_widths
+from src.compress.budget import SCORES, allocate, allocate_by_scores, candidate_widths, total_neurons
 from src.compress.cache import FusionCache, cache_key
 from src.compress.refit import refit as refit_down
+from src.compress.refit import compensate
 from src.compress.refit import output as refit_output
 from src.compress.refit import rel_error as calib_rel_error
 from src.compress.settings import CompressionSettings
@@ -81,8 +81,9 @@ def compress_model(
 
     With calibration (``settings.needs_calibration``; ``calibrator`` then required): the method receives
     the layer's ``MLPCalibration`` if it takes ``calib``, ``refit="lstsq"`` re-fits each down projection
-    (``src.compress.refit``), and ``budget`` (a fraction of the chosen layers' MLP parameters)
-    replaces the one ``mid_dim`` by per-layer widths (``src.compress.budget``). The layers are
+    and ``refit="bias"`` compensates its bias (``src.compress.refit``), and ``budget`` (a fraction of the
+    chosen layers' MLP parameters) replaces the one ``mid_dim`` by per-layer widths
+    (``src.compress.budget``: by error curves, or by scores ranked over layers as FLAP's ``allocation``). The layers are
     compressed in order; with ``calibrator.sequential`` each layer's calibration inputs come from the
     model whose earlier layers are compressed already.
 
@@ -121,10 +122,12 @@ def compress_model(
         # the calibration too: under FSDP the model (and so its activations) stays on the CPU during setup
         w_dev = type(w)(**{k: (v.to(dev, torch.float32) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
         if calib is not None:
-            calib = MLPCalibration(x=calib.x.to(dev, torch.float32), y=calib.y.to(dev, torch.float32))
+            calib = calib.to(dev, torch.float32)
         result = method(w_dev, width, seed=seed, calib=calib)
         if s.refit == "lstsq":
             result = refit_down(result, calib, s.refit_ridge)
+        elif s.refit == "bias":
+            result = compensate(result, calib)
         elif calib is not None:
             result = dataclasses.replace(result, stats={**result.stats, "calib_err": calib_rel_error(result, calib)})
         if cache:
@@ -132,14 +135,18 @@ def compress_model(
         return result, False
 
     widths = {layer: s.mid_dim for layer in layers}
-    if budget is not None:  # each layer's calibration error at a few widths, then the allocation
-        curves = {}
-        for layer in layers:
-            w = mlp_io.read_mlp(model, layer)
-            curves[layer] = {k: compress_layer(w, k, layer, original[layer])[0].stats["calib_err"] for k in candidate_widths(w.width, budget)}
-        total = math.floor(budget * sum(mlp_io.read_mlp(model, layer).width for layer in layers))
-        widths = allocate(curves, total)
-        log.info("budget %.3f of the chosen layers' MLP parameters: widths %s (%d neurons)", budget, widths, total)
+    if budget is not None:
+        total = total_neurons(budget, [mlp_io.read_mlp(model, layer).width for layer in layers])
+        if s.allocation in SCORES:  # every layer's neuron scores on the original model's statistics, ranked together
+            widths = allocate_by_scores({layer: SCORES[s.allocation](mlp_io.read_mlp(model, layer), original[layer].to(dev, torch.float32))
+                                         for layer in layers}, total)
+        else:  # each layer's calibration error at a few widths, then the allocation
+            curves = {}
+            for layer in layers:
+                w = mlp_io.read_mlp(model, layer)
+                curves[layer] = {k: compress_layer(w, k, layer, original[layer])[0].stats["calib_err"] for k in candidate_widths(w.width, budget)}
+            widths = allocate(curves, total)
+        log.info("budget %.3f of the chosen layers' MLP parameters by %s: widths %s (%d neurons)", budget, s.allocation, widths, total)
     part_stats: dict[tuple[int, str], dict[str, float]] = {}
     for layer in sparse:
         t0, results = time.perf_counter(), {}
@@ -186,7 +193,7 @@ def compress_model(
 def calib_hash(calib: MLPCalibration) -> str:
     """sha256 of a layer's calibration tensors: the calibration sample's identity in the cache key."""
     h = hashlib.sha256()
-    for t in (calib.x, calib.y):
+    for t in (calib.x, calib.y, *(() if calib.lengths is None else (calib.lengths,))):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
