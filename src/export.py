@@ -11,13 +11,16 @@ llama.cpp's ``deci`` architecture; anything else is refused before writing). Eve
 card (``README.md``, which names the loader) and ``export.json``, which marks the folder as an
 export, so that a later export may replace it; any other existing folder is refused unless
 ``overwrite=true``. The folder is written beside ``out`` and renamed: an interrupted export leaves
-no half folder.
+no half folder, and the temporary folder of a killed one (SIGKILL, the OOM killer) is removed by the
+next export to ``out``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,17 @@ SAMPLES = ["a gripping, beautifully acted film", "the plot is thin and the jokes
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))) and not overwrite:
         raise ConfigError(f"out={str(out)!r} exists and is not an earlier export (no {MARKER}): choose another folder, or overwrite=true to replace it.")
+
+
+def _remove_leftovers(dest: Path) -> None:
+    """Remove the temporary folders a killed export to ``dest`` left beside it (``atomic_dir``'s, whose cleanup a
+    SIGKILL skips). A concurrent export to the same folder would lose its own; two exports to one folder replace
+    each other anyway."""
+    leftover = re.compile(rf"\.{re.escape(dest.name)}\.[^.]+\.(tmp|old)")  # .<name>.<random>.tmp|old, not another folder's
+    for p in dest.parent.iterdir() if dest.parent.is_dir() else ():
+        if p.is_dir() and leftover.fullmatch(p.name):
+            log.warning("removing %s, left by an interrupted export", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _loading(meta: dict[str, Any]) -> str:
@@ -129,6 +143,7 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
         "formats": ["hf"] if skipped else ["hf", "onnx"] if fmt == "both" else [fmt], "onnx_skipped": skipped,
         "metrics": json.loads(results.read_text()).get("metrics", {}) if results.is_file() else {},
     }
+    _remove_leftovers(dest)
     with atomic_dir(dest, overwrite=True) as tmp:
         if "hf" in meta["formats"]:
             # a stock model keeps transformers' original checkpoint names (any loader reads it); one with a

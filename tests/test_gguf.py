@@ -194,6 +194,18 @@ def test_weight_types_load_and_stay_close(smollm2_tokenizer, tmp_path: Path, dty
     assert err < RTOL[dtype], err
 
 
+
+@pytest.mark.parametrize(("name_or_path", "name"), [("/home/me/models/SmolLM2-135M-Instruct/", "SmolLM2-135M-Instruct"),
+                                                    ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"), ("", "llama")])
+def test_general_name_is_a_name_not_the_local_folders_path(smollm2_tokenizer, tmp_path: Path, name_or_path: str, name: str) -> None:
+    """``general.name`` is the model folder's (or Hub id's) last part, as llama.cpp's converter names a model; a random
+    model without a source is named by its model type."""
+    model = _tiny("llama")
+    model.config.name_or_path = name_or_path
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    write_gguf(model, smollm2_tokenizer, tmp_path, tmp_path / "m.gguf", "f32")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.name"].contents() == name
+
 @pytest.mark.deploy
 @pytest.mark.slow  # SmolLM2: compress with calibration, one step, export twice (~3 min on two cores)
 def test_smollm2_defaults_export_reproduces_pytorch_in_llama_cpp(compose_cfg, tmp_path: Path) -> None:

@@ -180,7 +180,9 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token
     qtype, file_type = DTYPES[dtype]
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(getattr(config, "name_or_path", "") or config.model_type)
+    # a name, not the local folder's path (which would leak into a shared file): the folder's or Hub id's last part, as
+    # llama.cpp's converter names a model by its folder
+    w.add_name(Path(getattr(config, "name_or_path", "") or "").name or config.model_type)
     w.add_file_type(file_type)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
