@@ -61,14 +61,19 @@ def test_fluctuation_is_flaps_running_estimate_sequence_by_sequence() -> None:
     assert flap.fluctuation(a, torch.tensor([40])).abs().max() == 0
 
 
-def test_flap_reproduces_the_official_codes_kept_neurons_and_bias(compose_cfg) -> None:
-    """tests/data/flap_reference_tiny.json: FLAP's own BiasGPT, WIFV metric, UL-UM threshold and compress() on a
-    tiny Llama's layers 1-3 (docs/study/llm/flap_official.py --reference); ffn_mode=flap on the same weights and
-    calibration sequences keeps the same neurons and adds the same bias (FLAP rounds its mean to float16)."""
-    ref = json.loads((DATA / "flap_reference_tiny.json").read_text())
+@pytest.mark.parametrize("reference", [
+    "flap_reference_tiny.json",
+    pytest.param("flap_reference_smollm2.json", marks=pytest.mark.slow),
+])
+def test_flap_reproduces_the_official_codes_kept_neurons_and_bias(compose_cfg, reference: str) -> None:
+    """tests/data/flap_reference_*.json: FLAP's own BiasGPT, WIFV metric, UL-UM threshold and compress() on a tiny
+    Llama's layers 1-3 and on SmolLM2's layers 10, 20 and 29 at width 1152 (docs/study/llm/flap_official.py
+    --reference); ffn_mode=flap on the same weights and calibration sequences keeps the same neurons and adds
+    the same bias (FLAP rounds its mean to float16)."""
+    ref = json.loads((DATA / reference).read_text())
     layers = sorted(int(i) for i in ref["layers"])
     c = ref["calib"]
-    cfg = compose_cfg(["model=tiny_smollm2", "task=rt_review", "trainer=cpu", "seed=0", "ffn_mode=flap", "ffn_mode.cache=false",
+    cfg = compose_cfg([f"model={ref['model']}", "task=rt_review", "trainer=cpu", "seed=0", "ffn_mode=flap", "ffn_mode.cache=false",
                        f"ffn_mode.layers=[{','.join(map(str, layers))}]", f"ffn_mode.mid_dim={ref['mid_dim']}", f"ffn_mode.seed={c['seed']}",
                        f"ffn_mode.calib.seed={c['seed']}", f"ffn_mode.calib.size={c['size']}"], fast=False)
     _, splits, compression = preflight(cfg)
