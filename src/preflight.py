@@ -51,7 +51,7 @@ def preflight(cfg: DictConfig) -> Checked:
     compression = check_ffn_mode(cfg, hf)
     check_approx_metrics(cfg, hf)
     if "check" in cfg.distill:
-        instantiate(cfg.distill.check)(cfg)
+        instantiate(cfg.distill.check)(cfg, hf)
     load_splits, _, _ = task_classes(cfg.task.kind)
     return Checked(hf, load_splits(cfg.task), compression)
 

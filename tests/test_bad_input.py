@@ -172,6 +172,41 @@ def test_refused_run_settings(compose_cfg, monkeypatch: pytest.MonkeyPatch, name
     assert_refused_before_loading(compose_cfg, monkeypatch, ["model=tiny_bert", *overrides], message)
 
 
+# distill=logits (src/callbacks/logit_distill.py) on a tiny causal LM; each refused by its check in the preflight
+LOGITS = ["model=tiny_llama", "task=rt_review", "distill=logits"]
+DISTILL_LOGITS = {  # name: (overrides, part of the message)
+    "temperature_zero": (["distill.temperature=0"], "distill.temperature=0 must be a positive number"),
+    "temperature_negative": (["distill.temperature=-2.0"], "distill.temperature=-2.0 must be a positive number"),
+    "kl_weight_negative": (["distill.kl_weight=-1"], "distill.kl_weight=-1 must be a number >= 0"),
+    "task_weight_negative": (["distill.task_weight=-0.5"], "distill.task_weight=-0.5 must be a number >= 0"),
+    "hidden_weight_negative": (["distill.hidden_weight=-1"], "distill.hidden_weight=-1 must be a number >= 0"),
+    "no_loss": (["distill.kl_weight=0"], "distill.kl_weight=0 and distill.task_weight=0 (and no weighted distill.hidden_layers) leave no loss"),
+    "top_k_zero": (["distill.top_k=0"], "distill.top_k=0 must be null (the whole vocabulary) or a number of logits in 1..30522."),
+    "top_k_above_vocabulary": (["distill.top_k=40000"], "distill.top_k=40000 must be null (the whole vocabulary) or a number of logits in 1..30522."),
+    "hidden_layers_out_of_range": (["distill.hidden_layers=[1,4]"], "distill.hidden_layers has [4] out of range: model=tiny_llama has layers 0..3."),
+    "hidden_layers_repeated": (["distill.hidden_layers=[2,2]"], "distill.hidden_layers=[2, 2] repeats a layer."),
+    "without_compression": (["ffn_mode=none"], "distill=logits distils the uncompressed model into the compressed one, but ffn_mode=none compresses nothing"),
+    "classification": (["task=rt_polarity"], "task=rt_polarity trains a classifier, whose head is as untrained in the uncompressed model"),
+    "encoder_decoder": (["model=tiny_t5"], "model=tiny_t5 runs as the seq2seq kind (an encoder-decoder model)"),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTILL_LOGITS))
+def test_refused_logit_distillation(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    overrides, message = DISTILL_LOGITS[name]
+    assert_refused_before_loading(compose_cfg, monkeypatch, [*LOGITS, *overrides], message)
+
+
+def test_logit_distillation_refused_under_fsdp(compose_cfg) -> None:
+    """The check itself: on this CPU machine the preflight refuses trainer=fsdp earlier (FSDP needs CUDA)."""
+    from src.callbacks.logit_distill import check_config
+    from src.models.build import load_hf_config
+
+    cfg = compose_cfg([*LOGITS, "trainer=fsdp"])
+    with pytest.raises(ConfigError, match=_re("distill=logits keeps a whole unsharded teacher on every rank, which FSDP cannot shard")):
+        check_config(cfg, load_hf_config(cfg.model))
+
+
 def test_no_training_is_allowed_when_only_evaluating(compose_cfg) -> None:
     check_run_settings(compose_cfg(["trainer.max_steps=0", "trainer.max_epochs=0", "train=false"]))
 

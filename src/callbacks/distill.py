@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
@@ -40,8 +41,9 @@ from src.utils.memory import release_memory
 log = logging.getLogger(__name__)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Refuse settings distillation cannot use (ConfigError naming them), before any weights load."""
+def check_config(cfg: DictConfig, hf: PretrainedConfig) -> None:
+    """Refuse settings distillation cannot use (ConfigError naming them), before any weights load; ``hf``, the
+    model's config, is what every ``distill`` option's check receives (this one reads no part of it)."""
     d = cfg.distill
     if cfg.ffn_mode.name == "none":
         raise ConfigError(

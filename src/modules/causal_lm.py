@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from src.modules.base import FineTuneModule
 from src.utils.io import write_text
+
+if TYPE_CHECKING:
+    from src.callbacks.logit_distill import LogitDistiller
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,9 @@ class CausalLMModule(FineTuneModule):
         # token-averaged NLL over a whole split (synced across ranks): exp of it is the perplexity
         self.nll = torch.nn.ModuleDict({p: MeanMetric() for p in [*t["eval_splits"], *t["test_splits"]]})
         self._generations: dict[str, list[dict[str, Any]]] = {}
+        # distill=logits: set for the fit by its callback; a plain attribute, so that the teacher it holds is no
+        # submodule (in no state_dict or checkpoint, neither moved nor wrapped by the strategy)
+        self.distiller: LogitDistiller | None = None
 
     @property
     def probe_fns(self) -> dict[str, Callable]:
@@ -96,8 +102,23 @@ class CausalLMModule(FineTuneModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
 
-    def token_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """NLL of every target token, [N]: position t predicts labels[t + 1] (HF's causal-LM shift).
+    def target_rows(self, model: PreTrainedModel, batch: dict[str, torch.Tensor],
+                    output_hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``model``'s final hidden states at the N target positions [N, h], the tokens they predict [N]
+        (position t predicts labels[t + 1], HF's causal-LM shift) and its transformer body's output.
+
+        ``model`` is this module's model or one of its architecture (the distillation teacher). No KV
+        cache: nothing reads it, and during validation it would hold every layer's keys and values.
+        """
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                               output_hidden_states=output_hidden_states)
+        target = batch["labels"][:, 1:]  # [B, T-1]
+        keep = target != -100
+        return out.last_hidden_state[:, :-1][keep], target[keep], out
+
+    def by_head_chunks(self, fn: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch.Tensor:
+        """``fn`` (which runs the output layer) over the target positions' ``rows`` (each [N, ...]), its
+        outputs [n, ...] concatenated to [N, ...].
 
         The output layer runs on the N target positions only, not on all B·T: with a large
         vocabulary it is most of the cost (and memory) of a small model. With
@@ -107,26 +128,22 @@ class CausalLMModule(FineTuneModule):
         SmolLM2's vocabulary of 49152, 200 KB each per target position). Without gradients
         (validation, test) it always runs chunk by chunk: an evaluation batch of 32 sequences would
         otherwise hold ~400 MB of logits and log-probabilities.
-        No KV cache: nothing reads it, and during validation it would hold every layer's keys and values.
         """
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
-        target = batch["labels"][:, 1:]  # [B, T-1]
-        keep = target != -100
-        x, y = hidden[:, :-1][keep], target[keep]  # [N, h], [N]
-        head = self.model.get_output_embeddings()
-
-        def nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(head(x).float(), y, reduction="none")
-
-        chunks = [(x[i : i + self.head_chunk], y[i : i + self.head_chunk]) for i in range(0, len(y), self.head_chunk)]
+        if torch.is_grad_enabled() and not (self.hparams.model.get("gradient_checkpointing") and self.training):
+            return fn(*rows)
+        chunks = list(zip(*(r.split(self.head_chunk) for r in rows)))
         if not torch.is_grad_enabled():  # evaluation: nothing to keep, one chunk's logits at a time
-            return torch.cat([nll(*c) for c in chunks])
-        if not (self.hparams.model.get("gradient_checkpointing") and self.training):
-            return nll(x, y)
-        return torch.cat([checkpoint(nll, *c, use_reentrant=False) for c in chunks])
+            return torch.cat([fn(*c) for c in chunks])
+        return torch.cat([checkpoint(fn, *c, use_reentrant=False) for c in chunks])
+
+    def token_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NLL of every target token, [N] (``target_rows``), the output layer run by ``by_head_chunks``."""
+        x, y, _ = self.target_rows(self.model, batch)  # [N, h], [N]
+        head = self.model.get_output_embeddings()
+        return self.by_head_chunks(lambda x, y: F.cross_entropy(head(x).float(), y, reduction="none"), x, y)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.token_nll(batch).mean()
+        loss = self.distiller.training_loss(self, batch) if self.distiller is not None else self.token_nll(batch).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
