@@ -2,16 +2,19 @@
 
 The paper's fusion clusters neurons by their weights, which works for ``act(W1 x)`` MLPs whose neurons
 are points in one space, and breaks a gated ``act(gate x) · (up x)`` MLP (docs/study/llm). Here a
-neuron is what it outputs: its activation a_i [T] over the calibration tokens, the coefficient of its
-down column in the MLP's output ``Σ_i down[:, i] a_i``. Neurons whose activations point the same way
-can share one: k-means on the unit vectors a_i / ‖a_i‖ (on at most ``max_tokens`` tokens), each
-weighted by its output energy e_i = ‖down[:, i]‖² ‖a_i‖², so that the cost of merging j into a
-cluster is about e_j sin²θ, the output it loses. Each cluster keeps its most representative member's
-gate and up rows (the largest Σ_j e_j cos²θ_ij over members j) and absorbs the others' outputs by
-least squares, down'[:, c] = Σ_j down[:, j] ⟨a_j, a_r⟩ / ‖a_r‖²; as in MLP fusion, the cluster's
-size n_c is a frozen scale and the down column is divided by it (the same outputs; docs/methods.md,
-"act_fusion"). A refit or bias compensation (``ffn_mode.refit``) then corrects what is left. Model
-folding and ZipIt merge neurons by activation correlation in the same way. Needs calibration data.
+neuron is what it outputs: the MLP's output is ``Σ_i down[:, i] a_i``, linear in the activations a_i
+[T] over the calibration tokens, so a neuron j whose activation is close to a multiple of another's,
+a_j ≈ c a_r, can be folded into r: ``down[:, r] += c · down[:, j]`` with c = ⟨a_j, a_r⟩ / ‖a_r‖² (least
+squares), at a cost in output of ‖down[:, j]‖² ‖a_j‖² sin²θ_jr (θ: the angle between a_j and a_r).
+
+Greedily, ``d − k`` times, the neuron whose fold costs least is folded into its best partner among the
+neurons left (a partner keeps its gate and up rows: the mean of two gates is not a gate of the mean;
+its down column carries what it absorbed, which later folds take along). A neuron with no similar
+partner costs its whole output energy, so the rule never does worse than dropping it, and where
+neurons fire together it merges them at little cost. As in MLP fusion each kept neuron's count of
+absorbed neurons n_c is a frozen scale and its down column is divided by it (the same outputs;
+docs/methods.md, "act_fusion"). A refit or bias compensation (``ffn_mode.refit``) corrects what is left.
+Model folding and ZipIt merge neurons by activation correlation in the same spirit. Needs calibration data.
 """
 
 from __future__ import annotations
@@ -19,17 +22,10 @@ from __future__ import annotations
 import torch
 
 from .common import activations, check_mid_dim, mlp_from_points, sub_mlp_points
-from .kmeans import kmeans
-from .types import FusedMLP, MLPCalibration, MLPWeights, OptionError
+from .types import FusedMLP, MLPCalibration, MLPWeights
 
 # Bumped whenever this method's output changes: part of the compression cache key.
-VERSION = "1"
-
-
-def check(width: int, mid_dim: int, *, max_tokens: int = 2048, **_: object) -> None:
-    """``max_tokens`` (tokens the similarity is measured on) is a positive int."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise OptionError("max_tokens", max_tokens, "must be a positive integer: the calibration tokens the neurons' similarity is measured on.")
+VERSION = "2"  # 2: greedy least-cost folds (was energy-weighted k-means of activation directions)
 
 
 def needs_calibration(**_: object) -> bool:
@@ -38,35 +34,35 @@ def needs_calibration(**_: object) -> bool:
 
 
 @torch.no_grad()
-def compress(
-    w: MLPWeights, mid_dim: int, *, seed: int, calib: MLPCalibration, max_tokens: int = 2048, n_init: int = 1,
-    max_iter: int = 50, tol: float = 1e-4,
-) -> FusedMLP:
-    """Width ``mid_dim``: a representative per activation cluster, the others' outputs folded into its down column;
-    ``scale`` [k] = the cluster sizes."""
+def compress(w: MLPWeights, mid_dim: int, *, seed: int, calib: MLPCalibration) -> FusedMLP:
+    """Width ``mid_dim``: ``d − mid_dim`` least-cost folds; ``scale`` [k] = each kept neuron's count (``seed`` unused)."""
     check_mid_dim(w, mid_dim)
-    check(w.width, mid_dim, max_tokens=max_tokens)
-    a = activations(w, calib.x)  # [T, d]
-    norm = a.norm(dim=0).clamp_min(1e-12)  # [d]
-    energy = w.down.to(a.dtype).pow(2).sum(0) * norm**2  # [d]: each neuron's output energy on the calibration tokens
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(len(a), generator=gen)[:max_tokens].sort().values.to(a.device)
-    u = (a[rows] / norm).T.contiguous()  # [d, t]: unit directions (on the sampled tokens)
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    km = kmeans(u, mid_dim, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, weights=energy)
-    points = sub_mlp_points(w)  # [d, P]
-    reps, downs = [], []
-    down = w.down.to(a.dtype)  # [h, d]
-    for c in range(mid_dim):
-        members = (km.labels == c).nonzero().flatten()
-        au = a[:, members] / norm[members]  # [T, m] unit activations
-        cos2 = (au.T @ au).pow(2)  # [m, m]
-        r = members[(cos2 @ energy[members]).argmax()]
-        coef = (a[:, members].T @ a[:, r]) / a[:, r].pow(2).sum().clamp_min(1e-12)  # [m]: least-squares scale onto a_r
-        reps.append(r)
-        downs.append(down[:, members] @ coef / len(members))  # [h], divided by the count the scale restores
-    reps_t = torch.stack(reps)
-    new = points[reps_t].clone()
-    new[:, -w.hidden_size :] = torch.stack(downs).to(new.dtype)  # the down column is the point's last h entries
-    kept = energy[reps_t].sum() / energy.sum()
-    return FusedMLP(mlp_from_points(new, w), scale=km.counts.to(w.up), stats={"inertia": km.inertia, "kept_energy_frac": kept.item()})
+    a = activations(w, calib.x).double()  # [T, d]
+    gram = a.T @ a  # [d, d]
+    sq = gram.diagonal().clamp_min(1e-30)  # ‖a_i‖², [d]
+    cos2 = gram.pow(2) / (sq[:, None] * sq[None, :])  # [d, d]; a folded neuron's column is set to -1
+    cos2.fill_diagonal_(-1.0)  # never a neuron's own partner
+    best, partner = cos2.max(1)  # [d]: each neuron's most similar neuron left
+    down = w.down.double().clone()  # [h, d]: each neuron's down column with what it absorbed
+    col2 = down.pow(2).sum(0)  # [d]
+    alive = torch.ones(w.width, dtype=torch.bool, device=a.device)
+    counts = torch.ones(w.width, dtype=torch.float64, device=a.device)
+    lost = 0.0
+    for _ in range(w.width - mid_dim):
+        cost = (col2 * sq * (1 - best.clamp(0, 1))).masked_fill(~alive, float("inf"))  # output energy a fold loses, [d]
+        j = int(cost.argmin())
+        r = int(partner[j])
+        down[:, r] += gram[j, r] / sq[r] * down[:, j]
+        col2[r] = down[:, r].pow(2).sum()
+        counts[r] += counts[j]
+        alive[j] = False
+        lost += float(cost[j])
+        cos2[:, j] = -1.0
+        stale = alive & (partner == j)  # neurons whose best partner was j look again
+        if stale.any():
+            best[stale], partner[stale] = cos2[stale].max(1)
+    kept = alive.nonzero().flatten()  # in original order
+    points = sub_mlp_points(w)[kept].clone()  # [k, P]
+    points[:, -w.hidden_size :] = (down[:, kept] / counts[kept]).T.to(points.dtype)  # the down column: a point's last h entries
+    energy = (w.down.double().pow(2).sum(0) * sq).sum()
+    return FusedMLP(mlp_from_points(points, w), scale=counts[kept].to(w.up), stats={"lost_energy_frac": lost / float(energy)})
