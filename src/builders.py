@@ -112,7 +112,7 @@ def compression_settings(cfg: DictConfig) -> CompressionSettings | None:
     c = f.calib
     return CompressionSettings(
         method=Method.of(instantiate(f.compress, _convert_="all"), f.name),
-        layers=tuple(f.layers), mid_dim=f.mid_dim, seed=f.seed, refit=f.refit, refit_ridge=f.refit_ridge, budget=f.budget,
+        layers=tuple(f.layers), mid_dim=f.mid_dim, seed=f.seed, refit=f.refit, refit_ridge=f.refit_ridge, refit_toward=f.refit_toward, budget=f.budget,
         allocation=f.allocation, experts="all" if f.experts == "all" else tuple(f.experts), shared_expert=f.shared_expert,
         re_init_layers=tuple(f.re_init_layers), calib=CalibSettings(c.size, c.seed, c.sequential, c.batch_size, c.source),
         cache_dir=f.cache_dir if f.cache else None,

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 
 from src.builders import compression_settings, task_classes
 from src.compress.budget import ALLOCATIONS
-from src.compress.refit import REFITS
+from src.compress.refit import REFITS, TOWARDS
 from src.compress.settings import CALIB_SOURCES, CompressionSettings
 from src.compress.types import OptionError
 from src.evaluation import check_tasks
@@ -207,6 +207,8 @@ def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> CompressionSettings
     ridge = f.refit_ridge
     if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge <= 0):
         raise ConfigError(f"ffn_mode.refit_ridge={ridge!r} must be a positive number or auto (chosen on held-out calibration sequences).")
+    if f.refit_toward not in TOWARDS:
+        raise ConfigError(f"ffn_mode.refit_toward={f.refit_toward!r} must be one of {', '.join(TOWARDS)}.")
     if f.allocation not in ALLOCATIONS:
         raise ConfigError(f"ffn_mode.allocation={f.allocation!r} must be one of {', '.join(ALLOCATIONS)}.")
     if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):

@@ -125,6 +125,16 @@ def test_auto_ridge_is_chosen_on_held_out_sequences() -> None:
     assert out.stats["refit_ridge"] == rho and out.stats["calib_err"] <= out.stats["calib_err_before_refit"]
 
 
+def test_a_ridge_toward_the_compressed_weights_interpolates_between_them_and_the_least_squares_fit() -> None:
+    w = _gated(d=16)
+    calib = _calib(w, [6] * 10)
+    pruned = wanda_sp.compress(w, 6, seed=0, calib=calib)
+    heavy = refit._solve(pruned, calib, 1e6, "compressed")
+    torch.testing.assert_close(heavy.weights.down, pruned.weights.down, rtol=1e-4, atol=1e-5)  # a large ridge: no refit
+    assert refit._solve(pruned, calib, 1e6, "zero").weights.down.abs().max() < 1e-3  # toward zero: no output
+    torch.testing.assert_close(refit._solve(pruned, calib, 1e-12, "compressed").weights.down, refit._solve(pruned, calib, 1e-12).weights.down)
+
+
 def test_act_fusion_merges_neurons_that_always_fire_together_exactly() -> None:
     """Neuron pairs with the same gate and up rows (other down columns) have the same activations: at k = d/2
     act_fusion finds the pairs (counts 2) and the fused MLP computes the original's outputs."""
@@ -155,6 +165,7 @@ def test_mixed_calibration_is_half_task_inputs_half_general_text(compose_cfg) ->
     ("ffn_mode.refit_ridge=-1", "ffn_mode.refit_ridge=-1 must be a positive number or auto"),
     ("ffn_mode.refit_ridge=often", "ffn_mode.refit_ridge='often' must be a positive number or auto"),
     ("ffn_mode.allocation=greedy", "ffn_mode.allocation='greedy' must be one of error, flap, wanda_sp"),
+    ("ffn_mode.refit_toward=one", "ffn_mode.refit_toward='one' must be one of zero, compressed"),
     ("ffn_mode.calib.source=wiki", "ffn_mode.calib.source='wiki' must be one of task, mixed"),
 ])
 def test_bad_calibration_options_are_refused_in_one_sentence(compose_cfg, monkeypatch, override, message) -> None:

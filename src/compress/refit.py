@@ -26,6 +26,7 @@ from .common import activations
 from .types import Compressed, FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
 
 REFITS = ("none", "lstsq", "bias")  # ffn_mode.refit: nothing, the least-squares refit, bias compensation
+TOWARDS = ("zero", "compressed")  # ffn_mode.refit_toward: what the ridge shrinks the refit toward
 # ρ candidates of ridge="auto" (relative to mean(diag(ZᵀZ)))
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HOLDOUT_EVERY = 5  # ridge="auto" holds out every fifth calibration sequence
@@ -97,35 +98,40 @@ def _holdout(calib: MLPCalibration) -> tuple[MLPCalibration, MLPCalibration]:
             MLPCalibration(calib.x[tokens], calib.y[tokens], lengths[held]))
 
 
-def choose_ridge(c: Compressed, calib: MLPCalibration) -> tuple[float, dict[float, float]]:
+def choose_ridge(c: Compressed, calib: MLPCalibration, toward: str = "zero") -> tuple[float, dict[float, float]]:
     """The ρ of ``RIDGES`` with the lowest error on held-out calibration sequences, and each ρ's error."""
     fit, held = _holdout(calib)
     if len(held.x) == 0 or len(fit.x) == 0:
         return 1e-3, {}
-    errors = {rho: rel_error(_solve(c, fit, rho), held) for rho in RIDGES}
+    errors = {rho: rel_error(_solve(c, fit, rho, toward), held) for rho in RIDGES}
     return min(errors, key=errors.get), errors
 
 
 @torch.no_grad()
-def refit(c: Compressed, calib: MLPCalibration, ridge: float | str = 1e-3) -> Compressed:
-    """``c`` with its down projection (and bias) re-fitted to the calibration outputs; see the module doc."""
-    rho = choose_ridge(c, calib)[0] if ridge == "auto" else float(ridge)
-    new = _solve(c, calib, rho)
+def refit(c: Compressed, calib: MLPCalibration, ridge: float | str = 1e-3, toward: str = "zero") -> Compressed:
+    """``c`` with its down projection (and bias) re-fitted to the calibration outputs; see the module doc.
+    ``toward="compressed"`` shrinks the fit toward ``c``'s own down projection instead of toward zero."""
+    rho = choose_ridge(c, calib, toward)[0] if ridge == "auto" else float(ridge)
+    new = _solve(c, calib, rho, toward)
     before, after = rel_error(c, calib), rel_error(new, calib)
     kept = new if after <= before else c
     stats = {**c.stats, "calib_err_before_refit": before, "calib_err": min(before, after), **({"refit_ridge": rho} if ridge == "auto" else {})}
     return dataclasses.replace(kept, stats=stats)
 
 
-def _solve(c: Compressed, calib: MLPCalibration, ridge: float) -> Compressed:
-    """The ridge solution for ``c``'s down projection (and bias) on ``calib``, whatever its error."""
+def _solve(c: Compressed, calib: MLPCalibration, ridge: float, toward: str = "zero") -> Compressed:
+    """The ridge solution for ``c``'s down projection (and bias) on ``calib``, whatever its error: the penalty
+    λ‖W − W0‖², W0 = 0 or (``toward="compressed"``) the down projection ``c`` has, [h, k]."""
     z, y = design(c, calib.x).double(), calib.y.double()  # [T, k], [T, h]
     has_bias = (c.down_bias if isinstance(c, LowRankMLP) else c.weights.down_bias) is not None
     mz, my = (z.mean(0), y.mean(0)) if has_bias else (0.0, 0.0)
     zc, yc = z - mz, y - my
     gram = zc.T @ zc  # [k, k]
     lam = ridge * gram.diagonal().mean()
-    w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), zc.T @ yc).T  # [h, k]
+    rhs = zc.T @ yc  # [k, h]
+    if toward == "compressed":
+        rhs = rhs + lam * (_dense(c) if isinstance(c, LowRankMLP) else c.weights).down.double().T
+    w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), rhs).T  # [h, k]
     if isinstance(c, LowRankMLP):
         left, right = c.factors["down"]
         l64 = left.double()

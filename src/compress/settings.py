@@ -45,6 +45,7 @@ class CompressionSettings:
     seed: int = 0
     refit: str = "none"  # none | lstsq | bias
     refit_ridge: float | str = 1e-3  # or "auto": chosen on held-out calibration sequences
+    refit_toward: str = "zero"  # zero | compressed: what the ridge shrinks the refit toward
     budget: float | None = None
     allocation: str = "error"  # how a budget's neurons are spread over layers: error | flap | wanda_sp
     experts: str | tuple[int, ...] = "all"  # Mixture-of-Experts models: "all" or routed expert ids

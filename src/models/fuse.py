@@ -113,7 +113,7 @@ def compress_model(
         if part is not None:
             keyed["part"] = part
         if calib is not None:
-            keyed.update(calib=calib_hash(calib), refit=s.refit, refit_ridge=s.refit_ridge)
+            keyed.update(calib=calib_hash(calib), refit=s.refit, refit_ridge=s.refit_ridge, refit_toward=s.refit_toward)
         key = cache_key(w, **keyed)
         result = cache.get(key, dev) if cache else None
         if result is not None:
@@ -125,7 +125,7 @@ def compress_model(
             calib = calib.to(dev, torch.float32)
         result = method(w_dev, width, seed=seed, calib=calib)
         if s.refit == "lstsq":
-            result = refit_down(result, calib, s.refit_ridge)
+            result = refit_down(result, calib, s.refit_ridge, s.refit_toward)
         elif s.refit == "bias":
             result = compensate(result, calib)
         elif calib is not None:

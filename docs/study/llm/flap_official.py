@@ -103,8 +103,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     n_layers = original.model.config.num_hidden_layers
-    for size, (mid_dim, budget) in SIZES.items():
-        for kind in ("uniform", "budget"):
+    for kind in ("uniform", "budget"):
+        for size, (mid_dim, budget) in SIZES.items():
             layers = list(range(10, 30)) if kind == "uniform" else list(range(n_layers))
             removed = width - mid_dim if kind == "uniform" else round((1 - budget) * width * n_layers)
             module = copy.deepcopy(original)
