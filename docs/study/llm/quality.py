@@ -88,10 +88,15 @@ def plan() -> dict[str, list[str]]:
     auto = ("ffn_mode.refit_ridge=auto", "ffn_mode.calib.source=mixed")
     out["wanda_sp/lstsq-auto-mixed/uniform/s1"] = setting("wanda_sp", "lstsq", "uniform", "s1", *auto)
     out["wanda_sp/lstsq-auto-toward-mixed/uniform/s1"] = setting("wanda_sp", "lstsq", "uniform", "s1", *auto, "ffn_mode.refit_toward=compressed")
-    for kind, size in [("uniform", "s2"), ("uniform", "s3"), ("budget", "s2"), ("budget", "s1"), ("budget", "s3")]:
-        for method in METHODS:
-            for refit in ("bias",) if kind == "budget" else ("none", "bias", "lstsq") if method == "wanda_sp" else ("none", "bias"):
-                out[f"{method}/{refit}/{kind}/{size}"] = setting(method, refit, kind, size)
+    # the other sizes: bias compensation (every method's best correction at s1) first, then the rest
+    for refits, grid in ((("bias",), [("uniform", "s2"), ("uniform", "s3")]), (("none", "lstsq"), [("uniform", "s2"), ("uniform", "s3")]),
+                         (("bias",), [("budget", "s2"), ("budget", "s1"), ("budget", "s3")])):
+        for kind, size in grid:
+            for method in METHODS:
+                for refit in refits:
+                    if refit == "lstsq" and method != "wanda_sp" or refit == "none" and method == "ntk_keep":
+                        continue  # never a method's best at s1 (lstsq kept for the previous defaults' wanda_sp)
+                    out[f"{method}/{refit}/{kind}/{size}"] = setting(method, refit, kind, size)
     return out
 
 
