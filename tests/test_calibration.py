@@ -219,8 +219,8 @@ def test_budget_run_resumes_and_exports(compose_cfg, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("model", "hf", "method", "layers", "width", "refit"), [
     ("minilm", {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "intermediate_size": 1536}, "ntk_cluster", [2, 3, 4, 5], 384, "none"),
-    ("smollm2", {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536}, "act_fusion",
-     list(range(10, 30)), 1152, "bias"),
+    ("smollm2", {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536}, "wanda_sp",
+     list(range(10, 30)), 1152, "lstsq"),
 ])
 def test_each_models_compression_defaults(compose_cfg, model: str, hf: dict, method: str, layers: list[int], width: int, refit: str) -> None:
     """The main job's paper defaults; SmolLM2's chosen from docs/study/llm/quality.md (a sixth of its MLP parameters removed)."""

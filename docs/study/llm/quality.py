@@ -52,7 +52,10 @@ from src.preflight import preflight
 CONF = str(Path(__file__).resolve().parents[3] / "conf")
 HERE = Path(__file__).resolve().parent
 BASE = ["model=smollm2", "task=rt_review", "trainer=cpu", "task.max_eval_samples=16", "approx_metrics.enabled=false", "seed=0"]
-FIXED = ["ffn_mode.cache=false", "ffn_mode.seed=0", "ffn_mode.calib.seed=0"]  # every compressed setting
+# every compressed setting, where its own overrides leave them: fixed seeds, and the calibration and ridge of the
+# study's protocol whatever the model's defaults are (SmolLM2's were chosen from this study)
+FIXED = ["ffn_mode.cache=false", "ffn_mode.seed=0", "ffn_mode.calib.seed=0", "ffn_mode.calib.source=task", "ffn_mode.refit_ridge=0.001",
+         "ffn_mode.refit_toward=zero"]
 # neurons removed from SmolLM2's 30 x 1536 MLP neurons: 7,680 (the defaults' size), twice and three times that;
 # uniform: layers 10-29 (the top two thirds, the defaults' layout) at one width; budget: all 30 layers, FLAP's allocation
 SIZES = {"s1": (1152, 5 / 6), "s2": (768, 2 / 3), "s3": (384, 1 / 2)}
@@ -88,25 +91,30 @@ def plan() -> dict[str, list[str]]:
     auto = ("ffn_mode.refit_ridge=auto", "ffn_mode.calib.source=mixed")
     out["wanda_sp/lstsq-auto-mixed/uniform/s1"] = setting("wanda_sp", "lstsq", "uniform", "s1", *auto)
     out["wanda_sp/lstsq-auto-toward-mixed/uniform/s1"] = setting("wanda_sp", "lstsq", "uniform", "s1", *auto, "ffn_mode.refit_toward=compressed")
-    # the other sizes: bias compensation (every method's best correction at s1) first, then the rest
-    for refits, grid in ((("bias",), [("uniform", "s2"), ("uniform", "s3")]), (("none", "lstsq"), [("uniform", "s2"), ("uniform", "s3")]),
-                         (("bias",), [("budget", "s2"), ("budget", "s1"), ("budget", "s3")])):
+    # the other sizes: bias compensation (every method's best correction at s1 but wanda_sp's) first, then the rest
+    for refits, grid in ((("bias",), [("uniform", "s2"), ("uniform", "s3"), ("budget", "s2")]),
+                         (("none", "lstsq"), [("uniform", "s2"), ("uniform", "s3")]), (("bias",), [("budget", "s1"), ("budget", "s3")])):
         for kind, size in grid:
             for method in METHODS:
                 for refit in refits:
                     if refit == "lstsq" and method != "wanda_sp" or refit == "none" and method == "ntk_keep":
                         continue  # never a method's best at s1 (lstsq kept for the previous defaults' wanda_sp)
                     out[f"{method}/{refit}/{kind}/{size}"] = setting(method, refit, kind, size)
+        if refits == ("bias",) and ("budget", "s2") in grid:  # the best refit at s1: the defaults at every size, and on act_fusion
+            for method, size in (("wanda_sp", "s2"), ("wanda_sp", "s3"), ("act_fusion", "s1"), ("act_fusion", "s2"), ("act_fusion", "s3")):
+                out[f"{method}/lstsq-auto-toward-mixed/uniform/{size}"] = setting(method, "lstsq", "uniform", size, *auto,
+                                                                                   "ffn_mode.refit_toward=compressed")
     return out
 
 
 def config(overrides: list[str]):
-    """The study's config: ``BASE`` (where ``overrides`` set none of its keys), the overrides, ``FIXED`` where it compresses."""
+    """The study's config: ``BASE`` and, where it compresses, ``FIXED`` (each where ``overrides`` do not set its key), the overrides."""
     keys = {o.split("=")[0] for o in overrides}
     base = [o for o in BASE if o.split("=")[0] not in keys]
+    fixed = [] if "ffn_mode=none" in overrides else [o for o in FIXED if o.split("=")[0] not in keys]
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        cfg = compose("train", overrides=[*base, *overrides, *([] if "ffn_mode=none" in overrides else FIXED)], return_hydra_config=True)
+        cfg = compose("train", overrides=[*base, *overrides, *fixed], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.cwd} in paths
     GlobalHydra.instance().clear()
     with open_dict(cfg):

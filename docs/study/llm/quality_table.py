@@ -48,7 +48,7 @@ def main() -> None:
         out += [f"## {kind}: {what}", "", "| method | correction | " + " | ".join(f"{v} removed" for v in SIZES.values()) + " |",
                 "|---|---|" + "---|" * len(SIZES)]
         for method in METHODS:
-            for refit in ("none", "bias", "lstsq", "lstsq-auto", "bias-mixed", "lstsq-mixed"):
+            for refit in ("none", "bias", "lstsq", "lstsq-auto", "bias-mixed", "lstsq-mixed", "lstsq-auto-mixed", "lstsq-auto-toward-mixed"):
                 cells = []
                 for size in SIZES:
                     r = by.get(f"{method}/{refit}/{kind}/{size}")
