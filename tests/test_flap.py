@@ -75,7 +75,8 @@ def test_flap_reproduces_the_official_codes_kept_neurons_and_bias(compose_cfg, r
     c = ref["calib"]
     cfg = compose_cfg([f"model={ref['model']}", "task=rt_review", "trainer=cpu", "seed=0", "ffn_mode=flap", "ffn_mode.cache=false",
                        f"ffn_mode.layers=[{','.join(map(str, layers))}]", f"ffn_mode.mid_dim={ref['mid_dim']}", f"ffn_mode.seed={c['seed']}",
-                       f"ffn_mode.calib.seed={c['seed']}", f"ffn_mode.calib.size={c['size']}"], fast=False)
+                       f"ffn_mode.calib.seed={c['seed']}", f"ffn_mode.calib.size={c['size']}",
+                       f"ffn_mode.calib.source={c['source']}"], fast=False)  # the reference's sample, whatever the model's default
     _, splits, compression = preflight(cfg)
     torch.manual_seed(0)  # the random weights the reference was computed on
     datamodule, module = build_data_and_module(cfg, splits)
