@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers.activations import ACT2FN
 
-from .types import MLPWeights
+from .types import FusedMLP, MLPWeights
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -78,6 +78,13 @@ def top_sub_mlps(w: MLPWeights, t: int, score: Tensor | None = None) -> tuple[Te
     others, each in original order."""
     order = (importance(w) if score is None else score).argsort(descending=True, stable=True)  # stable: ties break by index
     return order[:t].sort().values, order[t:].sort().values
+
+
+def keep_top(w: MLPWeights, mid_dim: int, score: Tensor) -> FusedMLP:
+    """The MLP of the ``mid_dim`` neurons of largest ``score`` [d], in original order: what the calibrated
+    pruning methods return once they have scored the neurons."""
+    keep, _ = top_sub_mlps(w, mid_dim, score)
+    return FusedMLP(mlp_from_points(sub_mlp_points(w)[keep], w), stats={"kept_score_frac": (score[keep].sum() / score.sum()).item()})
 
 
 # gpt-oss's gated form: (clamp(u, ±L) + 1) · c · σ(α c), c = clamp(g, max=L)

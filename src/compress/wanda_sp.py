@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import activations, check_mid_dim, mlp_from_points, sub_mlp_points, top_sub_mlps
+from .common import activations, check_mid_dim, keep_top
 from .types import FusedMLP, MLPCalibration, MLPWeights
 
 # Bumped whenever this method's output changes: part of the compression cache key.
@@ -32,6 +32,4 @@ def scores(w: MLPWeights, calib: MLPCalibration, acts: torch.Tensor | None = Non
 def compress(w: MLPWeights, mid_dim: int, *, seed: int, calib: MLPCalibration) -> FusedMLP:
     """Keep the top ``mid_dim`` neurons by activation-weighted norm, in original order (``seed`` unused)."""
     check_mid_dim(w, mid_dim)
-    score = scores(w, calib)
-    keep, _ = top_sub_mlps(w, mid_dim, score)
-    return FusedMLP(mlp_from_points(sub_mlp_points(w)[keep], w), stats={"kept_score_frac": (score[keep].sum() / score.sum()).item()})
+    return keep_top(w, mid_dim, scores(w, calib))
