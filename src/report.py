@@ -45,6 +45,7 @@ MEANS = {"hidden_rel_err": HIDDEN_ERR, "ntk_sign_rel_err": NTK_SIGN, "ntk_std_re
          "params": PARAMS_AFTER, "step_time_s": STEP_TIME, "peak_mem_mb": PEAK_MEM}
 ERROR_BARS = ["ntk_sign_rel_err"]  # columns that also get a 95 % interval, for the plots
 KEYS = ["method", "mid_dim"]
+REFERENCE = "ntk_cluster"  # the method the others are paired with, unless told
 # variant option values whose row label reads better short; any other value reads <option>=<value>
 SHORT_LABELS = {("refit", "lstsq"): "refit", ("weighting", "activation"): "act"}
 
@@ -156,7 +157,7 @@ def _values(g: pd.DataFrame, col: str) -> dict[Any, float]:
     return {seed: float(v) for seed, v in zip(g["seed"], g[col]) if not pd.isna(v)}
 
 
-def summarize(done: pd.DataFrame, metric: str, reference: str = "ntk_cluster") -> pd.DataFrame:
+def summarize(done: pd.DataFrame, metric: str, reference: str = REFERENCE) -> pd.DataFrame:
     """One row per (method, mid_dim) of completed runs: the metric's mean, std, 95 % t interval and n over
     seeds, its paired difference from ``reference`` at the same width (seed by seed), and other means."""
     def col(key: str) -> pd.Series:
@@ -195,7 +196,7 @@ def _first_line(error: Any, width: int = 120) -> str:
     return error.strip().splitlines()[0][:width] if isinstance(error, str) and error.strip() else ""
 
 
-def to_markdown(table: pd.DataFrame, others: pd.DataFrame, metric: str, folder: Path, reference: str = "ntk_cluster") -> str:
+def to_markdown(table: pd.DataFrame, others: pd.DataFrame, metric: str, folder: Path, reference: str = REFERENCE) -> str:
     """The report: the summary table, then the runs left out of it (failed, running, unknown)."""
     diff = f"diff vs {reference}"
     header = ["method", "mid_dim", "n", f"{metric} (mean ± std [95 % CI])", f"{metric} − {reference} (paired, 95 % CI)",
@@ -279,16 +280,23 @@ def plot_by_method(table: pd.DataFrame, metric: str, path: Path) -> None:
 # entry point
 
 
-def build_report(folder: str | Path, metric: str | None = None, reference: str = "ntk_cluster",
+def build_report(folder: str | Path, metric: str | None = None, reference: str | None = None,
                  at_step: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Gather, summarise and write ``report.md``, ``report.csv`` and the three plots into ``folder``
-    (``report_step<N>.md`` / ``.csv`` and no plots for the metrics after ``at_step`` steps).
+    (``report_step<N>.md`` / ``.csv`` and no plots for the metrics after ``at_step`` steps). A ``metric`` or
+    ``reference`` (default ``REFERENCE``) given must be among the runs'.
 
     Returns (summary table, runs left out, Markdown text).
     """
     folder = Path(folder)
     runs = gather_runs(folder, at_step)
     done, others = runs[runs["status"] == "completed"], runs[runs["status"] != "completed"]
+    if metric is not None and f"metric:{metric}" not in runs:
+        logged = sorted(c.removeprefix("metric:") for c in runs.columns if c.startswith("metric:"))
+        raise ConfigError(f"--metric {metric}: no run under {folder} has it; theirs are {', '.join(logged) or 'none'}.")
+    if reference is not None and reference not in set(runs["method"]):
+        raise ConfigError(f"--reference {reference}: no run under {folder} is of that method; theirs are {', '.join(sorted(set(runs['method'])))}.")
+    reference = reference or REFERENCE  # the default may be absent from a sweep: no paired differences then
     metric = metric or task_metric(runs, at_step)
     setups = runs[["task", "model"]].drop_duplicates().dropna()
     if len(setups) > 1:  # rows are per method and width only
@@ -315,8 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a multirun folder (logs/multiruns/<time>_<sweep>)")
     parser.add_argument("--metric", help="the run metric to report (default: the monitor's test counterpart, e.g. test/acc)")
-    parser.add_argument("--reference", default="ntk_cluster", help="the method the others are paired with, seed by seed (ntk_cluster)")
-    parser.add_argument("--at-step", type=int, help="the logged metrics after this many training steps (metrics.csv), not the final ones")
+    parser.add_argument("--reference", help=f"the method the others are paired with, seed by seed ({REFERENCE})")
+    parser.add_argument("--at-step", help="the logged metrics after this many training steps (metrics.csv), not the final ones")
     # `reference=svd` / `metric=...` / `at_step=50` as in the other entry points' key=value overrides
     keys = {"reference": "--reference", "metric": "--metric", "at_step": "--at-step"}
     argv = [a for kv in (sys.argv[1:] if argv is None else argv)
@@ -324,9 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.at_step is not None and args.at_step < 1:
+        # checked here rather than by argparse's type=int, whose refusal is its usage block
+        at_step = None if args.at_step is None else int(args.at_step) if args.at_step.strip().isdigit() else -1
+        if at_step is not None and at_step < 1:
             raise ConfigError(f"--at-step {args.at_step}: give a number of training steps >= 1, e.g. --at-step 50.")
-        _, _, text = build_report(args.folder, args.metric, args.reference, args.at_step)
+        _, _, text = build_report(args.folder, args.metric, args.reference, at_step)
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

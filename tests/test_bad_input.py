@@ -262,3 +262,32 @@ def test_cli_out_of_range_is_one_sentence_and_marks_the_run_failed(tmp_path: Pat
     assert proc.returncode == 2 and "optim.lr=-1.0 must be a number >= 0" in out and "Traceback" not in out
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "failed" and res["error"].startswith("optim.lr=-1.0 must be")
+
+
+@pytest.mark.parametrize(
+    "args,sentence",
+    [
+        (["--metric", "no/such_metric"], "--metric no/such_metric: no run under {root} has it; theirs are test/acc, val/acc."),
+        (["--reference", "nope"], "--reference nope: no run under {root} is of that method; theirs are none, svd."),
+        (["reference=nope"], "--reference nope: no run under {root} is of that method; theirs are none, svd."),
+        (["--at-step", "abc"], "--at-step abc: give a number of training steps >= 1, e.g. --at-step 50."),
+    ],
+    ids=["metric", "reference", "reference_key_value", "at_step_text"],
+)
+def test_report_refuses_what_the_runs_lack(tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+                                          args: list[str], sentence: str) -> None:
+    """src.report: a metric or reference method no run has would make a report of dashes; a step count that is not a
+    number would end in argparse's usage block. Each is one sentence, exit code 2, and no report is written."""
+    import logging
+
+    from src.report import main
+
+    root = tmp_path / "sweep"
+    for i, (method, seed) in enumerate((("svd", 1), ("svd", 2), ("none", 1))):
+        (root / str(i)).mkdir(parents=True)
+        (root / str(i) / "results.json").write_text(json.dumps({"status": "completed", "ffn_mode": method, "mid_dim": 8, "seed": seed,
+                                                               "monitor": "val/acc", "metrics": {"test/acc": 0.5, "val/acc": 0.6}}))
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as e:
+        main([str(root), *args])
+    assert e.value.code == 2 and caplog.messages == [sentence.format(root=root)]
+    assert "usage:" not in capsys.readouterr().err and not list(root.glob("report*"))
