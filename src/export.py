@@ -6,7 +6,7 @@ sequence axes, from the folded model, any per-layer widths (causal LMs: logits w
 cache); the export checks itself against PyTorch with ONNX Runtime. Encoder-decoder models get no
 ONNX export (``exported.onnx_unsupported``): ``format=onnx`` is refused, ``both`` writes ``hf`` and
 says, in the log and the card, why ONNX was skipped. ``gguf``: ``model.gguf`` for llama.cpp
-(``gguf_dtype`` f32|f16|bf16|q8_0; ``src.models.to_gguf``: Llama-family causal LMs, per-layer widths as
+(``gguf_dtype`` f32|f16|bf16|q8_0, either case; ``src.models.to_gguf``: Llama-family causal LMs, per-layer widths as
 llama.cpp's ``deci`` architecture; anything else is refused before writing). Every format writes the tokenizer, a model
 card (``README.md``, which names the loader) and ``export.json``, which marks the folder as an
 export, so that a later export may replace it; any other existing folder is refused unless
@@ -115,8 +115,9 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
     """Rebuild the checkpoint's model (structure from ``checkpoint["fusion"]``), fold scales, write ``fmt``."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not an export format; allowed: {list(FORMATS)}.")
-    if gguf_dtype not in DTYPES:
+    if str(gguf_dtype).lower() not in DTYPES:
         raise ConfigError(f"gguf_dtype={gguf_dtype!r} is not a GGUF weight type this export writes; allowed: {list(DTYPES)}.")
+    gguf_dtype = str(gguf_dtype).lower()  # llama.cpp writes the types upper case (F16, Q8_0): either case is meant
     path, dest = Path(ckpt_path), Path(out)
     ckpt = read_checkpoint(path)
     _check_out(dest, overwrite)

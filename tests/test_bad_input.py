@@ -291,3 +291,15 @@ def test_report_refuses_what_the_runs_lack(tmp_path: Path, capsys: pytest.Captur
         main([str(root), *args])
     assert e.value.code == 2 and caplog.messages == [sentence.format(root=root)]
     assert "usage:" not in capsys.readouterr().err and not list(root.glob("report*"))
+
+
+def test_gguf_dtype_in_either_case(tmp_path: Path) -> None:
+    """llama.cpp writes the types upper case (F16, Q8_0): accepted as their lower-case names (here the export goes on to
+    the checkpoint, which is missing); an unknown type lists the allowed ones."""
+    from src.export import export
+
+    for dtype in ("F16", "Q8_0", "bf16"):
+        with pytest.raises(ConfigError, match=_re("ckpt_path='/nonexistent.ckpt' is not a file.")):
+            export("/nonexistent.ckpt", str(tmp_path / "out"), fmt="gguf", gguf_dtype=dtype)
+    with pytest.raises(ConfigError, match=_re("gguf_dtype='F8' is not a GGUF weight type this export writes; allowed: ['f32', 'f16', 'bf16', 'q8_0'].")):
+        export("/nonexistent.ckpt", str(tmp_path / "out"), fmt="gguf", gguf_dtype="F8")
