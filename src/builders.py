@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +21,7 @@ from src.compress.settings import CalibSettings, CompressionSettings
 from src.models.build import load_tokenizer
 from src.models.fuse import apply_spec
 from src.models.source import model_identity
+from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint of this project, read safely (weights only) on the CPU; ConfigError in one sentence if it is not one."""
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(path)!r} is not a file.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {e}") from None
+    ckpt = read_torch_file(path)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "model" not in hp or "task" not in hp or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={str(path)!r} is not a checkpoint of this project (no model/task hyper-parameters).")

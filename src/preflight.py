@@ -26,6 +26,7 @@ from src.compress.types import OptionError
 from src.evaluation import check_tasks
 from src.models import mlp_io
 from src.models.build import load_hf_config
+from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer
 
@@ -291,12 +292,7 @@ def resolve_ckpt_path(cfg: DictConfig, compression: CompressionSettings | None) 
     if not path.is_file():
         hint = " (ckpt_path=last resumes the run in hydra.run.dir=<its folder>)" if cfg.ckpt_path == "last" else ""
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint file at {path}{hint}.")
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ConfigError(f"ckpt_path={str(path)!r} is not a readable Lightning checkpoint: {e}") from None
+    ckpt = read_torch_file(path, mmap=True)
     hp = ckpt.get("hyper_parameters", {})
     if hp.get("model", {}).get("name") != cfg.model.name or hp.get("task", {}).get("name") != cfg.task.name:
         raise ConfigError(

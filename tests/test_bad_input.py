@@ -303,3 +303,49 @@ def test_gguf_dtype_in_either_case(tmp_path: Path) -> None:
             export("/nonexistent.ckpt", str(tmp_path / "out"), fmt="gguf", gguf_dtype=dtype)
     with pytest.raises(ConfigError, match=_re("gguf_dtype='F8' is not a GGUF weight type this export writes; allowed: ['f32', 'f16', 'bf16', 'q8_0'].")):
         export("/nonexistent.ckpt", str(tmp_path / "out"), fmt="gguf", gguf_dtype="F8")
+
+
+# src.train, src.export and src.evaluate on a causal LM
+LLM = ["model=tiny_llama", "task=rt_review"]
+
+
+def _evaluate_cfg(overrides: list[str]):
+    """conf/evaluate.yaml (src.evaluate's) with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return compose("evaluate", overrides=overrides)
+
+
+def _fake_checkpoint(compose_cfg, path: Path) -> Path:
+    """A checkpoint file with tiny_llama's hyper-parameters and no weights: what src.evaluate reads before restoring a model."""
+    import torch
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(LLM)
+    torch.save({"hyper_parameters": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task")}, "state_dict": {}}, path)
+    return path
+
+
+def test_truncated_checkpoint_is_one_sentence(compose_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """src.train, src.export and src.evaluate: one sentence naming the setting (torch's own message is a paragraph)."""
+    import src.evaluate
+    import src.export
+
+    whole = _fake_checkpoint(compose_cfg, tmp_path / "whole.ckpt")
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    message = f"ckpt_path={str(cut)!r} is not a whole checkpoint file: it is truncated (an interrupted copy or save) or was not written by torch.save."
+    with pytest.raises(ConfigError) as e:
+        train(compose_cfg([*LLM, f"ckpt_path={cut}"]))
+    assert str(e.value) == message
+    with pytest.raises(ConfigError) as e:
+        src.export.export(str(cut), str(tmp_path / "out"))
+    assert str(e.value) == message
+    with pytest.raises(ConfigError) as e:
+        src.evaluate.evaluate(_evaluate_cfg([f"ckpt_path={cut}"]))
+    assert str(e.value) == message
