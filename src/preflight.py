@@ -25,7 +25,7 @@ from src.compress.settings import CALIB_SOURCES, CompressionSettings
 from src.compress.types import OptionError
 from src.evaluation import check_tasks
 from src.models import mlp_io
-from src.models.build import load_hf_config
+from src.models.build import DTYPES, load_hf_config
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer
@@ -103,6 +103,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         for n in limit.values() if isinstance(limit, DictConfig) else [limit]:
             _positive(n, "lm_eval.limit")
         _positive(cfg.lm_eval.batch_size, "lm_eval.batch_size")
+    dtype = cfg.model.get("dtype")
+    _require(dtype is None or dtype in DTYPES, "model.dtype", dtype, f"one of {', '.join(DTYPES)} (the loaded weights' torch dtype)")
     check_trainer_settings(cfg)
     for key in ("max_seq_length", "batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
         _positive(cfg.task.get(key), f"task.{key}")

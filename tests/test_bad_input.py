@@ -161,6 +161,7 @@ RUN_SETTINGS = {  # name: (overrides, part of the message)
     "limit_batches_above_one": (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches=1.5 must be null (all batches), a number of batches >= 0 or a fraction"),
     "accumulate_zero": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive integer."),
     "devices_zero": (["trainer.devices=0"], "trainer.devices=0 must be a number of devices >= 1, -1 (all)"),
+    "model_dtype": (["model.dtype=float8"], "model.dtype='float8' must be one of float32, bfloat16, float16 (the loaded weights' torch dtype)."),
 }
 
 
@@ -349,3 +350,21 @@ def test_truncated_checkpoint_is_one_sentence(compose_cfg, monkeypatch: pytest.M
     with pytest.raises(ConfigError) as e:
         src.evaluate.evaluate(_evaluate_cfg([f"ckpt_path={cut}"]))
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("{not json", "its config.json is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))."),
+        (json.dumps({"model_type": "no_such_model"}), "its config.json's model_type 'no_such_model' is not one transformers"),
+    ],
+    ids=["not_json", "unknown_model_type"],
+)
+def test_model_folder_with_a_bad_config(compose_cfg, tmp_path: Path, config: str, message: str) -> None:
+    """One sentence, not transformers' traceback and its paragraph on upgrading transformers."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, text in (("config.json", config), ("model.safetensors", ""), ("tokenizer.json", "{}")):
+        (folder / name).write_text(text)
+    with pytest.raises(ConfigError, match=_re(f"model folder {folder}: {message}")):
+        train(compose_cfg([f"model.name_or_path={folder}"]))

@@ -8,6 +8,7 @@ load reads instead.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +34,8 @@ from src.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 HEADS = {"classification": AutoModelForSequenceClassification, "generation": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+# model.dtype: the torch dtypes loaded weights may take
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_model_folder(folder: str, cfg: dict[str, Any]) -> None:
@@ -53,6 +56,29 @@ def check_model_folder(folder: str, cfg: dict[str, Any]) -> None:
     missing = [f for f in needed if not (path / f.split(" ")[0]).exists()]
     if missing:
         raise ConfigError(f"model folder {folder} lacks {', '.join(missing)}: it is not a complete Hugging Face model folder.")
+    if "config.json" in needed:
+        check_config_json(path / "config.json", bool(cfg.get("trust_remote_code")))
+
+
+def check_config_json(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a ``config.json`` that is not JSON or names a ``model_type`` this transformers lacks, in one sentence
+    (transformers' own errors are a traceback and a paragraph on upgrading it)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model folder {path.parent}: its config.json is not JSON ({e}).") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"model folder {path.parent}: its config.json holds a {type(d).__name__}, not a JSON object of settings.")
+    model_type = d.get("model_type")
+    # a model with its own code (auto_map) names a type transformers need not know
+    if model_type is not None and model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in d):
+        import transformers
+
+        raise ConfigError(f"model folder {path.parent}: its config.json's model_type {model_type!r} is not one transformers "
+                          f"{transformers.__version__} knows (a newer architecture needs a newer transformers; one with its own "
+                          "code in the folder, model.trust_remote_code=true).")
 
 
 def load_hf_config(cfg: DictConfig | dict, **overrides: Any) -> PretrainedConfig:
