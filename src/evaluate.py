@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from src.builders import read_checkpoint, restore_module
-from src.evaluation import check_tasks, lm_eval
-from src.models.build import load_tokenizer
+from src.evaluation import check_lm_eval, check_positions, lm_eval
+from src.models.build import load_hf_config, load_tokenizer
 from src.models.exported import load_exported
 from src.utils.config import refusing, run_app
 from src.utils.errors import ConfigError
@@ -30,8 +32,9 @@ from src.utils.io import write_json
 log = logging.getLogger(__name__)
 
 
-def _load(ckpt_path: str | None, export_dir: str | None) -> tuple[Any, Any, Path]:
-    """The model, its tokenizer and the folder the results go to."""
+def _load(ckpt_path: str | None, export_dir: str | None, check: Callable[[PretrainedConfig, str], None]) -> tuple[Any, Any, Path]:
+    """The model, its tokenizer and the folder the results go to; ``check(config, model)`` sees the model's config
+    before its weights load."""
     if (ckpt_path is None) == (export_dir is None):
         raise ConfigError("give ckpt_path=<checkpoint> or export_dir=<folder written by src.export>, one of them.")
     if export_dir is not None:
@@ -43,6 +46,7 @@ def _load(ckpt_path: str | None, export_dir: str | None) -> tuple[Any, Any, Path
         if info.get("kind") == "classification" or "hf" not in info.get("formats", []):
             raise ConfigError(f"export_dir={export_dir!r} holds no Hugging Face language model (a classifier, or ONNX/GGUF only): "
                               "lm-evaluation-harness scores a language model's weights.")
+        check(AutoConfig.from_pretrained(folder), f"export_dir={export_dir!r}")
         return load_exported(folder, AutoModelForCausalLM), AutoTokenizer.from_pretrained(folder), folder
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
@@ -50,6 +54,7 @@ def _load(ckpt_path: str | None, export_dir: str | None) -> tuple[Any, Any, Path
     if hp["task"]["kind"] == "classification":
         raise ConfigError(f"ckpt_path={ckpt_path!r} is a classifier ({hp['model']['name']} on {hp['task']['name']}): lm-evaluation-harness "
                           "scores language models; its test/acc is the task's own evaluation (src.train train=false).")
+    check(load_hf_config(hp["model"]), f"model={hp['model']['name']}")
     module = restore_module(ckpt)
     return module.model.eval(), load_tokenizer(hp["model"]), path.parent.parent  # <run>/checkpoints/x.ckpt -> <run>
 
@@ -57,8 +62,8 @@ def _load(ckpt_path: str | None, export_dir: str | None) -> tuple[Any, Any, Path
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Check the tasks, load the model, run lm-eval, write the metrics; returns them."""
     e = cfg.lm_eval
-    check_tasks(list(e.tasks), list(e.seq_lens))
-    model, tokenizer, folder = _load(cfg.ckpt_path, cfg.export_dir)
+    check_lm_eval(list(e.tasks), list(e.seq_lens), e.limit, e.batch_size)
+    model, tokenizer, folder = _load(cfg.ckpt_path, cfg.export_dir, partial(check_positions, list(e.tasks), list(e.seq_lens)))
     metrics = lm_eval(model, tokenizer, list(e.tasks), list(e.seq_lens), e.limit, e.batch_size)
     source = {"ckpt_path": cfg.ckpt_path, "export_dir": cfg.export_dir, "lm_eval": OmegaConf.to_container(e)}
     write_json(folder / "eval.json", {**source, "metrics": metrics})

@@ -23,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from src.data.classification import load_rt_polarity
+from src.models.build import max_positions
 from src.models.source import package_dir
 from src.utils.errors import ConfigError
 from src.utils.hub import hub_reachable
@@ -74,6 +75,34 @@ def check_tasks(tasks: Sequence[str], seq_lens: Sequence[int]) -> None:
     if hub and not hub_reachable():
         raise ConfigError(f"lm_eval.tasks {hub} must be downloaded from the Hugging Face Hub, which is not reachable here; "
                           f"the offline tasks are {', '.join(OFFLINE)}.")
+
+
+def check_lm_eval(tasks: Sequence[str], seq_lens: Sequence[int], limit: Any, batch_size: Any) -> None:
+    """``lm_eval``'s settings (``check_tasks``, then the document limit and the batch size): one sentence, before any model loads."""
+    check_tasks(tasks, seq_lens)
+    counts = limit if isinstance(limit, Mapping) else None
+    if counts is not None and not set(counts) <= set(tasks):
+        raise ConfigError(f"lm_eval.limit={dict(counts)!r} must be a mapping of lm_eval.tasks to document counts, e.g. {{{tasks[0]}: 2}}.")
+    for key, n in counts.items() if counts is not None else [(None, limit)]:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            setting = f"lm_eval.limit.{key}" if key is not None else "lm_eval.limit"
+            allowed = "a positive number of documents" if key is not None else \
+                f"null (every document), a positive number of documents per task, or a mapping of tasks to them, e.g. {{{tasks[0]}: 2}}"
+            raise ConfigError(f"{setting}={n!r} must be {allowed}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"lm_eval.batch_size={batch_size!r} must be a positive integer.")
+
+
+def check_positions(tasks: Sequence[str], seq_lens: Sequence[int], config: PretrainedConfig, model: str) -> None:
+    """Refuse a perplexity at a sequence length past the model's positions (``max_positions``): lm-eval would
+    score windows the model was never built for, and report numbers without a word."""
+    longest = max_positions(config)
+    if longest is None or not any(t in PERPLEXITY for t in tasks):  # the lengths apply to the perplexity tasks only
+        return
+    past = [n for n in seq_lens if n > longest]
+    if past:
+        raise ConfigError(f"lm_eval.seq_lens has {past}, past the {longest} positions of {model}: its perplexity there is not "
+                          f"the model's; keep lm_eval.seq_lens within 2..{longest}, e.g. [{min(128, longest)}].")
 
 
 def lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], seq_lens: Sequence[int],

@@ -23,9 +23,9 @@ from src.compress.budget import ALLOCATIONS
 from src.compress.refit import REFITS, TOWARDS
 from src.compress.settings import CALIB_SOURCES, CompressionSettings
 from src.compress.types import OptionError
-from src.evaluation import check_tasks
+from src.evaluation import check_lm_eval, check_positions
 from src.models import mlp_io
-from src.models.build import DTYPES, load_hf_config
+from src.models.build import DTYPES, load_hf_config, max_positions
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer
@@ -51,6 +51,8 @@ def preflight(cfg: DictConfig) -> Checked:
     resolve(cfg, hf)
     compression = check_ffn_mode(cfg, hf)
     check_approx_metrics(cfg, hf)
+    if cfg.lm_eval.enabled:
+        check_positions(cfg.lm_eval.tasks, cfg.lm_eval.seq_lens, hf, f"model={cfg.model.name}")
     if "check" in cfg.distill:
         instantiate(cfg.distill.check)(cfg, hf)
     load_splits, _, _ = task_classes(cfg.task.kind)
@@ -96,13 +98,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         if cfg.task.kind == "classification":
             raise ConfigError(f"lm_eval.enabled=true is refused for task={cfg.task.name}: lm-evaluation-harness scores language models, "
                               "and this run trains a classifier (its test/acc is the task's own evaluation).")
-        check_tasks(cfg.lm_eval.tasks, cfg.lm_eval.seq_lens)
-        limit = cfg.lm_eval.limit
-        if isinstance(limit, DictConfig):
-            _require(set(limit) <= set(cfg.lm_eval.tasks), "lm_eval.limit", OmegaConf.to_container(limit), "a mapping of lm_eval.tasks to document counts")
-        for n in limit.values() if isinstance(limit, DictConfig) else [limit]:
-            _positive(n, "lm_eval.limit")
-        _positive(cfg.lm_eval.batch_size, "lm_eval.batch_size")
+        e = cfg.lm_eval
+        check_lm_eval(e.tasks, e.seq_lens, e.limit, e.batch_size)
     dtype = cfg.model.get("dtype")
     _require(dtype is None or dtype in DTYPES, "model.dtype", dtype, f"one of {', '.join(DTYPES)} (the loaded weights' torch dtype)")
     check_trainer_settings(cfg)
@@ -159,7 +156,7 @@ def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
             log.info("model=%s is an encoder-decoder model: task=%s runs as the seq2seq kind (text-to-text)", cfg.model.name, cfg.task.name)
             cfg.task.kind = "seq2seq"
         if "model_max_positions" in cfg.task:
-            cfg.task.model_max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+            cfg.task.model_max_positions = max_positions(hf)
         f, defaults = cfg.ffn_mode, cfg.model.fusion_defaults
         if f.name == "none":
             return

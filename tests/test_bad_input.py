@@ -352,6 +352,45 @@ def test_truncated_checkpoint_is_one_sentence(compose_cfg, monkeypatch: pytest.M
     assert str(e.value) == message
 
 
+# A causal LM's settings, refused against their own ranges or the model's config, before its weights load
+LLM_SETTINGS = {  # name: (overrides, part of the message)
+    "lm_eval_limit_negative": (["lm_eval.enabled=true", "lm_eval.limit=-1"], "lm_eval.limit=-1 must be null (every document), a positive "
+                               "number of documents per task, or a mapping of tasks to them, e.g. {hamlet: 2}."),
+    "lm_eval_limit_text": (["lm_eval.enabled=true", "lm_eval.limit=abc"], "lm_eval.limit='abc' must be null (every document)"),
+    "lm_eval_limit_task_zero": (["lm_eval.enabled=true", "lm_eval.limit={hamlet:0}"], "lm_eval.limit.hamlet=0 must be a positive number of documents."),
+    "lm_eval_past_positions": (["lm_eval.enabled=true", "lm_eval.tasks=[hamlet]", "lm_eval.seq_lens=[128,2048]"],
+                               "lm_eval.seq_lens has [2048], past the 128 positions of model=tiny_llama: its perplexity there is not the "
+                               "model's; keep lm_eval.seq_lens within 2..128, e.g. [128]."),
+}
+
+
+@pytest.mark.parametrize("name", list(LLM_SETTINGS))
+def test_refused_llm_settings(compose_cfg, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    overrides, message = LLM_SETTINGS[name]
+    assert_refused_before_loading(compose_cfg, monkeypatch, [*LLM, *overrides], message)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["lm_eval.limit=-1"], "lm_eval.limit=-1 must be null (every document), a positive number of documents per task"),
+        (["lm_eval.limit=abc"], "lm_eval.limit='abc' must be null (every document)"),
+        (["lm_eval.batch_size=0"], "lm_eval.batch_size=0 must be a positive integer."),
+        (["lm_eval.tasks=[hamlet]", "lm_eval.seq_lens=[2048]"], "lm_eval.seq_lens has [2048], past the 128 positions of model=tiny_llama"),
+    ],
+    ids=["limit_negative", "limit_text", "batch_size_zero", "past_positions"],
+)
+def test_evaluate_refuses_before_restoring_the_model(compose_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      overrides: list[str], message: str) -> None:
+    """src.evaluate on a checkpoint: the settings before the checkpoint is read, the lengths against its model's config."""
+    import src.evaluate
+
+    monkeypatch.setattr(src.evaluate, "restore_module", lambda *a, **k: pytest.fail("a model was restored before the check"))
+    ckpt = _fake_checkpoint(compose_cfg, tmp_path / "x.ckpt")
+    with pytest.raises(ConfigError, match=_re(message)):
+        src.evaluate.evaluate(_evaluate_cfg([f"ckpt_path={ckpt}", *overrides]))
+
+
 @pytest.mark.parametrize(
     "config,message",
     [

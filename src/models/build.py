@@ -94,6 +94,11 @@ def load_hf_config(cfg: DictConfig | dict, **overrides: Any) -> PretrainedConfig
     return AutoConfig.from_pretrained(src, **kwargs, **overrides)
 
 
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: relative positions, no limit in the config)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def load_tokenizer(cfg: DictConfig | dict) -> PreTrainedTokenizerBase:
     """The tokenizer; a missing pad token is set to EOS (or UNK), and the log says so."""
     src, kwargs = _pretrained_source(as_dict(cfg))
