@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PretrainedConfig
@@ -25,7 +26,8 @@ from src.compress.settings import CALIB_SOURCES, CompressionSettings
 from src.compress.types import OptionError
 from src.evaluation import check_lm_eval, check_positions
 from src.models import mlp_io
-from src.models.build import DTYPES, load_hf_config, max_positions
+from src.models.build import DTYPES, HEADS, load_hf_config, max_positions
+from src.modules.lora import targets
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer
@@ -50,6 +52,7 @@ def preflight(cfg: DictConfig) -> Checked:
     check_architecture(cfg, hf)
     resolve(cfg, hf)
     compression = check_ffn_mode(cfg, hf)
+    check_finetune(cfg, hf)
     check_approx_metrics(cfg, hf)
     if cfg.lm_eval.enabled:
         check_positions(cfg.lm_eval.tasks, cfg.lm_eval.seq_lens, hf, f"model={cfg.model.name}")
@@ -250,6 +253,26 @@ def check_experts(cfg: DictConfig, hf: PretrainedConfig, layers: list[int]) -> N
     dense = [i for i in layers if i not in sparse]
     if dense:
         raise ConfigError(f"ffn_mode.layers has {dense}, blocks without experts: model={name} holds experts in blocks {sparse}.")
+
+
+def check_finetune(cfg: DictConfig, hf: PretrainedConfig) -> None:
+    """``finetune=lora``: ``target_modules`` names a Linear of the model, read from its skeleton (built on the meta
+    device: no memory, no weights), as ``add_lora`` would after compression."""
+    f = cfg.finetune
+    if f.name != "lora":
+        return
+    _, _, module_cls = task_classes(cfg.task.kind)
+    try:
+        with torch.device("meta"):
+            skeleton = HEADS[module_cls.head].from_config(hf, trust_remote_code=bool(cfg.model.get("trust_remote_code")))
+    except Exception:  # noqa: BLE001  (a skeleton that cannot be built here: add_lora still refuses the names after loading)
+        return
+    if targets(skeleton, list(f.target_modules)) or (f.get("experts") and mlp_io.fused_expert_weights(skeleton)):
+        return
+    parts = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    linear = sorted({name.rsplit(".", 1)[-1] for name in targets(skeleton, list(parts))})
+    raise ConfigError(f"finetune.target_modules={list(f.target_modules)} names no Linear module of model={cfg.model.name}, whose "
+                      f"Linear modules are named {', '.join(linear)}.")
 
 
 def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig) -> None:

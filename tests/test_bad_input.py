@@ -354,6 +354,9 @@ def test_truncated_checkpoint_is_one_sentence(compose_cfg, monkeypatch: pytest.M
 
 # A causal LM's settings, refused against their own ranges or the model's config, before its weights load
 LLM_SETTINGS = {  # name: (overrides, part of the message)
+    "lora_target_modules_unknown": (["finetune=lora", "finetune.target_modules=[no_such_proj]"],
+                                    "finetune.target_modules=['no_such_proj'] names no Linear module of model=tiny_llama, whose Linear "
+                                    "modules are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj."),
     "lm_eval_limit_negative": (["lm_eval.enabled=true", "lm_eval.limit=-1"], "lm_eval.limit=-1 must be null (every document), a positive "
                                "number of documents per task, or a mapping of tasks to them, e.g. {hamlet: 2}."),
     "lm_eval_limit_text": (["lm_eval.enabled=true", "lm_eval.limit=abc"], "lm_eval.limit='abc' must be null (every document)"),
