@@ -78,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    refusing(evaluate, cfg)
+    refusing(evaluate, cfg, interrupted="src.evaluate stopped before writing its metrics; eval.json and results.json are as they were")
 
 
 if __name__ == "__main__":

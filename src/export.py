@@ -11,8 +11,9 @@ llama.cpp's ``deci`` architecture; anything else is refused before writing). Eve
 card (``README.md``, which names the loader) and ``export.json``, which marks the folder as an
 export, so that a later export may replace it; any other existing folder is refused unless
 ``overwrite=true``. The folder is written beside ``out`` and renamed: an interrupted export leaves
-no half folder, and the temporary folder of a killed one (SIGKILL, the OOM killer) is removed by the
-next export to ``out``.
+no half folder (SIGTERM or Ctrl-C: its temporary folder removed, one line saying so, exit code 128 +
+the signal's number), and the temporary folder of a killed one (SIGKILL, the OOM killer) is removed
+by the next export to ``out``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from src.models.exported import export_onnx, onnx_unsupported, prepare_for_expor
 from src.models.fuse import count_params
 from src.models.to_gguf import DTYPES, gguf_unsupported, write_gguf
 from src.modules.lora import merge
+from src.utils.config import refusing
 from src.utils.errors import ConfigError
 from src.utils.io import atomic_dir
 
@@ -166,13 +167,14 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
     return dest
 
 
+def _export(cfg: DictConfig) -> None:
+    export(cfg.ckpt_path, cfg.out, cfg.format, cfg.overwrite, cfg.gguf_dtype)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        export(cfg.ckpt_path, cfg.out, cfg.format, cfg.overwrite, cfg.gguf_dtype)
-    except ConfigError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    refusing(_export, cfg, interrupted=f"the export to {cfg.out} stopped: nothing was written there (an earlier export in it is kept) "
+                                       "and its temporary folder was removed")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Imported by every entry point before Hydra composes (it registers the resolvers 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +29,45 @@ OmegaConf.register_new_resolver("tag", lambda prefix, value: "" if value is None
 schema.register()
 
 
-def refusing(job: Callable[[DictConfig], object], cfg: DictConfig) -> None:
-    """Run an entry point's job; a ConfigError (a refusal) is logged as its one sentence and ends the process with exit code 2."""
+# the signals that stop a job: a scheduler's or timeout's SIGTERM, Ctrl-C (src.callbacks.guards.GracefulStop's, for training)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A stop signal, raised where the job is (a BaseException, as KeyboardInterrupt: no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def refusing(job: Callable[[DictConfig], object], cfg: DictConfig, interrupted: str | None = None) -> None:
+    """Run an entry point's job; a ConfigError (a refusal) is logged as its one sentence and ends the process with exit code 2.
+
+    With ``interrupted`` (what a stop leaves, e.g. "the export to <out> stopped: nothing was written there"), SIGTERM and SIGINT raise
+    ``Interrupted`` inside the job, so that its cleanup runs (``atomic_dir`` removes its temporary folder), and end the
+    process with one line, ``SIGTERM received: <interrupted>.``, and exit code 128 + the signal's number, as ``src.train``
+    does; a second signal meanwhile is ignored, so that the cleanup finishes.
+    """
     from src.utils.errors import ConfigError
 
+    def stop(signum: int, frame: object) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS} if interrupted else {}
     try:
         job(cfg)
     except ConfigError as e:
         logging.getLogger(job.__module__).error("%s", e)
         sys.exit(2)
+    except Interrupted as e:
+        logging.getLogger(job.__module__).error("%s received: %s.", e, interrupted)
+        sys.exit(128 + e.signum)  # as the shell reports a process ended by the signal: a scheduler sees a failure
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_app(main: Callable[[], object]) -> None:

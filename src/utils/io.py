@@ -65,6 +65,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(target, old / target.name)
         os.replace(tmp, target)
     finally:
+        if old is not None and (old / target.name).exists() and not target.exists():  # stopped between the renames
+            os.replace(old / target.name, target)  # the earlier folder goes back
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
