@@ -4,7 +4,7 @@ For each size and fine-tuning: the LM-loss and the distilled runs' val/ppl and H
 (mean ± std [95 % t interval] over seeds), the paired per-seed difference distilled − LM loss, seconds a
 step, the teacher's seconds a step and peak memory. Rows with fewer seeds than asked say their n.
 
-    python docs/study/llm/distill_table.py [docs/study/llm/distill]
+    PYTHONPATH=. python docs/study/llm/distill_table.py [docs/study/llm/distill]   # from the repository root
 """
 
 from __future__ import annotations
@@ -25,11 +25,21 @@ def load(root: Path) -> dict[tuple[str, str, str], dict[int, dict[str, float]]]:
     runs: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
     for path in sorted(root.glob("*/*/results.json")):
         res = json.loads(path.read_text())
-        if res.get("status") != "completed":
+        if res.get("status") != "completed" or path.parent.name == "before":
             continue
         ft, loss, seed = path.parent.name.rsplit("-", 2)
         runs.setdefault((path.parent.parent.name, ft, loss), {})[int(seed[1:])] = res["metrics"]
     return runs
+
+
+def before(root: Path) -> str:
+    """Markdown: the uncompressed model and each size's compressed one before any step (n = 1 each)."""
+    out = "| model, before any step | " + " | ".join(METRICS.values()) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    for path in [root / "uncompressed/results.json", *sorted(root.glob("*/before/results.json"))]:
+        if path.is_file() and (res := json.loads(path.read_text())).get("status") == "completed":
+            name = "uncompressed (the teacher)" if path.parent.name == "uncompressed" else SIZES.get(path.parent.parent.name)
+            out += f"| {name} | " + " | ".join(fmt_estimate(estimate([res["metrics"].get(k, float("nan"))])) for k in METRICS) + " |\n"
+    return out
 
 
 def table(runs: dict[tuple[str, str, str], dict[int, dict[str, float]]]) -> str:
@@ -52,4 +62,5 @@ def table(runs: dict[tuple[str, str, str], dict[int, dict[str, float]]]) -> str:
 
 
 if __name__ == "__main__":
-    print(table(load(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/study/llm/distill"))))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/study/llm/distill")
+    print(before(root) + "\n" + table(load(root)))
