@@ -119,6 +119,16 @@ def refit(c: Compressed, calib: MLPCalibration, ridge: float | str = 1e-3, towar
     return dataclasses.replace(kept, stats=stats)
 
 
+def apply_refit(c: Compressed, calib: MLPCalibration, how: str, ridge: float | str = 1e-3, toward: str = "zero") -> Compressed:
+    """``c`` after ``ffn_mode.refit`` (``how``, one of ``REFITS``) on ``calib``: re-fitted (lstsq), its bias compensated
+    (bias), or as it is (none); its stats carry the calibration error either way."""
+    if how == "lstsq":
+        return refit(c, calib, ridge, toward)
+    if how == "bias":
+        return compensate(c, calib)
+    return dataclasses.replace(c, stats={**c.stats, "calib_err": rel_error(c, calib)})
+
+
 def _solve(c: Compressed, calib: MLPCalibration, ridge: float, toward: str = "zero") -> Compressed:
     """The ridge solution for ``c``'s down projection (and bias) on ``calib``, whatever its error: the penalty
     λ‖W − W0‖², W0 = 0 or (``toward="compressed"``) the down projection ``c`` has, [h, k]."""

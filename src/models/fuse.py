@@ -6,7 +6,6 @@ The method sees only ``MLPWeights`` (pure function); this module reads each laye
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -20,10 +19,8 @@ from torch import nn
 
 from src.compress.budget import SCORES, allocate, allocate_by_scores, candidate_widths, total_neurons
 from src.compress.cache import FusionCache, cache_key
-from src.compress.refit import refit as refit_down
-from src.compress.refit import compensate
+from src.compress.refit import apply_refit
 from src.compress.refit import output as refit_output
-from src.compress.refit import rel_error as calib_rel_error
 from src.compress.settings import CompressionSettings
 from src.compress.types import Compressed, FusedMLP, MLPCalibration, MLPWeights
 from src.models import mlp_io
@@ -124,12 +121,8 @@ def compress_model(
         if calib is not None:
             calib = calib.to(dev, torch.float32)
         result = method(w_dev, width, seed=seed, calib=calib)
-        if s.refit == "lstsq":
-            result = refit_down(result, calib, s.refit_ridge, s.refit_toward)
-        elif s.refit == "bias":
-            result = compensate(result, calib)
-        elif calib is not None:
-            result = dataclasses.replace(result, stats={**result.stats, "calib_err": calib_rel_error(result, calib)})
+        if calib is not None:  # every refit but none reads calibration data (settings.needs_calibration)
+            result = apply_refit(result, calib, s.refit, s.refit_ridge, s.refit_toward)
         if cache:
             cache.put(key, result)
         return result, False
