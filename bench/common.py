@@ -27,12 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.data.classification import load_rt_polarity
 from src.models.build import load_hf_config, load_tokenizer
-from src.builders import build_datamodule, compression_settings
+from src.builders import build_datamodule
 from src.callbacks.fusion import FusionCallback
+from src.compress.settings import CompressionSettings
 from src.models.fuse import FusionReport
 from src.models.source import model_identity
 from src.modules.optim import build_adamw, build_schedule
-from src.preflight import preflight, resolve
+from src.preflight import compression_settings, preflight
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -130,8 +131,8 @@ def compose_config(sizes: Sizes, opts: Options, ffn_mode: str | None = "ntk_clus
     (not ``trainer=auto``: the command line chooses). ``model`` replaces the sizes' model;
     ``ffn_mode=None`` keeps the model's default method (what ``python -m src.train model=<model>``
     compresses with); ``default_fusion`` keeps the ffn_mode's own layers and mid_dim instead of the
-    sizes', filled from the model's config as ``python -m src.train`` fills them where ``extra`` (more
-    overrides, applied last) leaves them unset.
+    sizes' (``settings`` fills them from the model's config as ``python -m src.train`` does, where
+    ``extra``, more overrides applied last, leaves them unset).
     """
     overrides = [o for o in sizes.overrides if model is None or not o.startswith("model=")]
     overrides += ([f"model={model}"] if model else []) + ([f"ffn_mode={ffn_mode}"] if ffn_mode else [])
@@ -146,10 +147,14 @@ def compose_config(sizes: Sizes, opts: Options, ffn_mode: str | None = "ntk_clus
     with open_dict(cfg):
         cfg.paths.output_dir = output_dir
         del cfg.hydra
-    if default_fusion:  # before the interpolations resolve: the fusion callback's settings point to these
-        resolve(cfg, load_hf_config(cfg.model))
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def settings(cfg: DictConfig) -> CompressionSettings | None:
+    """The config's compression settings (None for ``ffn_mode=none``), resolved and checked against the model's
+    config as ``python -m src.train``'s preflight does."""
+    return compression_settings(cfg, load_hf_config(cfg.model))
 
 
 def shape_config(sizes: Sizes, opts: Options, shape: Shape, ffn_mode: str, extra: Sequence[str] = ()) -> DictConfig:
@@ -191,9 +196,9 @@ def compress(model: nn.Module, cfg: DictConfig, device: torch.device) -> FusionR
     """Compress ``model`` in place as ``python -m src.train`` does at setup: the fusion callback with the
     config's compression settings (same cache, identity and options), with its approximation metrics off (they
     measure quality, not cost); a setting that reads calibration data gets the task's DataModule."""
-    settings = compression_settings(cfg)
-    datamodule = build_datamodule(cfg, preflight(cfg).splits) if settings.needs_calibration else None
-    callback = FusionCallback(settings, {"enabled": False}, model_identity(cfg.model))
+    s = settings(cfg)
+    datamodule = build_datamodule(cfg, preflight(cfg)) if s.needs_calibration else None
+    callback = FusionCallback(s, {"enabled": False}, model_identity(cfg.model))
     return callback.compress_and_measure(model, device, datamodule=datamodule, probe_fns={})
 
 

@@ -39,6 +39,7 @@ from bench.common import (
     random_tokens,
     real_batches,
     rotated,
+    settings,
     shape_config,
     sync,
     target,
@@ -132,7 +133,7 @@ def run(sizes: Sizes, opts: Options) -> BenchResult:
             step[mode].append(s)
 
     rows = [_row(mode, trainees[mode], flops, memory, fwd_bwd, step) for mode in MODES]
-    cfg, fused = cfgs["none"], cfgs["ntk_cluster"].ffn_mode
+    cfg, fused = cfgs["none"], settings(cfgs["ntk_cluster"])
     batch_size, seq_len = batches[0]["input_ids"].shape
     inputs = (f"batch {batch_size} x {seq_len} random token ids (uniform over the {cfg.model.config.vocab_size}-word vocabulary, "
               "no padding)"

@@ -39,11 +39,12 @@ from bench.common import (
     optimizer_step,
     precision_note,
     real_batches,
+    settings,
     sync,
     target,
     timed,
 )
-from src.builders import build_callbacks, compression_settings
+from src.builders import build_callbacks
 from src.modules.classifier import ClassificationModule
 from src.utils.loggers import build_loggers
 
@@ -117,13 +118,13 @@ def run(sizes: Sizes, opts: Options) -> BenchResult:
 
 def _callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The project's callbacks for this config, less checkpoint writers and progress bars."""
-    return [c for c in build_callbacks(cfg, compression_settings(cfg)) if not isinstance(c, (ModelCheckpoint, ProgressBar))]
+    return [c for c in build_callbacks(cfg, settings(cfg)) if not isinstance(c, (ModelCheckpoint, ProgressBar))]
 
 
 def _fit(cfg: DictConfig, module: ClassificationModule, loader: DataLoader, clock: Interleave) -> None:
     """One ``trainer.fit`` over ``loader`` with the project's trainer, callbacks and CSV logger."""
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*_callbacks(cfg), clock], logger=build_loggers(cfg), max_steps=len(loader),
+        cfg.trainer, callbacks=[*_callbacks(cfg), clock], logger=build_loggers(cfg, {}), max_steps=len(loader),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
     with warnings.catch_warnings():

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from bench.common import FP32_NOTE, BenchResult, Options, Shape, Sizes, random_tokens, shape_config, timed
-from src.builders import compression_settings, fusion_callback
+from bench.common import FP32_NOTE, BenchResult, Options, Shape, Sizes, random_tokens, settings, shape_config, timed
+from src.builders import fusion_callback
 from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.models.build import build_model
@@ -54,10 +54,10 @@ def run(sizes: Sizes, opts: Options) -> BenchResult:
     for shape in sizes.scale:
         for method in METHODS:
             cfg = shape_config(sizes, opts, shape, method)
-            settings = compression_settings(cfg)
-            rows.append(_measure(cfg, settings, shape, opts))
+            compression = settings(cfg)
+            rows.append(_measure(cfg, compression, shape, opts))
             release_memory()  # the model and what the metrics held, before the next model is built
-    a, calib = cfg.approx_metrics, settings.calib  # the last config's: the same for every row
+    a, calib = cfg.approx_metrics, compression.calib  # the last config's: the same for every row
     cuda, lengths = opts.device.type == "cuda", "/".join(map(str, sorted({s.seq_len for s in sizes.scale})))
     return BenchResult(
         name="scale",

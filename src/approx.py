@@ -34,10 +34,10 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from src.builders import build_data_and_module, build_module, compression_settings, fusion_callback
+from src.builders import build_data_and_module, build_module, fusion_callback
 from src.metrics.approximation import approximation_metrics, measure_reference
 from src.models.fuse import count_params
-from src.preflight import preflight
+from src.preflight import compression_settings, preflight
 from src.utils.config import ffn_modes, refusing, run_app
 from src.utils.errors import ConfigError
 from src.utils.hardware import to_device
@@ -186,12 +186,12 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
             "probe_size": cfg.approx_metrics.probe_size, "reference": reference, "refit": shared.refit, "budget": shared.budget,
             "calib_size": shared.calib.size, "calib_sequential": shared.calib.sequential,
             "variants": {m: c.compression.variant() for m, c in checked.items() if c.compression}}
-    datamodule, _ = build_data_and_module(first, checked[name].splits)
+    datamodule, _ = build_data_and_module(first, checked[name])
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         L.seed_everything(seed)  # the task head is random: seed it as a training run does, so the probe matches
         seeded = _with_seed(first, seed)
-        module = build_module(seeded)
+        module = build_module(seeded, checked[name].task)
         original = module.model.to(device).eval()
         batch = to_device(datamodule.probe_batch(cfg.approx_metrics.probe_size, seeded.approx_metrics.probe_seed), device)
         a = cfg.approx_metrics
@@ -202,8 +202,9 @@ def approx(cfg: DictConfig) -> dict[str, Any]:
                                                    a.chunk_size, a.max_memory_gb, ref)
                 metrics.update({"fusion/params_after": float(count_params(original)), "fusion/compress_seconds": 0.0})
             else:
-                at_seed = _with_seed(mc, seed)
-                callback = fusion_callback(at_seed, compression_settings(at_seed))  # the object a training run compresses with
+                at_seed = _with_seed(mc, seed)  # its settings follow the seed, as a run's at that seed would
+                # the object a training run compresses with
+                callback = fusion_callback(at_seed, compression_settings(at_seed, checked[m].hf))
                 callback.compress_and_measure(copy.deepcopy(original), device, datamodule, module.probe_fns, ref)
                 metrics = callback.summary_metrics
             runs.append({"method": m, "seed": seed, "metrics": _flat(metrics)})

@@ -1,9 +1,12 @@
 """The preflight: every cheap check, before any model weights load or any heavy work starts.
 
-``preflight`` fills the values derived from the model's config into the run's config, once
-(``resolve``), then checks every setting and input; each check raises ConfigError with one
-sentence naming the setting, its value and what is allowed. Unknown group options (``task=foo``)
-are refused earlier by Hydra, which lists the valid ones.
+``preflight`` checks every setting and input and returns what the builders take (``Checked``): the
+task as the model runs it (``run_task``) and the run's compression settings
+(``CompressionSettings.from_config``: ``ffn_mode`` resolved against the model's shape and checked), beside
+the config, which it leaves as composed (but for ``trainer=auto``'s accelerator and precision, which
+``resolve_trainer`` fills first). Each check raises ConfigError with one sentence naming the setting,
+its value and what is allowed. Unknown group options (``task=foo``) are refused earlier by Hydra, which
+lists the valid ones.
 """
 
 from __future__ import annotations
@@ -16,17 +19,15 @@ from typing import Any, NamedTuple
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from transformers import PretrainedConfig
 
-from src.builders import compression_settings, task_classes
-from src.compress.budget import ALLOCATIONS
-from src.compress.refit import REFITS, TOWARDS
-from src.compress.settings import CALIB_SOURCES, CompressionSettings
-from src.compress.types import OptionError
+from src.compress.method import Method
+from src.compress.settings import CompressionSettings
 from src.evaluation import check_lm_eval, check_positions
 from src.models import mlp_io
-from src.models.build import DTYPES, HEADS, load_hf_config, max_positions
+from src.models.build import DTYPES, HEADS, load_hf_config, max_positions, task_kind
+from src.modules.kinds import task_classes
 from src.modules.lora import targets
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
@@ -36,30 +37,33 @@ log = logging.getLogger(__name__)
 
 
 class Checked(NamedTuple):
-    """What the preflight read and checked: the model's transformers config, the task's validated data
-    splits and the run's compression settings (None for ``ffn_mode=none``)."""
+    """What the preflight read, resolved and checked, and the builders take: the model's transformers config, the
+    task as this model runs it (``run_task``), its validated data splits and the run's compression settings (None
+    for ``ffn_mode=none``)."""
 
     hf: PretrainedConfig
+    task: DictConfig
     splits: dict[str, Any]
     compression: CompressionSettings | None
 
 
 def preflight(cfg: DictConfig) -> Checked:
-    """Resolve the config, then check settings, model files, compression options and data, in that order."""
+    """Check settings, model files, compression options and data, in that order, resolving the task and the
+    compression settings on the way; the config's own values stay as composed."""
     check_run_settings(cfg)
     resolve_trainer(cfg)
     hf = load_hf_config(cfg.model)
     check_architecture(cfg, hf)
-    resolve(cfg, hf)
-    compression = check_ffn_mode(cfg, hf)
-    check_finetune(cfg, hf)
-    check_approx_metrics(cfg, hf)
+    task = run_task(cfg, hf)
+    compression = compression_settings(cfg, hf)
+    check_finetune(cfg, hf, task.kind)
+    check_approx_metrics(cfg, hf, compression)
     if cfg.lm_eval.enabled:
         check_positions(cfg.lm_eval.tasks, cfg.lm_eval.seq_lens, hf, f"model={cfg.model.name}")
     if "check" in cfg.distill:
         instantiate(cfg.distill.check)(cfg, hf)
-    load_splits, _, _ = task_classes(cfg.task.kind)
-    return Checked(hf, load_splits(cfg.task), compression)
+    load_splits, _, _ = task_classes(task.kind)
+    return Checked(hf, task, load_splits(task), compression)
 
 
 def _positive(value: Any, setting: str) -> None:
@@ -144,124 +148,35 @@ def check_trainer_settings(cfg: DictConfig) -> None:
     _require(t.deterministic in (True, False, None, "warn"), "trainer.deterministic", t.deterministic, "true, false or warn")
 
 
-def resolve(cfg: DictConfig, hf: PretrainedConfig) -> None:
-    """Fill every value derived from the model's config, once, before anything reads it.
-
-    ``task.kind`` (``seq2seq`` for an encoder-decoder model, whatever the task), ``ffn_mode.layers``
-    (the top ``model.fusion_defaults.top_layers`` fraction of the layers, as the paper's 4..11 of 12,
-    of each stack of an encoder-decoder model; in a Mixture-of-Experts model those of them that hold
-    experts), ``ffn_mode.mid_dim`` (``model.fusion_defaults.width`` of the MLP width, an expert's in
-    a Mixture-of-Experts model) and, where the task declares it, ``task.model_max_positions``
-    (generation tasks cut their sequences to fit it).
-    """
-    with open_dict(cfg):
-        if getattr(hf, "is_encoder_decoder", False) and cfg.task.kind != "seq2seq":
-            log.info("model=%s is an encoder-decoder model: task=%s runs as the seq2seq kind (text-to-text)", cfg.model.name, cfg.task.name)
-            cfg.task.kind = "seq2seq"
-        if "model_max_positions" in cfg.task:
-            cfg.task.model_max_positions = max_positions(hf)
-        f, defaults = cfg.ffn_mode, cfg.model.fusion_defaults
-        if f.name == "none":
-            return
-        d = mlp_io.mlp_shape(hf)[1]
-        if f.get("layers") is None:  # an encoder-decoder model: the top ones of each stack
-            top = [i for s in mlp_io.stacks(hf) for i in s[len(s) - max(1, round(defaults.top_layers * len(s))):]]
-            sparse = mlp_io.sparse_layers(hf)  # MoE: the blocks that hold experts, among the top ones
-            f.layers = ([i for i in top if i in sparse] or sparse) if sparse else top
-        if f.get("mid_dim") is None:
-            f.mid_dim = max(1, round(defaults.width * d))
+def run_task(cfg: DictConfig, hf: PretrainedConfig) -> DictConfig:
+    """The task as the model ``hf`` describes runs it, a new config (``cfg.task`` stays as composed): ``kind``
+    (seq2seq on an encoder-decoder model, whatever the task: ``build.task_kind``) and, where the task declares it,
+    ``model_max_positions`` (generation tasks cut their sequences to fit it)."""
+    kind = task_kind(cfg.task.kind, hf)
+    if kind != cfg.task.kind:
+        log.info("model=%s is an encoder-decoder model: task=%s runs as the %s kind (text-to-text)", cfg.model.name, cfg.task.name, kind)
+    positions = {"model_max_positions": max_positions(hf)} if "model_max_positions" in cfg.task else {}
+    return OmegaConf.merge(OmegaConf.to_container(cfg.task, resolve=True), {"kind": kind, **positions})
 
 
-def check_ffn_mode(cfg: DictConfig, hf: PretrainedConfig) -> CompressionSettings | None:
-    """The options every method shares, then the method's own (its module's ``check`` hook); returns the
-    compression settings they make (None for ``ffn_mode=none``)."""
+def compression_settings(cfg: DictConfig, hf: PretrainedConfig) -> CompressionSettings | None:
+    """The run's compression settings (None for ``ffn_mode=none``): ``cfg.ffn_mode`` resolved against the shape of the
+    model ``hf`` describes and checked, by ``CompressionSettings.from_config``; the config is left as it is."""
     f = cfg.ffn_mode
     if f.name == "none":
         return None
-    n, d = mlp_io.mlp_shape(hf)
-    layers = list(f.layers) if OmegaConf.is_list(f.layers) else f.layers
-    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ConfigError(f"ffn_mode.layers={layers!r} must be a list of layer indices, e.g. [2,3,4,5].")
-    if not layers:
-        raise ConfigError("ffn_mode.layers=[] is empty: list at least one layer, or use ffn_mode=none.")
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad:
-        raise ConfigError(f"ffn_mode.layers has {bad} out of range: the model has layers 0..{n - 1}.")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"ffn_mode.layers={layers} repeats a layer; each layer can be compressed once.")
-    check_experts(cfg, hf, layers)
-    _positive(f.mid_dim, "ffn_mode.mid_dim")
-    if not 1 <= f.mid_dim <= d - 1:
-        raise ConfigError(f"ffn_mode.mid_dim={f.mid_dim} is out of range: the model's MLPs have width {d}, so allowed is 1..{d - 1}.")
-    extra = [i for i in f.get("re_init_layers") or [] if i not in layers]
-    if extra:
-        raise ConfigError(f"ffn_mode.re_init_layers has {extra}, which are not among ffn_mode.layers={layers}.")
-    c = f.calib
-    if isinstance(c.size, bool) or not isinstance(c.size, int) or c.size < 0:
-        raise ConfigError(f"ffn_mode.calib.size={c.size!r} must be a non-negative integer (0 = data-free).")
-    _positive(c.batch_size, "ffn_mode.calib.batch_size")
-    if c.source not in CALIB_SOURCES:
-        raise ConfigError(f"ffn_mode.calib.source={c.source!r} must be one of {', '.join(CALIB_SOURCES)}.")
-    if c.source == "mixed" and cfg.task.kind == "seq2seq":
-        raise ConfigError("ffn_mode.calib.source=mixed adds general text as decoder-less inputs, which an encoder-decoder model "
-                          "cannot take: use ffn_mode.calib.source=task.")
-    if f.refit not in REFITS:
-        raise ConfigError(f"ffn_mode.refit={f.refit!r} must be one of {', '.join(REFITS)}.")
-    ridge = f.refit_ridge
-    if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge <= 0):
-        raise ConfigError(f"ffn_mode.refit_ridge={ridge!r} must be a positive number or auto (chosen on held-out calibration sequences).")
-    if f.refit_toward not in TOWARDS:
-        raise ConfigError(f"ffn_mode.refit_toward={f.refit_toward!r} must be one of {', '.join(TOWARDS)}.")
-    if f.allocation not in ALLOCATIONS:
-        raise ConfigError(f"ffn_mode.allocation={f.allocation!r} must be one of {', '.join(ALLOCATIONS)}.")
-    if f.budget is not None and not (isinstance(f.budget, float) and 0 < f.budget < 1):
-        raise ConfigError(f"ffn_mode.budget={f.budget!r} must be a fraction of the chosen layers' MLP parameters in (0, 1), e.g. 0.25.")
-    if mlp_io.num_experts(hf) and f.budget is not None:
-        raise ConfigError(f"ffn_mode.budget={f.budget} allocates per-layer widths, but model={cfg.model.name} is a Mixture-of-Experts "
-                          "model, whose compressed experts keep one per-expert width (ffn_mode.mid_dim): leave the budget at null.")
-    s = compression_settings(cfg)
-    if s.calib.size == 0 and s.needs_calibration:
-        what = f"refit={s.refit}" if s.refit != "none" else "a budget" if s.budget is not None else f"ffn_mode={s.method.name} with these options"
-        raise ConfigError(f"ffn_mode.calib.size=0 is data-free, but {what} needs calibration data: set ffn_mode.calib.size > 0.")
-    try:
-        s.method.validate(d, s.mid_dim, s.calib.size)
-    except OptionError as e:
-        raise ConfigError(f"ffn_mode.{e}") from None
-    return s
+    method = Method.of(instantiate(f.compress, _convert_="all"), f.name)
+    options = OmegaConf.to_container(f, resolve=True)
+    return CompressionSettings.from_config(options, method, mlp_io.model_shape(hf), cfg.model.fusion_defaults, cfg.model.name)
 
 
-def check_experts(cfg: DictConfig, hf: PretrainedConfig, layers: list[int]) -> None:
-    """Mixture-of-Experts options: ``ffn_mode.experts`` (all, or expert ids in range), ``ffn_mode.shared_expert``,
-    and every chosen block holds experts; a dense model takes only the default ``experts=all``."""
-    f, name, n_experts = cfg.ffn_mode, cfg.model.name, mlp_io.num_experts(hf)
-    experts = list(f.get("experts", "all")) if OmegaConf.is_list(f.get("experts")) else f.get("experts", "all")
-    if not n_experts:
-        if experts != "all":
-            raise ConfigError(f"ffn_mode.experts={experts!r} applies to Mixture-of-Experts models, but model={name} is dense: leave it at all.")
-        return
-    if experts != "all":
-        if not isinstance(experts, list) or not experts or not all(isinstance(e, int) and not isinstance(e, bool) for e in experts):
-            raise ConfigError(f"ffn_mode.experts={experts!r} must be all or a non-empty list of expert ids, e.g. [0,3].")
-        bad = [e for e in experts if not 0 <= e < n_experts]
-        if bad:
-            raise ConfigError(f"ffn_mode.experts has {bad} out of range: model={name} has experts 0..{n_experts - 1} in each sparse block.")
-        if len(set(experts)) != len(experts):
-            raise ConfigError(f"ffn_mode.experts={experts} repeats an expert; each expert can be compressed once.")
-    if not isinstance(f.get("shared_expert", True), bool):
-        raise ConfigError(f"ffn_mode.shared_expert={f.shared_expert!r} must be true or false.")
-    sparse = mlp_io.sparse_layers(hf)
-    dense = [i for i in layers if i not in sparse]
-    if dense:
-        raise ConfigError(f"ffn_mode.layers has {dense}, blocks without experts: model={name} holds experts in blocks {sparse}.")
-
-
-def check_finetune(cfg: DictConfig, hf: PretrainedConfig) -> None:
+def check_finetune(cfg: DictConfig, hf: PretrainedConfig, kind: str) -> None:
     """``finetune=lora``: ``target_modules`` names a Linear of the model, read from its skeleton (built on the meta
-    device: no memory, no weights), as ``add_lora`` would after compression."""
+    device: no memory, no weights, with the head of the task's ``kind``), as ``add_lora`` would after compression."""
     f = cfg.finetune
     if f.name != "lora":
         return
-    _, _, module_cls = task_classes(cfg.task.kind)
+    _, _, module_cls = task_classes(kind)
     try:
         with torch.device("meta"):
             skeleton = HEADS[module_cls.head].from_config(hf, trust_remote_code=bool(cfg.model.get("trust_remote_code")))
@@ -275,16 +190,16 @@ def check_finetune(cfg: DictConfig, hf: PretrainedConfig) -> None:
                       f"Linear modules are named {', '.join(linear)}.")
 
 
-def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig) -> None:
-    """The probe set's size, and a memory budget that holds the original's copied MLPs and at least one
-    layer's per-sample gradients."""
+def check_approx_metrics(cfg: DictConfig, hf: PretrainedConfig, compression: CompressionSettings | None) -> None:
+    """The probe set's size, and a memory budget that holds the original's copied MLPs (those ``compression``
+    compresses) and at least one layer's per-sample gradients."""
     m = cfg.approx_metrics
-    if cfg.ffn_mode.name == "none" or not m.enabled:
+    if compression is None or not m.enabled:
         return
     _positive(m.probe_size, "approx_metrics.probe_size")
     _positive(m.chunk_size, "approx_metrics.chunk_size")
     per_layer = mlp_io.mlp_param_count(hf) * 4  # float32 bytes of one layer's MLP
-    n_layers = len(cfg.ffn_mode.layers or [])
+    n_layers = len(compression.layers)
     copy, need = n_layers * per_layer, m.probe_size * per_layer  # the copy; one layer's per-sample gradients
     if not isinstance(m.max_memory_gb, (int, float)) or m.max_memory_gb * 2**30 < copy + need:
         raise ConfigError(

@@ -6,7 +6,6 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
 
 import hydra
 import lightning as L
@@ -18,7 +17,7 @@ from src.builders import build_callbacks, build_data_and_module, build_trainer
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
 from src.compress.settings import CompressionSettings
 from src.evaluation import lm_eval
-from src.preflight import preflight, resolve_ckpt_path
+from src.preflight import Checked, preflight, resolve_ckpt_path
 from src.utils.checkpoint_io import StreamingCheckpointIO
 from src.utils.config import run_app  # importing it registers the config resolvers and schema
 from src.utils.errors import ConfigError
@@ -35,7 +34,7 @@ def write_results(cfg: DictConfig, status: str, compression: CompressionSettings
     (``compression``: None for ``ffn_mode=none`` and for a run the preflight refused) and final metrics."""
     c = compression
     summary = {"task": cfg.task.name, "model": cfg.model.name, "ffn_mode": cfg.ffn_mode.name,
-               "mid_dim": c.mid_dim if c else None, "layers": list(c.layers) if c else None,
+               **(c.resolved() if c else {"mid_dim": None, "layers": None}),
                "distill": cfg.distill.name, "finetune": cfg.finetune.name, "seed": cfg.seed, "monitor": cfg.task.monitor,
                # the options that make a variant of a method (the report tells them apart)
                **(c.variant() if c else {})}
@@ -68,10 +67,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     compression = None
     try:
-        _, splits, compression = preflight(cfg)
+        checked = preflight(cfg)
+        compression = checked.compression
         ckpt_path = resolve_ckpt_path(cfg, compression)
         write_results(cfg, "running", compression)
-        metrics, seconds = _fit_and_test(cfg, splits, compression, ckpt_path)
+        metrics, seconds = _fit_and_test(cfg, checked, ckpt_path)
     except BaseException as e:
         said = isinstance(e, (RunInterrupted, ConfigError, TrainingDiverged))  # their message is the one sentence to record
         write_results(cfg, "interrupted" if isinstance(e, RunInterrupted) else "failed", compression,
@@ -81,12 +81,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _fit_and_test(cfg: DictConfig, splits: dict[str, Any], compression: CompressionSettings | None, ckpt_path: str | None) -> tuple[dict[str, float], float]:
-    """The run after the preflight: its metrics and the seconds it took."""
+def _fit_and_test(cfg: DictConfig, checked: Checked, ckpt_path: str | None) -> tuple[dict[str, float], float]:
+    """The run after the preflight (``checked``): its metrics and the seconds it took."""
+    compression = checked.compression
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build_data_and_module(cfg, splits)
+    datamodule, module = build_data_and_module(cfg, checked)
     callbacks = build_callbacks(cfg, compression, ckpt_path)
-    trainer = build_trainer(cfg, module, callbacks, logger=build_loggers(cfg), plugins=[StreamingCheckpointIO()])
+    loggers = build_loggers(cfg, compression.resolved() if compression else {})
+    trainer = build_trainer(cfg, module, callbacks, logger=loggers, plugins=[StreamingCheckpointIO()])
     start = time.time()
     stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
     try:

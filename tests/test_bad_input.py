@@ -59,16 +59,23 @@ def test_refused_settings(compose_cfg, name: str) -> None:
 
 def test_memory_budget_at_smollm2_size(compose_cfg) -> None:
     """SmolLM2's dimensions (a config, no weights): 0.01 GB cannot hold one layer's per-sample gradients
-    (64 x 2,654,208 parameters x 4 bytes = 0.63 GB) and is refused before compressing; the default 2 GB can."""
+    (64 x 2,654,208 parameters x 4 bytes = 0.63 GB) and the copy of the 20 layers compressed, and is refused before
+    compressing; the default 2 GB can."""
     from transformers import LlamaConfig
 
-    from src.preflight import check_approx_metrics
+    from src.preflight import check_approx_metrics, compression_settings
 
     smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
-    message = "approx_metrics.max_memory_gb=0.01 cannot hold the per-sample gradients of one layer's MLP (64 probe samples x 2,654,208 parameters x 4 bytes = 0.63 GB)"
+    message = ("approx_metrics.max_memory_gb=0.01 cannot hold the per-sample gradients of one layer's MLP (64 probe samples x 2,654,208 "
+               "parameters x 4 bytes = 0.63 GB) and the original's copy of the 20 compressed MLPs (0.20 GB)")
+
+    def check(*overrides: str) -> None:  # on tiny_llama's settings resolved for SmolLM2's shape: its top 20 layers
+        cfg = compose_cfg(["model=tiny_llama", *overrides])
+        check_approx_metrics(cfg, smollm2, compression_settings(cfg, smollm2))
+
     with pytest.raises(ConfigError, match=_re(message)):
-        check_approx_metrics(compose_cfg(["model=tiny_llama", "approx_metrics.max_memory_gb=0.01"]), smollm2)
-    check_approx_metrics(compose_cfg(["model=tiny_llama"]), smollm2)
+        check("approx_metrics.max_memory_gb=0.01")
+    check()
 
 
 def _re(text: str) -> str:

@@ -226,13 +226,13 @@ def test_each_models_compression_defaults(compose_cfg, model: str, hf: dict, met
     """The main job's paper defaults; SmolLM2's chosen from docs/study/llm/quality.md (a sixth of its MLP parameters removed)."""
     from transformers import AutoConfig
 
-    from src.preflight import resolve
+    from src.preflight import compression_settings
 
     cfg = compose_cfg([f"model={model}"])
     config = AutoConfig.for_model(**hf)
-    resolve(cfg, config)
-    f = cfg.ffn_mode
-    assert (f.name, list(f.layers), f.mid_dim, f.refit) == (method, layers, width, refit)
+    s = compression_settings(cfg, config)
+    assert (s.method.name, list(s.layers), s.mid_dim, s.refit) == (method, layers, width, refit)
+    assert cfg.ffn_mode.layers is None and cfg.ffn_mode.mid_dim is None  # resolved in the settings, the config as composed
     per_layer = mlp_io.mlp_param_count(config)  # one MLP's parameters
     removed = len(layers) * per_layer * (1 - width / hf["intermediate_size"])
     assert removed >= per_layer * hf["num_hidden_layers"] / 6 or model == "minilm"  # SmolLM2: 13.3 M of 79.6 M

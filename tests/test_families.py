@@ -38,7 +38,7 @@ def _module(compose_cfg, name: str, overrides: list[str] = ()) -> tuple:
     cfg = compose_cfg([f"model={name}", *_task(name), *overrides])
     checked = preflight(cfg)
     torch.manual_seed(0)
-    return cfg, build_module(cfg), checked
+    return cfg, build_module(cfg, checked.task), checked
 
 
 def _task(name: str) -> list[str]:
@@ -112,7 +112,7 @@ def test_calibration_and_refit(compose_cfg, name: str) -> None:
     """wanda_sp with the least-squares refit, calibrated on the task's data, through the fusion callback."""
     cfg, module, checked = _module(compose_cfg, name, ["ffn_mode=wanda_sp", "ffn_mode.refit=lstsq", "ffn_mode.calib.size=8",
                                                        "approx_metrics.enabled=false"])
-    datamodule = build_datamodule(cfg, checked.splits)
+    datamodule = build_datamodule(cfg, checked)
     callback = next(c for c in build_callbacks(cfg, checked.compression) if isinstance(c, FusionCallback))
     report = callback.compress_and_measure(module.model, "cpu", datamodule, {})
     assert report.params_after < report.params_before
@@ -135,7 +135,7 @@ def test_compress_train_resume_export(compose_cfg, tmp_path: Path, name: str) ->
     c = torch.load(ckpt, weights_only=True)
     assert c["global_step"] == 3
     out = export(str(ckpt), str(tmp_path / "export"), fmt="hf")
-    module = build_module(cfg)
+    module = build_module(cfg, preflight(cfg).task)
     apply_spec(module.model, c["fusion"])
     module.load_state_dict(c["state_dict"])
     loaded = load_exported(out, HEADS[module.head])

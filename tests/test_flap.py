@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.builders import build_data_and_module, compression_settings
+from src.builders import build_data_and_module
 from src.callbacks.fusion import FusionCallback
 from src.compress import act_fusion, flap, refit, wanda_sp
 from src.compress.budget import allocate_by_scores, total_neurons
@@ -77,11 +77,11 @@ def test_flap_reproduces_the_official_codes_kept_neurons_and_bias(compose_cfg, r
                        f"ffn_mode.layers=[{','.join(map(str, layers))}]", f"ffn_mode.mid_dim={ref['mid_dim']}", f"ffn_mode.seed={c['seed']}",
                        f"ffn_mode.calib.seed={c['seed']}", f"ffn_mode.calib.size={c['size']}",
                        f"ffn_mode.calib.source={c['source']}"], fast=False)  # the reference's sample, whatever the model's default
-    _, splits, compression = preflight(cfg)
+    checked = preflight(cfg)
     torch.manual_seed(0)  # the random weights the reference was computed on
-    datamodule, module = build_data_and_module(cfg, splits)
+    datamodule, module = build_data_and_module(cfg, checked)
     original = {i: mlp_io.read_mlp(module.model, i) for i in layers}
-    FusionCallback(compression, {"enabled": False}, model_identity(cfg.model)).compress_and_measure(module.model, "cpu", datamodule, {})
+    FusionCallback(checked.compression, {"enabled": False}, model_identity(cfg.model)).compress_and_measure(module.model, "cpu", datamodule, {})
     for i in layers:
         kept, w = ref["layers"][str(i)]["kept"], mlp_io.read_mlp(module.model, i)
         torch.testing.assert_close(w.up, original[i].up[kept], rtol=0, atol=0)
@@ -151,13 +151,13 @@ def test_act_fusion_merges_neurons_that_always_fire_together_exactly() -> None:
 
 def test_mixed_calibration_is_half_task_inputs_half_general_text(compose_cfg) -> None:
     cfg = compose_cfg(["model=tiny_smollm2", "task=rt_review", "ffn_mode=wanda_sp", "ffn_mode.calib.source=mixed"])
-    _, splits, compression = preflight(cfg)
-    datamodule, _ = build_data_and_module(cfg, splits)
+    checked = preflight(cfg)
+    datamodule, _ = build_data_and_module(cfg, checked)
     batches = datamodule.calib_batches(10, 0, 4, "mixed")
     assert sum(len(b["input_ids"]) for b in batches) == 10 and "labels" not in batches[-1]
     again = general_text.windows(datamodule.tokenizer, 5, 0)
     assert again == general_text.windows(datamodule.tokenizer, 5, 0) and all(1 <= len(x) <= 128 for x in again)
-    assert compression.calib.source == "mixed" and compression_settings(cfg).calib.source == "mixed"
+    assert checked.compression.calib.source == "mixed"
     assert set(general_text.documents()) == {"convention_speeches_2012", "presidential_debates_2016", "guardian_headlines", "movie_plots"}
 
 

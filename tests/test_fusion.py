@@ -118,6 +118,28 @@ def test_settings_record_and_match_a_checkpoint(compose_cfg) -> None:
     assert not moe.matches({**spec, "experts": "all"})
 
 
+@pytest.mark.parametrize(("overrides", "layers", "kind", "positions"), [
+    (["model=tiny_bert", "distill=hidden_mse"], (1, 2, 3), "classification", None),
+    (["model=tiny_llama", "task=rt_review"], (1, 2, 3), "generation", 128),
+    (["model=tiny_t5", "task=rt_review"], (1, 3), "seq2seq", None),  # the top two thirds of each stack
+    (["model=tiny_qwen2_moe", "task=rt_review"], (1, 2), "generation", 128),  # the sparse blocks among the top ones
+])
+def test_preflight_resolves_beside_the_config(compose_cfg, overrides: list[str], layers: tuple[int, ...], kind: str,
+                                              positions: int | None) -> None:
+    """The layers and width ``ffn_mode`` leaves null, the task's kind on the model and its positions are resolved into
+    what the preflight returns (the settings, the task the builders take); the run's config stays as composed."""
+    from omegaconf import OmegaConf
+
+    from src.preflight import preflight
+
+    cfg = compose_cfg([*overrides, "trainer=cpu"])  # trainer=auto's accelerator and precision are the trainer's to fill
+    composed = OmegaConf.to_yaml(cfg)
+    checked = preflight(cfg)
+    assert OmegaConf.to_yaml(cfg) == composed and cfg.ffn_mode.layers is None and cfg.ffn_mode.mid_dim is None
+    assert (checked.compression.layers, checked.compression.mid_dim, checked.task.kind) == (layers, 16, kind)
+    assert checked.task.get("model_max_positions") == positions and checked.task.name == cfg.task.name
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_train_every_method_tiny_bert(compose_cfg, method: str) -> None:
     cfg = compose_cfg(["model=tiny_bert", f"ffn_mode={method}", "approx_metrics.enabled=false"])
@@ -147,7 +169,7 @@ def test_resume_rebuilds_without_clustering(compose_cfg, monkeypatch: pytest.Mon
     metrics = train(cfg2)
     assert "test/acc" in metrics
     ckpt = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 8 and ckpt["fusion"]["mid_dim"] == cfg.ffn_mode.mid_dim
+    assert ckpt["global_step"] == 8 and ckpt["fusion"]["mid_dim"] == 16  # tiny_bert's default: a quarter of 64
     # another compression, or another model, is refused before anything loads
     with pytest.raises(ConfigError, match="compressed with ffn_mode=ntk_cluster"):
         train(compose_cfg(["model=tiny_bert", "ffn_mode=svd", "ckpt_path=last"]))
@@ -173,7 +195,7 @@ def test_export_round_trip(compose_cfg, tmp_path: Path, layers: str, uniform: bo
     ref.load_state_dict(c["state_dict"])
     loaded = AutoModelForSequenceClassification.from_pretrained(out) if uniform else load_exported(out, AutoModelForSequenceClassification)
     if uniform:
-        assert json.loads((out / "config.json").read_text())["intermediate_size"] == cfg.ffn_mode.mid_dim
+        assert json.loads((out / "config.json").read_text())["intermediate_size"] == 16  # tiny_bert's default: a quarter of 64
     ids = torch.randint(1, 30000, (2, 9))
     torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, ref.model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()

@@ -43,7 +43,7 @@ def test_trains_with_clipping_at_precision(compose_cfg, precision: str, model: s
 def test_bf16_mixed_clips_the_fused_optimizers_gradients(compose_cfg) -> None:
     """Under bf16-mixed the module clips itself (Lightning's plugin refuses a fused optimizer): the norm ends at the limit."""
     cfg = compose_cfg(["model=tiny_bert", "ffn_mode=none"])
-    _, module = build_data_and_module(cfg, preflight(cfg)[1])
+    _, module = build_data_and_module(cfg, preflight(cfg))
     module._trainer = SimpleNamespace(strategy=object(), precision="bf16-mixed", precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
     opt = torch.optim.AdamW(module.parameters(), **implementation("bf16-mixed"))
     assert opt.defaults["fused"]
@@ -65,7 +65,7 @@ def test_setup_moves_the_model_to_its_training_device_before_compressing(compose
     must meet the model on the device it trains on. ``meta`` stands in for a GPU (mixing it with the CPU raises)."""
     cfg = compose_cfg(["model=tiny_bert", "ffn_mode=wanda_sp", "ffn_mode.refit=lstsq"])
     checked = preflight(cfg)
-    datamodule, module = build_data_and_module(cfg, checked.splits)
+    datamodule, module = build_data_and_module(cfg, checked)
     datamodule.setup("fit")
     callback = next(c for c in build_callbacks(cfg, checked.compression) if isinstance(c, FusionCallback))
     seen: dict[str, set[torch.device]] = {"model": set(), "inputs": set(), "compute": set()}
@@ -119,7 +119,7 @@ def test_steps_create_no_tensor_off_the_models_device(compose_cfg, model: str, t
     """Every tensor a training step creates, and the same step's evaluation path (no gradients, eval mode),
     follows its inputs' device (no bare factory call in src/)."""
     cfg = compose_cfg([f"model={model}", f"task={task}", "ffn_mode=none"])
-    datamodule, module = build_data_and_module(cfg, preflight(cfg)[1])
+    datamodule, module = build_data_and_module(cfg, preflight(cfg))
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     with _FactoryWithoutDevice() as mode:
@@ -234,7 +234,7 @@ def nn_param(n: int) -> torch.nn.Parameter:
 def test_metric_states_stay_float32_under_bf16_true(compose_cfg) -> None:
     """bf16-true converts the whole module, torchmetrics' states too (a mean of 2.3456 read 2.3438)."""
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "ffn_mode=none"])
-    _, module = build_data_and_module(cfg, preflight(cfg)[1])
+    _, module = build_data_and_module(cfg, preflight(cfg))
     module.to(torch.bfloat16)
     module.on_validation_start()
     metric = module.nll["val"]
@@ -246,8 +246,8 @@ def test_metric_states_stay_float32_under_bf16_true(compose_cfg) -> None:
 def test_compile_wraps_the_body_every_step_runs(compose_cfg, model: str, task: str) -> None:
     """model.compile=true compiles the transformer body: the causal LM's step calls base_model, not the whole model."""
     cfg = compose_cfg([f"model={model}", f"task={task}", "ffn_mode=none", "model.compile=true"])
-    _, module = build_data_and_module(cfg, preflight(cfg)[1])
+    _, module = build_data_and_module(cfg, preflight(cfg))
     module.configure_model()
     assert module.model.base_model._compiled_call_impl is not None
     assert set(module.state_dict()) == set(build_data_and_module(compose_cfg([f"model={model}", f"task={task}", "ffn_mode=none"]),
-                                                                 preflight(cfg)[1])[1].state_dict())
+                                                                 preflight(cfg))[1].state_dict())

@@ -29,9 +29,9 @@ GEN = ["task=rt_review", "model=tiny_llama", "task.max_new_tokens=4", "task.max_
 
 def _module_and_data(compose_cfg, checkpointing: bool) -> tuple[CausalLMModule, object]:
     cfg = compose_cfg([*GEN, f"model.gradient_checkpointing={str(checkpointing).lower()}"])
-    splits = preflight(cfg).splits
+    checked = preflight(cfg)
     torch.manual_seed(0)  # the same random weights either way
-    return CausalLMModule(cfg.model, cfg.task, cfg.optim), build_datamodule(cfg, splits)
+    return CausalLMModule(cfg.model, checked.task, cfg.optim), build_datamodule(cfg, checked)
 
 
 def _count_checkpoints(model: nn.Module) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_a_subset_of_experts_pads_the_others(compose_cfg, name: str) -> None:
 def test_train_shrinks_and_logs_fusion_metrics(compose_cfg, name: str) -> None:
     cfg = compose_cfg([f"model={name}", "task=rt_review", "ffn_mode=ntk_cluster", "approx_metrics.probe_size=4", "test=false"])
     metrics = train(cfg)
-    assert list(cfg.ffn_mode.layers) == [1, 2] and cfg.ffn_mode.mid_dim == 16  # the top two thirds; a quarter of an expert
+    res = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert (res["layers"], res["mid_dim"]) == ([1, 2], 16)  # the top two thirds; a quarter of an expert
     assert metrics["fusion/params_after"] < metrics["fusion/params_before"]
     for key in ("fusion/ntk_sign_rel_err", "fusion/ntk_std_rel_err", "fusion/output_rel_err/layer_2", "fusion/hidden_rel_err",
                 "fusion/inertia/layer_1/expert_3"):
@@ -227,8 +229,6 @@ def test_hub_moe_models_fail_fast_offline(compose_cfg, monkeypatch: pytest.Monke
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_with_plain_from_pretrained(compose_cfg, tmp_path: Path, name: str) -> None:
     """The causal LMs; Switch Transformers and T5: tests/test_seq2seq.py::test_export_reproduces_the_logits."""
-    import json
-
     from transformers import AutoModelForCausalLM
 
     from src.export import export

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
+from src.compress.settings import CompressionSettings
 from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
 from src.models.outputs import stack_hidden_states
@@ -135,11 +136,11 @@ class DistillCallback(L.Callback):
         self.done = False
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, ckpt_path: str | None = None) -> DistillCallback:
-        """From the run's config (``preflight`` resolves ``cfg.ffn_mode.layers``) and the checkpoint the run resumes, if any."""
+    def from_config(cls, cfg: DictConfig, compression: CompressionSettings, ckpt_path: str | None = None) -> DistillCallback:
+        """From the run's config, its compression settings (the layers to distill) and the checkpoint the run resumes, if any."""
         d, t = cfg.distill, cfg.trainer
         return cls(
-            layers=list(cfg.ffn_mode.layers), lr=float(d.lr), epochs=d.epochs,
+            layers=list(compression.layers), lr=float(d.lr), epochs=d.epochs,
             max_steps=d.max_steps, log_every_n_steps=d.log_every_n_steps,
             # the outer run's hardware settings, so the stage runs where fine-tuning runs
             trainer_kwargs={"accelerator": t.accelerator, "devices": t.devices, "strategy": t.get("strategy", "auto"),

@@ -34,7 +34,9 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from src.callbacks.distill import hidden_mse
+from src.compress.settings import CompressionSettings
 from src.models import mlp_io
+from src.models.build import task_kind
 from src.utils import hardware
 from src.utils.errors import ConfigError
 from src.utils.memory import release_memory
@@ -51,12 +53,13 @@ def check_config(cfg: DictConfig, hf: PretrainedConfig) -> None:
     if cfg.ffn_mode.name == "none":
         raise ConfigError("distill=logits distils the uncompressed model into the compressed one, but ffn_mode=none compresses "
                           "nothing: choose a compression (e.g. ffn_mode=ntk_cluster) or distill=none.")
-    if cfg.task.kind == "classification":
+    kind = task_kind(cfg.task.kind, hf)
+    if kind == "classification":
         raise ConfigError(f"distill=logits distils a causal LM's next-token distribution, and task={cfg.task.name} trains a classifier, "
                           "whose head is as untrained in the uncompressed model as in the compressed one: use a generation task "
                           "(e.g. task=rt_review), or distill=none.")
-    if cfg.task.kind != "generation":
-        raise ConfigError(f"distill=logits supports decoder-only causal LMs, and model={cfg.model.name} runs as the {cfg.task.kind} "
+    if kind != "generation":
+        raise ConfigError(f"distill=logits supports decoder-only causal LMs, and model={cfg.model.name} runs as the {kind} "
                           "kind (an encoder-decoder model): use a decoder-only model, or distill=none.")
     if hardware.sharded(cfg.trainer):
         raise ConfigError("distill=logits keeps a whole unsharded teacher on every rank, which FSDP cannot shard with the student: "
@@ -177,9 +180,9 @@ class LogitDistillCallback(L.Callback):
         self.summary_metrics: dict[str, float] = {}  # read into results.json, as every callback's
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, ckpt_path: str | None = None) -> LogitDistillCallback:
-        """From the run's config; ``ckpt_path`` (the builders' common signature) changes nothing: a resumed run's
-        teacher is copied from the freshly loaded original too."""
+    def from_config(cls, cfg: DictConfig, compression: CompressionSettings, ckpt_path: str | None = None) -> LogitDistillCallback:
+        """From the run's config; ``compression`` and ``ckpt_path`` (the builders' common signature) change nothing: the
+        teacher is the whole uncompressed model, and a resumed run's is copied from the freshly loaded original too."""
         d = cfg.distill
         return cls(temperature=float(d.temperature), kl_weight=float(d.kl_weight), task_weight=float(d.task_weight),
                    top_k=d.top_k, hidden_layers=list(d.hidden_layers), hidden_weight=float(d.hidden_weight))

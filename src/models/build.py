@@ -99,6 +99,12 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def task_kind(kind: str, config: PretrainedConfig) -> str:
+    """The kind a task of ``kind`` runs as on the model ``config`` describes: seq2seq (text-to-text) on an encoder-decoder
+    model, whatever the task; else its own."""
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else kind
+
+
 def load_tokenizer(cfg: DictConfig | dict) -> PreTrainedTokenizerBase:
     """The tokenizer; a missing pad token is set to EOS (or UNK), and the log says so."""
     src, kwargs = _pretrained_source(as_dict(cfg))

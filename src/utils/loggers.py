@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -26,8 +27,9 @@ def wandb_group(cfg: DictConfig) -> str:
     return f"{cfg.task.name}-{cfg.model.name}"
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """Instantiate the configured loggers (``logger.csv`` and optionally ``logger.wandb``)."""
+def build_loggers(cfg: DictConfig, ffn_mode: Mapping[str, Any]) -> list[Logger]:
+    """Instantiate the configured loggers (``logger.csv`` and optionally ``logger.wandb``, whose run config holds
+    ``ffn_mode``: the values the run's compression settings resolved, e.g. the layers and mid_dim the config left null)."""
     loggers: list[Logger] = [instantiate(cfg.logger.csv)]
     if "wandb" in cfg.logger:
         from lightning.pytorch.loggers import WandbLogger
@@ -40,6 +42,7 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         if not online:
             os.environ["WANDB_MODE"] = "offline"
         config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        config["ffn_mode"].update(ffn_mode)
         loggers.append(
             WandbLogger(
                 project=w.project, entity=w.entity, name=cfg.run_name, group=wandb_group(cfg), tags=list(w.tags),

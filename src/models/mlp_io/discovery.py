@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from src.compress.settings import ModelShape
+
 from .dense import DenseMLP
 from .experts import LAYOUTS, MoEBlock
 from .families import FAMILIES, LAYOUTS as DENSE_LAYOUTS, SUPPORTED, Family, has
@@ -99,6 +101,11 @@ def num_experts(config: PretrainedConfig) -> int:
     """Routed experts per sparse block (0 for a dense model)."""
     fam = family_of(config)
     return int(getattr(config, fam.experts.num_attr)) if fam.experts else 0
+
+
+def model_shape(config: PretrainedConfig) -> ModelShape:
+    """What the compression settings need of a model (its stacks, MLP width, sparse blocks, experts), from its config alone."""
+    return ModelShape(tuple(stacks(config)), config_width(config), tuple(sparse_layers(config)), num_experts(config))
 
 
 def mlp_param_count(config: PretrainedConfig) -> int:
