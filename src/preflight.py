@@ -27,8 +27,10 @@ from src.compress.settings import CompressionSettings
 from src.evaluation import check_lm_eval, check_positions
 from src.models import mlp_io
 from src.models.build import DTYPES, HEADS, load_hf_config, max_positions, task_kind
+from src.modules.base import FINETUNES
 from src.modules.kinds import task_classes
 from src.modules.lora import targets
+from src.modules.optim import SCHEDULES
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer
@@ -92,10 +94,10 @@ def check_run_settings(cfg: DictConfig) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")
     _require(_number(o.eps) and o.eps > 0, "optim.eps", o.eps, "a positive number, e.g. 1e-6")
     _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a fraction of the training steps in [0, 1), e.g. 0.06")
-    _require(o.schedule in ("linear", "polynomial"), "optim.schedule", o.schedule, "linear or polynomial")
+    _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, " or ".join(SCHEDULES))
     _require(_number(o.power) and o.power >= 0, "optim.power", o.power, "a number >= 0 (1.0 decays linearly, 0 keeps the rate after the warm-up)")
     f = cfg.finetune
-    _require(f.name in ("full", "lora"), "finetune", f.name, "full or lora (conf/finetune)")
+    _require(f.name in FINETUNES, "finetune", f.name, f"{' or '.join(FINETUNES)} (conf/finetune)")
     if f.name == "lora":
         _require(isinstance(f.rank, int) and f.rank >= 1, "finetune.rank", f.rank, "an integer >= 1, e.g. 16")
         _require(_number(f.alpha) and f.alpha > 0, "finetune.alpha", f.alpha, "a number > 0, e.g. 32 (the update is scaled by alpha / rank)")

@@ -20,6 +20,8 @@ from src.models.build import build_model
 from src.modules.lora import add_lora
 from src.modules.optim import build_adamw, build_schedule
 
+FINETUNES = ("full", "lora")  # finetune.name (conf/finetune): every weight trains, or LoRA adapters (src.modules.lora)
+
 
 def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

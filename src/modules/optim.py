@@ -16,6 +16,7 @@ from transformers import get_linear_schedule_with_warmup, get_polynomial_decay_s
 # clipping them, which an optimizer that unscales inside its own step (fused) does not allow
 SCALED = ("16-mixed", "16")
 FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP inserts into the names of the parameters it wraps
+SCHEDULES = ("linear", "polynomial")  # optim.schedule: how the learning rate decays to 0 after the warm-up
 
 
 def implementation(precision: str) -> dict[str, bool]:

@@ -6,7 +6,9 @@
 anything runs, and ``src.utils.config.refuse_compose_errors`` shows it in one sentence. The YAML
 files keep the defaults; the dataclasses give only the types (``MISSING`` where the YAML sets the
 value). What a type cannot say (``optim.lr > 0``, two ``betas``) is checked by
-``src.preflight.check_run_settings``.
+``src.preflight.check_run_settings``. A setting of a few allowed values (``optim.schedule``) is a ``str``
+whose comment names the tuple that holds them: OmegaConf 2.3 takes no ``Literal``, and an ``Enum`` would
+put enum members instead of strings into the config.
 
 The root is open (its ``struct`` flag is off while composing: the groups without a schema, and
 ``conf/approx.yaml``'s own keys, merge in); Hydra closes it before the command line's overrides
@@ -34,7 +36,7 @@ class OptimConfig:
     betas: List[float] = MISSING
     eps: float = MISSING
     warmup_ratio: float = MISSING
-    schedule: str = MISSING  # linear | polynomial
+    schedule: str = MISSING  # one of src.modules.optim.SCHEDULES
     power: float = MISSING
 
 
@@ -83,7 +85,7 @@ class ApproxMetricsConfig:
 class FinetuneConfig:
     """``conf/finetune/*.yaml``: which weights train after compression (``full``, or ``lora``: ``src.modules.lora``)."""
 
-    name: str = MISSING  # full | lora
+    name: str = MISSING  # one of src.modules.base.FINETUNES
     rank: Optional[int] = None
     alpha: Optional[float] = None
     dropout: Optional[float] = None
@@ -117,7 +119,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
-    # checked by the preflight and their own hooks
+    # checked by the preflight and their own hooks; ffn_mode's shared options are typed, resolved and checked by
+    # src.compress.settings.CompressionSettings.from_config (a type here would refuse them before its sentences)
     paths: Any = MISSING
     ffn_mode: Any = MISSING
     model: Any = MISSING
