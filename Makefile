@@ -4,7 +4,7 @@ PY ?= python3
 STAMP := .make/installed
 ASSETS = $(shell $(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['assets']))")
 
-.PHONY: install install-deploy train test test-slow test-deploy test-gpu test-all bench bench-quick clean
+.PHONY: install install-deploy train test lint test-slow test-deploy test-gpu test-all bench bench-quick clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ train: install
 # share nothing but read-only assets. The slow tier stays serial: DDP, timed signals, real models.
 test: install
 	$(PY) -m pytest -m "not slow and not gpu and not deploy" -q -n auto --maxprocesses=4 $(ARGS)
+
+# ruff (pyproject.toml's [tool.ruff]): CI runs it before the tests
+lint: install
+	$(PY) -m ruff check .
 
 test-slow: install
 	$(PY) -m pytest -m "slow and not gpu and not deploy" -q $(ARGS)

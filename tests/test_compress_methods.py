@@ -15,7 +15,6 @@ from tests.conftest import METHODS as NAMES
 from tests.conftest import compress_fn
 
 
-
 def _with_calibration(fn):
     """Methods that read calibration data (wanda_sp) get a fixed random sample of inputs."""
     if not Method.of(fn).needs_calibration:

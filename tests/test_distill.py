@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from src.builders import build_callbacks
-from src.preflight import preflight
 from src.callbacks.distill import DistillCallback, HiddenStateDistillation, hidden_mse
 from src.models import mlp_io
 from src.models.build import build_model
+from src.preflight import preflight
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import ROOT, run_cli

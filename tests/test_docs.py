@@ -207,5 +207,5 @@ def test_a_method_added_as_extending_md_says(tmp_path: Path, monkeypatch: pytest
     bad, _ = _compose(conf, tmp_path, ["model=tiny_bert", f"ffn_mode={name}", "ffn_mode.rescale=abc"])
     loaded = lambda *a, **k: pytest.fail("a model was loaded before the check")  # noqa: E731
     monkeypatch.setattr("src.train.build_data_and_module", loaded)
-    with pytest.raises(ConfigError, match=rf"^ffn_mode\.rescale='abc' must be true or false\.$"):
+    with pytest.raises(ConfigError, match=r"^ffn_mode\.rescale='abc' must be true or false\.$"):
         train(bad)

@@ -14,11 +14,11 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
+from src.compress import ntk_cluster
+from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.build import build_model
 from src.models.calibration import Calibrator
-from src.compress import ntk_cluster
-from src.compress.settings import CompressionSettings
 from src.models.fuse import apply_spec, compress_model, count_params
 from src.train import train
 from src.utils.errors import ConfigError
@@ -66,7 +66,10 @@ def test_every_method_on_every_family(compose_cfg, arch: str, method: str) -> No
 def test_cache_hit_and_corruption(compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fn, cache_dir = _fn(compose_cfg, "ntk_cluster"), str(tmp_path / "c")
     settings = CompressionSettings.of(fn, [2], 16, seed=3, cache_dir=cache_dir)
-    run = lambda: compress_model(m := _model("tiny_bert"), settings) and m
+    def run() -> torch.nn.Module:
+        compress_model(m := _model("tiny_bert"), settings)
+        return m
+
     first = run()
     files = list((tmp_path / "c" / "ntk_cluster").glob("*.safetensors"))  # a folder per method
     assert len(files) == 1
@@ -165,7 +168,8 @@ def test_resume_rebuilds_without_clustering(compose_cfg, monkeypatch: pytest.Mon
     import src.callbacks.fusion as fusion
 
     monkeypatch.setattr(fusion, "compress_model", lambda *a, **k: pytest.fail("resume must not compress again"))
-    cfg2 = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "trainer.max_steps=-1", "trainer.max_epochs=2", "ckpt_path=last"])
+    cfg2 = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "trainer.max_steps=-1", "trainer.max_epochs=2",
+                        "ckpt_path=last"])
     metrics = train(cfg2)
     assert "test/acc" in metrics
     ckpt = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -247,12 +251,12 @@ def test_a_down_bias_in_a_bias_free_llama_trains_resumes_and_exports(compose_cfg
     (``mlp_bias`` would give every layer's gate, up and down one). It trains, resumes from the recorded structure,
     and every export computes the checkpoint's logits: Hugging Face (through load_exported), ONNX, GGUF."""
     import gguf
+    from transformers import AutoModelForCausalLM
 
     import src.compress.prune as prune
     from src.builders import restore_module
     from src.export import export
     from src.models.exported import load_exported
-    from transformers import AutoModelForCausalLM
 
     pruned, made = prune.compress, []
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from src.preflight import preflight
 from src.data.generation import GenerationDataModule, load_rt_review, pad
 from src.models.build import load_tokenizer
 from src.modules.causal_lm import CausalLMModule, generate_texts
+from src.preflight import preflight
 from src.train import train
 from src.utils.errors import ConfigError
 

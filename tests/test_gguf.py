@@ -211,9 +211,10 @@ def test_general_name_is_a_name_not_the_local_folders_path(smollm2_tokenizer, tm
 def test_smollm2_defaults_export_reproduces_pytorch_in_llama_cpp(compose_cfg, tmp_path: Path) -> None:
     """The issue's check: SmolLM2 with its defaults (wanda_sp + refit, layers 10-29 at 1152) exports to GGUF; llama.cpp
     reproduces the exported model's greedy tokens at f32, and its logits at f16 to RTOL["f16"]."""
+    from transformers import AutoModelForCausalLM as Auto
+
     from src.export import export
     from src.models.exported import load_exported
-    from transformers import AutoModelForCausalLM as Auto
 
     cfg = compose_cfg(["model=smollm2", "task=rt_review", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
     cfg.paths.cache_dir = str(Path(CONF).parent / ".cache")  # the dequantized SmolLM2, shared with make train

@@ -188,11 +188,12 @@ def test_gpu_out_of_memory_in_the_metrics_is_one_sentence(compose_cfg, monkeypat
 
 def test_bf16_true_checkpoint_exports(compose_cfg, tmp_path: Path) -> None:
     """A checkpoint whose weights are bfloat16 (trainer.precision=bf16-true) exports; the export computes the checkpoint's function."""
+    from transformers import AutoModelForCausalLM
+
     from src.export import export
     from src.models.exported import load_exported
     from src.models.fuse import apply_spec
     from src.modules.causal_lm import CausalLMModule
-    from transformers import AutoModelForCausalLM
 
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "ffn_mode.layers=[1,3]", "approx_metrics.enabled=false",
                        "trainer.precision=bf16-true", "trainer.max_steps=2", "test=false"])

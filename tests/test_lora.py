@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
-
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from src.builders import read_checkpoint, restore_module
 from src.models.exported import load_exported

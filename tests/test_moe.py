@@ -203,10 +203,13 @@ MOE_CASES = {  # name: (overrides, part of the message)
     "expert_out_of_range": (["model=tiny_mixtral", "ffn_mode.experts=[1,4]"], "ffn_mode.experts has [4] out of range: model=tiny_mixtral has experts 0..3"),
     "experts_repeated": (["model=tiny_mixtral", "ffn_mode.experts=[1,1]"], "ffn_mode.experts=[1, 1] repeats an expert"),
     "experts_not_a_list": (["model=tiny_olmoe", "ffn_mode.experts=some"], "ffn_mode.experts='some' must be all or a non-empty list of expert ids"),
-    "block_without_experts": (["model=tiny_qwen2_moe", "ffn_mode.layers=[0,2]"], "ffn_mode.layers has [0], blocks without experts: model=tiny_qwen2_moe holds experts in blocks [1, 2]"),
-    "experts_on_a_dense_model": (["model=tiny_llama", "ffn_mode.experts=[0]"], "ffn_mode.experts=[0] applies to Mixture-of-Experts models, but model=tiny_llama is dense"),
+    "block_without_experts": (["model=tiny_qwen2_moe", "ffn_mode.layers=[0,2]"],
+        "ffn_mode.layers has [0], blocks without experts: model=tiny_qwen2_moe holds experts in blocks [1, 2]"),
+    "experts_on_a_dense_model": (["model=tiny_llama", "ffn_mode.experts=[0]"],
+        "ffn_mode.experts=[0] applies to Mixture-of-Experts models, but model=tiny_llama is dense"),
     "shared_expert_not_bool": (["model=tiny_qwen2_moe", "ffn_mode.shared_expert=2"], "ffn_mode.shared_expert=2 must be true or false"),
-    "budget_on_experts": (["model=tiny_mixtral", "ffn_mode.budget=0.5"], "ffn_mode.budget=0.5 allocates per-layer widths, but model=tiny_mixtral is a Mixture-of-Experts"),
+    "budget_on_experts": (["model=tiny_mixtral", "ffn_mode.budget=0.5"],
+        "ffn_mode.budget=0.5 allocates per-layer widths, but model=tiny_mixtral is a Mixture-of-Experts"),
     "expert_width": (["model=tiny_olmoe", "ffn_mode.mid_dim=64"], "ffn_mode.mid_dim=64 is out of range: the model's MLPs have width 64"),
 }
 

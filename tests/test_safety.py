@@ -19,7 +19,6 @@ from src.train import train
 from src.utils.io import atomic_path
 from tests.conftest import FAST, ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("src", "bench") for p in (ROOT / d).rglob("*.py")]
 
 

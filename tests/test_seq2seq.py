@@ -189,12 +189,14 @@ def test_export_reproduces_the_logits(compose_cfg, tmp_path: Path, caplog: pytes
 
 
 def test_classification_scores_count_unknown_words_as_wrong() -> None:
-    s = classification_scores(["fresh", "Rotten", "maybe", "fresh"], ["fresh", "rotten", "rotten", "rotten"], ["rotten", "fresh"], ["acc", "f1", "combined_score"])
+    s = classification_scores(["fresh", "Rotten", "maybe", "fresh"], ["fresh", "rotten", "rotten", "rotten"], ["rotten", "fresh"],
+                              ["acc", "f1", "combined_score"])
     assert s["acc"] == 0.5 and s["invalid"] == 0.25 and s["combined_score"] == (s["acc"] + s["f1"]) / 2
 
 
 CASES = {  # overrides: part of the message
-    "block_without_experts": (["model=tiny_switch", "ffn_mode.layers=[0,1]"], "ffn_mode.layers has [0], blocks without experts: model=tiny_switch holds experts in blocks [1, 3]"),
+    "block_without_experts": (["model=tiny_switch", "ffn_mode.layers=[0,1]"],
+        "ffn_mode.layers has [0], blocks without experts: model=tiny_switch holds experts in blocks [1, 3]"),
     "expert_out_of_range": (["model=tiny_switch", "ffn_mode.experts=[4]"], "ffn_mode.experts has [4] out of range: model=tiny_switch has experts 0..3"),
     "layer_out_of_range": (["model=tiny_t5", "ffn_mode.layers=[4]"], "ffn_mode.layers has [4] out of range: the model has layers 0..3"),
     "regression_task": (["model=tiny_t5", "task=stsb", "task.data_dir=/"], "task=stsb is a regression task"),

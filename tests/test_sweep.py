@@ -28,7 +28,8 @@ def _compose_sweep(name: str):
 
 @pytest.mark.parametrize(
     "name,model,launcher,runs",
-    [("minilm_rt_sweep", "minilm", "BasicLauncher", 8), ("minilm_rt_methods", "minilm", "BasicLauncher", 55), ("minilm_rt_sweep_joblib", "minilm", "JoblibLauncher", 8),
+    [("minilm_rt_sweep", "minilm", "BasicLauncher", 8), ("minilm_rt_methods", "minilm", "BasicLauncher", 55),
+     ("minilm_rt_sweep_joblib", "minilm", "JoblibLauncher", 8),
      ("roberta_sst2_sweep", "roberta_base", "BasicLauncher", 90), ("roberta_sst2_full_ft", "roberta_base", "BasicLauncher", 5),
      ("roberta_sst2_sweep_slurm", "roberta_base", "SlurmLauncher", 90)],
 )

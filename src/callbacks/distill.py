@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from src.compress.settings import CompressionSettings
-from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
+from src.models.inputs import MODEL_INPUTS
 from src.models.outputs import stack_hidden_states
 from src.utils import hardware
 from src.utils.errors import ConfigError

@@ -61,10 +61,12 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 def _unflatten(t: dict[str, torch.Tensor], meta: dict[str, str]) -> Compressed:
     stats = json.loads(meta["stats"])
     if meta["kind"] == "fused":
-        w = MLPWeights(up=t["up"], down=t["down"], up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), gate=t.get("gate"), activation=meta["activation"], gate_bias=t.get("gate_bias"))
+        w = MLPWeights(up=t["up"], down=t["down"], up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), gate=t.get("gate"),
+                       activation=meta["activation"], gate_bias=t.get("gate_bias"))
         return FusedMLP(weights=w, scale=t.get("scale"), stats=stats)
     factors = {k.split(".")[0]: (t[f"{k.split('.')[0]}.left"], t[f"{k.split('.')[0]}.right"]) for k in t if k.endswith(".left")}
-    return LowRankMLP(factors=factors, up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), activation=meta["activation"], stats=stats, gate_bias=t.get("gate_bias"))
+    return LowRankMLP(factors=factors, up_bias=t.get("up_bias"), down_bias=t.get("down_bias"), activation=meta["activation"], stats=stats,
+                      gate_bias=t.get("gate_bias"))
 
 
 class FusionCache:

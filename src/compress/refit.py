@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .common import activations
-from .types import Compressed, FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
+from .types import Compressed, LowRankMLP, MLPCalibration, MLPWeights
 
 REFITS = ("none", "lstsq", "bias")  # ffn_mode.refit: nothing, the least-squares refit, bias compensation
 TOWARDS = ("zero", "compressed")  # ffn_mode.refit_toward: what the ridge shrinks the refit toward

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Sampler
 from src.data import general_text
 
 
-
 def probe_indices(size: int, n: int, seed: int) -> list[int]:
     """``min(n, size)`` distinct indices of a split, a seeded sample in increasing order (the probe set)."""
     g = torch.Generator().manual_seed(seed)

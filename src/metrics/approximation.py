@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.models.inputs import MODEL_INPUTS
 from src.metrics import ntk
 from src.models import mlp_io
+from src.models.inputs import MODEL_INPUTS
 from src.models.outputs import stack_hidden_states
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from transformers import Cache
 
 from src.compress.types import MLPCalibration
-from src.models.inputs import MODEL_INPUTS
 from src.models import mlp_io
+from src.models.inputs import MODEL_INPUTS
 
 
 class _Stop(Exception):

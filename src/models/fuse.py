@@ -177,7 +177,8 @@ def compress_model(
         mlp_io.write_mlp(model, layer, result)
         stats[layer] = {**{k: float(v) for k, v in result.stats.items()}, "width": float(widths[layer]),
                         "seconds": time.perf_counter() - t0, "cache_hit": float(hit)}
-        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method.name, widths[layer], stats[layer]["seconds"], " (cache hit)" if hit else "")
+        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method.name, widths[layer], stats[layer]["seconds"],
+                 " (cache hit)" if hit else "")
     spec = s.spec(widths, {i: mlp_io.layer_spec(model, i) for i in layers}, has_experts=bool(sparse))
     stats = {layer: stats[layer] for layer in layers}  # in the order of `layers`
     return FusionReport(spec, before, count_params(model), time.perf_counter() - start, stats, part_stats)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from lib.layerwrapper import BiasGPT  # FLAP's (PYTHONPATH=<FLAP checkout>)
 from lib.prune import compress, metrics  # FLAP's
+from quality import HERE, SIZES, PeakRSS, config, evaluate
 from torch import nn
 
-from quality import HERE, SIZES, PeakRSS, config, evaluate
 from src.builders import build_data_and_module
 from src.models.fuse import count_params
 from src.preflight import preflight

@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import gc
 import fnmatch
+import gc
 import json
 import logging
 import math

@@ -3,8 +3,10 @@
 One row per run folder (its results.json and .hydra/config.yaml); these runs are one seed each, so
 src.report (which pairs seeds) does not apply.
 """
-import json, sys
+import json
+import sys
 from pathlib import Path
+
 rows = []
 for d in sorted(Path(sys.argv[1]).iterdir()):
     f = d / "results.json"
@@ -18,7 +20,9 @@ for d in sorted(Path(sys.argv[1]).iterdir()):
     weighting = "activation" if "weighting: activation" in hp else ""
     layers = r["layers"]
     lay = f"{layers[0]}-{layers[-1]}" if layers else "-"
-    g = lambda k: f"{m[k]:.3f}" if k in m else "-"
+    def g(k: str) -> str:
+        return f"{m[k]:.3f}" if k in m else "-"
+
     rows.append((d.name, r["ffn_mode"], lay, r["mid_dim"] or "-", refit + (f", {weighting}" if weighting else ""),
                  f"{m.get('fusion/params_after', m.get('fusion/params_before', 0)) / 1e6:.1f}" if "fusion/params_after" in m else "134.5",
                  g("fusion/hidden_rel_err"), g("fusion/output_rel_err"), g("fusion/ntk_sign_rel_err"),

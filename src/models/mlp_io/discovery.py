@@ -22,7 +22,8 @@ from src.compress.settings import ModelShape
 
 from .dense import DenseMLP
 from .experts import LAYOUTS, MoEBlock
-from .families import FAMILIES, LAYOUTS as DENSE_LAYOUTS, SUPPORTED, Family, has
+from .families import FAMILIES, SUPPORTED, Family, has
+from .families import LAYOUTS as DENSE_LAYOUTS
 
 log = logging.getLogger(__name__)
 
