@@ -77,6 +77,20 @@ def compose_cfg(tmp_path: Path):
     GlobalHydra.instance().clear()
 
 
+def compose_with_searchpath(extra: Path, tmp_path: Path, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """The train config with ``extra`` on Hydra's search path (as ``hydra.searchpath=[file://...]`` puts it), its
+    run and cache folders under ``tmp_path``; and the ffn_mode options the registry lists while it is composed."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("train", overrides=[f"hydra.searchpath=[file://{extra}]", *FAST, *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        listed = ffn_modes()
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
+        del cfg.hydra
+    return cfg, listed
+
+
 def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` as a user would; returns the completed process (text output)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

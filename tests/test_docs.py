@@ -18,17 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from src.compress.types import MLPWeights
 from src.train import train
-from src.utils.config import ffn_modes
 from src.utils.errors import ConfigError
-from tests.conftest import CONF, FAST, ROOT
+from tests.conftest import ROOT, compose_with_searchpath
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -117,20 +113,6 @@ def _blocks(section: str, lang: str) -> list[str]:
     return [textwrap.dedent(m.group(3)) for m in FENCE.finditer(section) if m.group(2) == lang]
 
 
-def _compose(conf: Path, tmp_path: Path, overrides: list[str]):
-    """The train config with ``conf`` on Hydra's search path, as ``hydra.searchpath=[file://...]`` puts it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        over = [f"hydra.searchpath=[file://{conf}]", *FAST, *overrides]
-        cfg = compose("train", overrides=over, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        listed = ffn_modes()
-    with open_dict(cfg):
-        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
-        del cfg.hydra
-    return cfg, listed
-
-
 @pytest.fixture
 def clean_hydra():
     yield
@@ -153,7 +135,7 @@ def test_a_family_added_as_extending_md_says(tmp_path: Path, monkeypatch: pytest
     (conf / "model" / f"{row.tiny}.yaml").write_text(tiny_yaml)
 
     run = [f"model={row.tiny}", "task=rt_review", "ffn_mode=ntk_cluster", "approx_metrics.probe_size=4"]
-    cfg, _ = _compose(conf, tmp_path, run)
+    cfg, _ = compose_with_searchpath(conf, tmp_path, run)
     with caplog.at_level(logging.WARNING):
         metrics = train(cfg)
     assert "not in the table" not in caplog.text  # read by its row, not by the structural fallback
@@ -183,7 +165,7 @@ def test_a_method_added_as_extending_md_says(tmp_path: Path, monkeypatch: pytest
     (conf / "ffn_mode" / f"{name}.yaml").write_text(method_yaml)
 
     run = ["model=tiny_bert", f"ffn_mode={name}", "ffn_mode.rescale=true", "approx_metrics.probe_size=4"]
-    cfg, listed = _compose(conf, tmp_path, run)
+    cfg, listed = compose_with_searchpath(conf, tmp_path, run)
     assert name in listed  # the registry found it
 
     # the contract the shared tests hold every method to, on a small random MLP
@@ -204,7 +186,7 @@ def test_a_method_added_as_extending_md_says(tmp_path: Path, monkeypatch: pytest
     assert json.loads((tmp_path / "run" / "results.json").read_text())["ffn_mode"] == name
 
     # a bad option is refused by the module's check hook, in one sentence, before anything loads
-    bad, _ = _compose(conf, tmp_path, ["model=tiny_bert", f"ffn_mode={name}", "ffn_mode.rescale=abc"])
+    bad, _ = compose_with_searchpath(conf, tmp_path, ["model=tiny_bert", f"ffn_mode={name}", "ffn_mode.rescale=abc"])
     loaded = lambda *a, **k: pytest.fail("a model was loaded before the check")  # noqa: E731
     monkeypatch.setattr("src.train.build_data_and_module", loaded)
     with pytest.raises(ConfigError, match=r"^ffn_mode\.rescale='abc' must be true or false\.$"):

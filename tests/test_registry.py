@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from src.compress import cluster, ntk_cluster
 from src.compress.common import check_mid_dim, mlp_from_points, sub_mlp_points
@@ -21,7 +18,7 @@ from src.compress.types import FusedMLP, MLPWeights, OptionError
 from src.train import train
 from src.utils.config import ffn_modes
 from src.utils.errors import ConfigError
-from tests.conftest import CONF, FAST, METHODS, ROOT, compress_fn
+from tests.conftest import METHODS, ROOT, compose_with_searchpath, compress_fn
 
 
 def test_methods_are_discovered_from_the_config_group() -> None:
@@ -84,16 +81,7 @@ def extra_conf(tmp_path: Path) -> Path:
 
 
 def _compose(extra: Path, tmp_path: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        over = [f"hydra.searchpath=[file://{extra}]", *FAST, "model=tiny_bert", "ffn_mode=every_other", *overrides]
-        cfg = compose("train", overrides=over, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        listed = ffn_modes()
-    with open_dict(cfg):
-        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
-        del cfg.hydra
-    return cfg, listed
+    return compose_with_searchpath(extra, tmp_path, ["model=tiny_bert", "ffn_mode=every_other", *overrides])
 
 
 def test_a_new_method_is_one_function_and_one_yaml(extra_conf: Path, tmp_path: Path) -> None:
