@@ -34,7 +34,7 @@ for seed in ${SEEDS:-0 1 2}; do
         dir=$OUT/$size/$ft-$loss-s$seed
         grep -qs '"status": "completed"' "$dir/results.json" && continue
         python -m src.train "${COMMON[@]}" "${FIXED[@]}" ${SIZE[$size]} "${LOSS[$loss]}" "finetune=$ft" "seed=$seed" "hydra.run.dir=$dir"
-        rm -rf "$dir/checkpoints"  # 0.5-1.5 GB a run; the study keeps results.json, metrics.csv, .hydra
+        rm -rf "$dir/checkpoints"  # 0.5-1.5 GB a run; the study keeps results.json, metrics.csv, train.log, .hydra
       done
     done
   done
