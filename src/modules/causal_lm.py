@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,9 +24,6 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from src.modules.base import FineTuneModule
 from src.utils.io import write_text
-
-if TYPE_CHECKING:
-    from src.callbacks.logit_distill import LogitDistiller
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +65,13 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted({r["idx"]: r for r in rows}.values(), key=lambda r: r["idx"])
 
 
+class Distiller(Protocol):
+    """What ``training_step`` asks of a distillation loss: the step's loss on a batch (``distill=logits``:
+    ``LogitDistiller`` of ``src.callbacks.logit_distill``, which sits above this module and hands it over)."""
+
+    def training_loss(self, module: CausalLMModule, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
 class CausalLMModule(FineTuneModule):
     """AutoModelForCausalLM fine-tuning with the loss on the target tokens; generation at test time."""
 
@@ -84,7 +88,7 @@ class CausalLMModule(FineTuneModule):
         self._generations: dict[str, list[dict[str, Any]]] = {}
         # distill=logits: set for the fit by its callback; a plain attribute, so that the teacher it holds is no
         # submodule (in no state_dict or checkpoint, neither moved nor wrapped by the strategy)
-        self.distiller: LogitDistiller | None = None
+        self.distiller: Distiller | None = None
 
     @property
     def probe_fns(self) -> dict[str, Callable]:
