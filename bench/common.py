@@ -27,12 +27,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.builders import build_datamodule
 from src.callbacks.fusion import FusionCallback
-from src.compress.settings import CompressionSettings
 from src.data.classification import load_rt_polarity
 from src.models.build import load_hf_config, load_tokenizer
-from src.models.fuse import FusionReport
 from src.models.source import model_identity
 from src.modules.optim import build_adamw, build_schedule
+from src.pipeline.fuse import FusionReport
+from src.pipeline.settings import CompressionSettings
 from src.preflight import compression_settings, preflight
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

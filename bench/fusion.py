@@ -20,9 +20,9 @@ from sklearn.cluster import KMeans
 from torch import Tensor
 
 from bench.common import FP32_NOTE, BenchResult, Options, Sizes, alternate, compose_config, target
-from src.compress.common import sub_mlp_points
-from src.compress.ntk_cluster import cluster_sub_mlps
-from src.compress.types import MLPWeights
+from src.methods.common import sub_mlp_points
+from src.methods.ntk_cluster import cluster_sub_mlps
+from src.methods.types import MLPWeights
 from src.models.build import build_model
 from src.models.mlp_io import read_mlp
 
@@ -180,7 +180,7 @@ def _notes(opts: dict, sizes: Sizes, layers: dict[str, MLPWeights], big: MLPWeig
     std = {n: torch.cat([getattr(w, n).flatten() for w in src]).std().item() for n in ("up", "up_bias", "down")}
     h, d, k = sizes.big_layer
     notes = [
-        f"ours: src.compress.kmeans via ntk_cluster's cluster_sub_mlps (greedy k-means++, Lloyd, n_init={opts['n_init']}, "
+        f"ours: src.methods.kmeans via ntk_cluster's cluster_sub_mlps (greedy k-means++, Lloyd, n_init={opts['n_init']}, "
         f"max_iter={opts['max_iter']}, tol={opts['tol']}) on the sub-MLP points [W1 row, b1, W2 col]; median of {sizes.fusion_reps} runs.",
         f"sklearn: KMeans(n_init={SKLEARN_N_INIT}, algorithm='lloyd', max_iter=300, tol=1e-4) on the same points; "
         + (f"time = {SKLEARN_N_INIT} x the median of {sizes.fusion_reps} single-restart fits (seeds seed..seed+{sizes.fusion_reps - 1}); "

@@ -50,8 +50,8 @@ from bench.common import (
 )
 from src.models.build import build_model, load_tokenizer
 from src.models.exported import export_onnx, prepare_for_export
-from src.models.fuse import FusionReport
 from src.models.to_gguf import gguf_unsupported, write_gguf
+from src.pipeline.fuse import FusionReport
 
 WARMUP = 1  # untimed calls per side and case: first-run allocations of ONNX Runtime and oneDNN
 SPEEDUP_TARGET = 1.0  # the aim: a compressed model that really is faster

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from bench.common import FP32_NOTE, BenchResult, Options, Shape, Sizes, random_tokens, settings, shape_config, timed
 from src.builders import fusion_callback
-from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.models.build import build_model
 from src.models.mlp_io import mlp_param_names
+from src.pipeline.settings import CompressionSettings
 from src.utils.memory import release_memory
 
 METHODS = ("ntk_cluster", "wanda_sp")

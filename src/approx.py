@@ -36,7 +36,7 @@ from omegaconf import DictConfig, open_dict
 
 from src.builders import build_data_and_module, build_module, fusion_callback
 from src.metrics.approximation import approximation_metrics, measure_reference
-from src.models.fuse import count_params
+from src.pipeline.fuse import count_params
 from src.preflight import compression_settings, preflight
 from src.utils.config import ffn_modes, refusing, run_app
 from src.utils.errors import ConfigError

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.fusion import FusionCallback
 from src.callbacks.lm_eval import LmEvalBeforeTraining
-from src.compress.settings import CompressionSettings
 from src.models.build import load_tokenizer
-from src.models.fuse import apply_spec
 from src.models.source import model_identity
 from src.modules.kinds import task_classes
+from src.pipeline.fuse import apply_spec
+from src.pipeline.settings import CompressionSettings
 from src.preflight import Checked
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError

@@ -32,10 +32,10 @@ from src.builders import read_checkpoint, restore_module
 from src.models import mlp_io
 from src.models.build import HEADS, load_tokenizer
 from src.models.exported import export_onnx, onnx_unsupported, prepare_for_export
-from src.models.fuse import count_params
 from src.models.to_gguf import DTYPES, gguf_unsupported, write_gguf
 from src.modules.kinds import task_classes
 from src.modules.lora import merge
+from src.pipeline.fuse import count_params
 from src.utils.config import refusing
 from src.utils.errors import ConfigError
 from src.utils.io import atomic_dir

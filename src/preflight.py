@@ -22,15 +22,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PretrainedConfig
 
-from src.compress.method import Method
-from src.compress.settings import CompressionSettings
 from src.evaluation import check_lm_eval, check_positions
+from src.methods.method import Method
 from src.models import mlp_io
 from src.models.build import DTYPES, HEADS, load_hf_config, max_positions, task_kind
 from src.modules.base import FINETUNES
 from src.modules.kinds import task_classes
 from src.modules.lora import targets
 from src.modules.optim import SCHEDULES
+from src.pipeline.settings import CompressionSettings
 from src.utils.checkpoint_io import read_torch_file
 from src.utils.errors import ConfigError
 from src.utils.hardware import resolve_trainer

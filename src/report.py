@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from src.compress.settings import VARIANT_OPTIONS
+from src.pipeline.settings import VARIANT_OPTIONS
 from src.utils.errors import ConfigError
 from src.utils.io import write_text
 from src.utils.summary import Estimate, estimate, figure, fmt, fmt_difference, fmt_estimate, markdown_table, paired

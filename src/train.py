@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 
 from src.builders import build_callbacks, build_data_and_module, build_trainer
 from src.callbacks.guards import GracefulStop, RunInterrupted, TrainingDiverged
-from src.compress.settings import CompressionSettings
 from src.evaluation import lm_eval
+from src.pipeline.settings import CompressionSettings
 from src.preflight import Checked, preflight, resolve_ckpt_path
 from src.utils.checkpoint_io import StreamingCheckpointIO
 from src.utils.config import run_app  # importing it registers the config resolvers and schema

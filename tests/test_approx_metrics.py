@@ -10,15 +10,15 @@ import torch
 from scipy import stats
 from torch import nn
 
-import src.compress.ntk_cluster
-import src.compress.sketch
-from src.compress import kmeans, ntk_cluster, sketch
-from src.compress.settings import CompressionSettings
+import src.methods.ntk_cluster
+import src.methods.sketch
+from src.methods import kmeans, ntk_cluster, sketch
 from src.metrics import ntk
 from src.metrics.approximation import approximation_metrics
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.fuse import compress_model
+from src.pipeline.fuse import compress_model
+from src.pipeline.settings import CompressionSettings
 from src.utils.summary import estimate, paired
 
 H, D = 32, 64
@@ -66,7 +66,7 @@ ERRORS = ["hidden_rel_err", "logits_rel_err", "output_rel_err", "ntk_sign_rel_er
 @pytest.mark.parametrize("lloyd", [False, True], ids=["identity", "lloyd"])
 def test_ntk_cluster_at_full_width_has_zero_errors(monkeypatch: pytest.MonkeyPatch, lloyd: bool) -> None:
     if lloyd:  # k = d through k-means++ and Lloyd (a permutation of the neurons), not the k = n shortcut
-        monkeypatch.setattr(src.compress.ntk_cluster, "kmeans", functools.partial(kmeans.kmeans, identity_at_n=False))
+        monkeypatch.setattr(src.methods.ntk_cluster, "kmeans", functools.partial(kmeans.kmeans, identity_at_n=False))
     metrics = _measure(_model(), functools.partial(ntk_cluster.compress, n_init=2), D)
     for key in ERRORS:
         assert metrics[f"fusion/{key}"] < (1e-5 if lloyd else 1e-12), key
@@ -116,7 +116,7 @@ def test_a_cache_entry_of_another_method_version_is_not_reused(tmp_path, monkeyp
         return [report.layer_stats[i]["cache_hit"] for i in LAYERS]
 
     assert run() == [0.0, 0.0] and run() == [1.0, 1.0]
-    monkeypatch.setattr(src.compress.sketch, "VERSION", src.compress.sketch.VERSION + "-changed")
+    monkeypatch.setattr(src.methods.sketch, "VERSION", src.methods.sketch.VERSION + "-changed")
     assert run() == [0.0, 0.0]
 
 

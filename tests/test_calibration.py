@@ -10,15 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from src.compress import budget, kmeans, ntk_keep, refit, wanda_sp
-from src.compress.common import activations
-from src.compress.method import Method
-from src.compress.settings import CompressionSettings
-from src.compress.types import MLPCalibration, MLPWeights
+from src.methods import kmeans, ntk_keep, refit, wanda_sp
+from src.methods.common import activations
+from src.methods.method import Method
+from src.methods.types import MLPCalibration, MLPWeights
 from src.models import mlp_io
-from src.models.calibration import Calibrator
 from src.models.exported import load_exported
-from src.models.fuse import compress_model
+from src.pipeline import budget
+from src.pipeline.calibration import Calibrator
+from src.pipeline.fuse import compress_model
+from src.pipeline.settings import CompressionSettings
 from src.preflight import preflight
 from src.train import train
 from src.utils.errors import ConfigError

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from src.compress import cluster, mmd, ntk_cluster, prune, refit, sketch, svd
-from src.compress.common import clamped_swiglu
-from src.compress.method import Method
-from src.compress.types import FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
+from src.methods import cluster, mmd, ntk_cluster, prune, refit, sketch, svd
+from src.methods.common import clamped_swiglu
+from src.methods.method import Method
+from src.methods.types import FusedMLP, LowRankMLP, MLPCalibration, MLPWeights
 from tests.conftest import METHODS as NAMES
 from tests.conftest import compress_fn
 

@@ -21,7 +21,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from src.compress.types import MLPWeights
+from src.methods.types import MLPWeights
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import ROOT, compose_with_searchpath
@@ -143,22 +143,22 @@ def test_a_family_added_as_extending_md_says(tmp_path: Path, monkeypatch: pytest
 
 
 def test_a_method_added_as_extending_md_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_hydra) -> None:
-    import src.compress
+    import src.methods
 
     section = _section("## Add a compression method")
     (module_src,), yamls = _blocks(section, "python"), _blocks(section, "yaml")
     method_yaml = yamls[0]
     name = re.search(r"^name: (\w+)$", method_yaml, re.M).group(1)
-    assert f"_target_: src.compress.{name}.compress" in method_yaml
-    # step 1: src/compress/<name>.py (written under tmp_path, which joins the package's search path)
-    pkg = tmp_path / "src" / "compress"
+    assert f"_target_: src.methods.{name}.compress" in method_yaml
+    # step 1: src/methods/<name>.py (written under tmp_path, which joins the package's search path)
+    pkg = tmp_path / "src" / "methods"
     pkg.mkdir(parents=True)
     (pkg / f"{name}.py").write_text(module_src)
-    monkeypatch.setattr(src.compress, "__path__", [*src.compress.__path__, str(pkg)])
+    monkeypatch.setattr(src.methods, "__path__", [*src.methods.__path__, str(pkg)])
     importlib.invalidate_caches()
-    module = importlib.import_module(f"src.compress.{name}")
-    monkeypatch.setitem(sys.modules, f"src.compress.{name}", module)  # removed again after the test
-    monkeypatch.setattr(src.compress, name, module, raising=False)
+    module = importlib.import_module(f"src.methods.{name}")
+    monkeypatch.setitem(sys.modules, f"src.methods.{name}", module)  # removed again after the test
+    monkeypatch.setattr(src.methods, name, module, raising=False)
     # step 2: conf/ffn_mode/<name>.yaml
     conf = tmp_path / "conf"
     (conf / "ffn_mode").mkdir(parents=True)

@@ -15,10 +15,10 @@ from torch import nn
 
 from src.builders import build_callbacks, build_datamodule, build_module
 from src.callbacks.fusion import FusionCallback
-from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.build import HEADS
-from src.models.fuse import apply_spec, compress_model
+from src.pipeline.fuse import apply_spec, compress_model
+from src.pipeline.settings import CompressionSettings
 from src.preflight import preflight
 from src.train import train
 
@@ -80,8 +80,8 @@ FUSED = sorted(row.tiny for row in mlp_io.FAMILIES.values() if row.tiny and row.
 def test_an_expert_read_computes_what_the_module_computes(compose_cfg, name: str) -> None:
     """Each routed expert, read as MLPWeights (layout, biases, gated form), gives the stock experts module's output
     on tokens all sent to it with weight 1 (a read and a write that were wrong together would pass the k = d test)."""
-    from src.compress.refit import output
-    from src.compress.types import FusedMLP
+    from src.methods.refit import output
+    from src.methods.types import FusedMLP
 
     model = _module(compose_cfg, name)[1].model
     layer = _layers(model)[0]

@@ -11,13 +11,13 @@ import torch
 
 from src.builders import build_data_and_module
 from src.callbacks.fusion import FusionCallback
-from src.compress import act_fusion, flap, refit, wanda_sp
-from src.compress.budget import allocate_by_scores, total_neurons
-from src.compress.common import activations
-from src.compress.types import FusedMLP, MLPCalibration, MLPWeights
 from src.data import general_text
+from src.methods import act_fusion, flap, refit, wanda_sp
+from src.methods.common import activations
+from src.methods.types import FusedMLP, MLPCalibration, MLPWeights
 from src.models import mlp_io
 from src.models.source import model_identity
+from src.pipeline.budget import allocate_by_scores, total_neurons
 from src.preflight import preflight
 from tests.conftest import assert_refused_before_loading
 

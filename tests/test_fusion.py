@@ -14,12 +14,12 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
-from src.compress import ntk_cluster
-from src.compress.settings import CompressionSettings
+from src.methods import ntk_cluster
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.calibration import Calibrator
-from src.models.fuse import apply_spec, compress_model, count_params
+from src.pipeline.calibration import Calibrator
+from src.pipeline.fuse import apply_spec, compress_model, count_params
+from src.pipeline.settings import CompressionSettings
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS
@@ -253,7 +253,7 @@ def test_a_down_bias_in_a_bias_free_llama_trains_resumes_and_exports(compose_cfg
     import gguf
     from transformers import AutoModelForCausalLM
 
-    import src.compress.prune as prune
+    import src.methods.prune as prune
     from src.builders import restore_module
     from src.export import export
     from src.models.exported import load_exported

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from src.compress.types import FusedMLP, MLPWeights
+from src.methods.types import FusedMLP, MLPWeights
 from src.models import mlp_io
 from src.models.build import load_tokenizer
 from src.models.to_gguf import gguf_unsupported, write_gguf

@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 from src.builders import build_callbacks, build_data_and_module
 from src.callbacks import fusion
 from src.callbacks.fusion import FusionCallback
-from src.models.fuse import FusionReport
 from src.modules.optim import implementation
+from src.pipeline.fuse import FusionReport
 from src.preflight import preflight
 from src.train import train
 from src.utils import hardware
@@ -192,8 +192,8 @@ def test_bf16_true_checkpoint_exports(compose_cfg, tmp_path: Path) -> None:
 
     from src.export import export
     from src.models.exported import load_exported
-    from src.models.fuse import apply_spec
     from src.modules.causal_lm import CausalLMModule
+    from src.pipeline.fuse import apply_spec
 
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "ffn_mode.layers=[1,3]", "approx_metrics.enabled=false",
                        "trainer.precision=bf16-true", "trainer.max_steps=2", "test=false"])

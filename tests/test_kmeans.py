@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from src.compress.kmeans import kmeans
+from src.methods.kmeans import kmeans
 
 
 def points(n=200, dim=12, seed=0):

@@ -14,11 +14,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from src.builders import build_datamodule, fusion_callback
-from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.models import mlp_io
-from src.models.fuse import compress_model, count_params
 from src.modules.causal_lm import CausalLMModule
+from src.pipeline.fuse import compress_model, count_params
+from src.pipeline.settings import CompressionSettings
 from src.preflight import preflight
 from src.train import train
 from src.utils.checkpoint_io import StreamingCheckpointIO

@@ -21,8 +21,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from src.compress.types import FusedMLP, LowRankMLP, MLPWeights
-from src.models.fuse import apply_spec
+from src.methods.types import FusedMLP, LowRankMLP, MLPWeights
 from src.models.layers import LowRankLinear, ScaledLinear
 from src.models.mlp_io import (
     build_from_spec,
@@ -40,6 +39,7 @@ from src.models.mlp_io import (
     stock_widths,
     write_mlp,
 )
+from src.pipeline.fuse import apply_spec
 
 H, D, L, V = 32, 64, 4, 50
 ARCHS = ["bert", "distilbert", "gpt2", "llama"]

@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from src.compress.method import Method
-from src.compress.settings import CompressionSettings
-from src.compress.types import MLPCalibration
+from src.methods.method import Method
+from src.methods.types import MLPCalibration
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.fuse import apply_spec, compress_model, count_params
+from src.pipeline.fuse import apply_spec, compress_model, count_params
+from src.pipeline.settings import CompressionSettings
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS, assert_refused_before_loading

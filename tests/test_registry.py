@@ -11,10 +11,10 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from src.compress import cluster, ntk_cluster
-from src.compress.common import check_mid_dim, mlp_from_points, sub_mlp_points
-from src.compress.method import Method
-from src.compress.types import FusedMLP, MLPWeights, OptionError
+from src.methods import cluster, ntk_cluster
+from src.methods.common import check_mid_dim, mlp_from_points, sub_mlp_points
+from src.methods.method import Method
+from src.methods.types import FusedMLP, MLPWeights, OptionError
 from src.train import train
 from src.utils.config import ffn_modes
 from src.utils.errors import ConfigError
@@ -24,10 +24,10 @@ from tests.conftest import METHODS, ROOT, compose_with_searchpath, compress_fn
 def test_methods_are_discovered_from_the_config_group() -> None:
     stems = sorted(p.stem for p in (ROOT / "conf" / "ffn_mode").glob("*.yaml") if not p.stem.startswith("_"))
     assert ffn_modes() == stems and "none" in stems and "ntk_cluster" in METHODS
-    for method in METHODS:  # each names a pure function in src/compress/<method>.py
+    for method in METHODS:  # each names a pure function in src/methods/<method>.py
         target = (ROOT / "conf" / "ffn_mode" / f"{method}.yaml").read_text().split("_target_: ")[1].split()[0]
-        assert target == f"src.compress.{method}.compress"
-        assert callable(importlib.import_module(f"src.compress.{method}").compress)
+        assert target == f"src.methods.{method}.compress"
+        assert callable(importlib.import_module(f"src.methods.{method}").compress)
 
 
 # ---- a method added from outside the project: this module (VERSION, compress, check), one YAML file in a config dir ----

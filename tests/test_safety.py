@@ -106,10 +106,10 @@ def test_sigterm_during_test_is_interrupted_not_success(tmp_path: Path) -> None:
 
 _CACHE_WRITER = """
 import sys, time, torch
-from src.compress.ntk_cluster import compress
-from src.compress.settings import CompressionSettings
+from src.methods.ntk_cluster import compress
+from src.pipeline.settings import CompressionSettings
 from src.models.build import build_model
-from src.models.fuse import compress_model
+from src.pipeline.fuse import compress_model
 torch.manual_seed(0)
 cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256, "vocab_size": 64}
 model = build_model({"name": "t", "config": cfg}, "classification", num_labels=2)
@@ -130,7 +130,7 @@ def test_two_processes_share_one_cache_entry_per_layer(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
     files = sorted((root / "ntk_cluster").iterdir())
     assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files), files  # one per layer, nothing half-written
-    from src.compress.cache import FusionCache
+    from src.pipeline.cache import FusionCache
 
     cache = FusionCache(root / "ntk_cluster")
     assert all(cache.get(f.stem) is not None for f in files)  # both readable, checksums valid
@@ -139,9 +139,9 @@ def test_two_processes_share_one_cache_entry_per_layer(tmp_path: Path) -> None:
 def test_a_full_disk_keeps_the_previous_cache_entry_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import src.compress.cache
-    from src.compress.cache import FusionCache
-    from src.compress.types import FusedMLP, MLPWeights
+    import src.pipeline.cache
+    from src.methods.types import FusedMLP, MLPWeights
+    from src.pipeline.cache import FusionCache
     from src.utils.io import atomic_dir
 
     cache = FusionCache(tmp_path / "cache")
@@ -152,7 +152,7 @@ def test_a_full_disk_keeps_the_previous_cache_entry_and_export(tmp_path: Path, m
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(src.compress.cache, "save_file", full)
+    monkeypatch.setattr(src.pipeline.cache, "save_file", full)
     with pytest.raises(OSError, match="No space left"):
         cache.put("k", FusedMLP(MLPWeights(up=torch.zeros(4, 2), down=torch.zeros(2, 4))))
     assert cache.path("k").read_bytes() == before and sorted(p.name for p in cache.root.iterdir()) == ["k.safetensors"]

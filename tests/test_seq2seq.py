@@ -10,11 +10,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.build import build_model
-from src.models.fuse import apply_spec, compress_model
 from src.modules.seq2seq import classification_scores
+from src.pipeline.fuse import apply_spec, compress_model
+from src.pipeline.settings import CompressionSettings
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import FAST, assert_refused_before_loading, run_cli

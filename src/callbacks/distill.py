@@ -31,10 +31,10 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.inputs import MODEL_INPUTS
 from src.models.outputs import stack_hidden_states
+from src.pipeline.settings import CompressionSettings
 from src.utils import hardware
 from src.utils.errors import ConfigError
 from src.utils.memory import release_memory

@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
-from src.compress.settings import CompressionSettings
 from src.metrics import ntk
 from src.metrics.approximation import Reference, approximation_metrics
 from src.models import mlp_io
-from src.models.calibration import Calibrator
-from src.models.fuse import FusionReport, apply_spec, compress_model
+from src.pipeline.calibration import Calibrator
+from src.pipeline.fuse import FusionReport, apply_spec, compress_model
+from src.pipeline.settings import CompressionSettings
 from src.utils import hardware
 from src.utils.memory import release_memory
 

@@ -34,9 +34,9 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from src.callbacks.distill import hidden_mse
-from src.compress.settings import CompressionSettings
 from src.models import mlp_io
 from src.models.build import task_kind
+from src.pipeline.settings import CompressionSettings
 from src.utils import hardware
 from src.utils.errors import ConfigError
 from src.utils.memory import release_memory

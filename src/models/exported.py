@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedModel
 
 from src.models import mlp_io
-from src.models.fuse import apply_spec
+from src.pipeline.fuse import apply_spec
 
 ONNX_RTOL = 1e-4  # ONNX Runtime's logits against PyTorch's: relative Frobenius error allowed
 # the heads (src.models.build.HEADS) export_onnx traces: one stack whose logits follow from

@@ -120,7 +120,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     # checked by the preflight and their own hooks; ffn_mode's shared options are typed, resolved and checked by
-    # src.compress.settings.CompressionSettings.from_config (a type here would refuse them before its sentences)
+    # src.pipeline.settings.CompressionSettings.from_config (a type here would refuse them before its sentences)
     paths: Any = MISSING
     ffn_mode: Any = MISSING
     model: Any = MISSING

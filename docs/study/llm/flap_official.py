@@ -33,7 +33,7 @@ from quality import HERE, SIZES, PeakRSS, config, evaluate
 from torch import nn
 
 from src.builders import build_data_and_module
-from src.models.fuse import count_params
+from src.pipeline.fuse import count_params
 from src.preflight import preflight
 
 

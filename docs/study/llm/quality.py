@@ -45,8 +45,8 @@ import src.utils.config  # noqa: F401  (registers the config resolvers)
 from src.builders import build_data_and_module, compression_settings
 from src.callbacks.fusion import FusionCallback
 from src.evaluation import lm_eval
-from src.models.fuse import count_params
 from src.models.source import model_identity
+from src.pipeline.fuse import count_params
 from src.preflight import preflight
 
 CONF = str(Path(__file__).resolve().parents[3] / "conf")

@@ -9,7 +9,7 @@
 Encoder-decoder models (T5, Switch Transformers) number their blocks encoder first, then decoder.
 """
 
-from .discovery import config_width, family_of, find_mlp_layers, mlp_param_count, mlp_shape, model_shape, num_experts, sparse_layers
+from .discovery import ModelShape, config_width, family_of, find_mlp_layers, mlp_param_count, mlp_shape, model_shape, num_experts, sparse_layers
 from .experts import SHARED
 from .families import FAMILIES
 from .layers import (
@@ -39,8 +39,8 @@ from .layers import (
 )
 
 __all__ = [
-    "FAMILIES", "SHARED", "block_module", "build_from_spec", "config_width", "family_of", "find_mlp_layers", "fold_scales", "fused_expert_weights",
-    "in_decoder", "intermediate_sizes", "is_sparse", "layer_spec", "mlp_forward", "mlp_input_module", "mlp_modules",
+    "FAMILIES", "SHARED", "ModelShape", "block_module", "build_from_spec", "config_width", "family_of", "find_mlp_layers", "fold_scales",
+    "fused_expert_weights", "in_decoder", "intermediate_sizes", "is_sparse", "layer_spec", "mlp_forward", "mlp_input_module", "mlp_modules",
     "mlp_param_count", "mlp_param_names", "mlp_parts", "mlp_shape", "model_shape", "num_experts", "num_layers", "read_mlp", "reinit_mlp",
     "routed_tokens", "router_counts", "set_config_widths", "sparse_layers", "stock_widths", "vmappable",
     "write_mlp", "write_parts",

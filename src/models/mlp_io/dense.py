@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from src.compress.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
+from src.methods.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
 from src.models.layers import LowRankLinear, ScaledLinear
 
 from . import projections as P

@@ -13,12 +13,11 @@ import functools
 import json
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-
-from src.compress.settings import ModelShape
 
 from .dense import DenseMLP
 from .experts import LAYOUTS, MoEBlock
@@ -30,6 +29,26 @@ log = logging.getLogger(__name__)
 AnyLayer = DenseMLP | MoEBlock
 ACT_ATTRS = ("hidden_act", "hidden_activation", "activation_function", "activation", "dense_act_fn")
 WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "hidden_dim")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the compression settings need of a model, read from its config before any weights load (``model_shape``)."""
+
+    stacks: tuple[range, ...]  # each stack's layer indices: one, or an encoder-decoder model's encoder, then decoder
+    width: int  # the MLP intermediate size (a routed expert's in a Mixture-of-Experts model)
+    sparse: tuple[int, ...] = ()  # the blocks that hold experts
+    experts: int = 0  # routed experts per sparse block (0: a dense model)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(s) for s in self.stacks)
+
+    def top_layers(self, fraction: float) -> list[int]:
+        """The top ``fraction`` of each stack's layers (the paper's 4..11 of 12); in a Mixture-of-Experts model those of
+        them that hold experts (all of those where none of the top ones does)."""
+        top = [i for s in self.stacks for i in s[len(s) - max(1, round(fraction * len(s))):]]
+        return ([i for i in top if i in self.sparse] or list(self.sparse)) if self.sparse else top
 
 
 def family_of(config: PretrainedConfig) -> Family:

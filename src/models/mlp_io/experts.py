@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import PretrainedConfig
 
-from src.compress.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
+from src.methods.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
 from src.models.layers import ExpertLowRank, ExpertScale, expert_canonical, expert_native
 
 from . import projections as P

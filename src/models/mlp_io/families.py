@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from src.compress.common import clamped_swiglu
+from src.methods.common import clamped_swiglu
 
 
 @dataclass(frozen=True)

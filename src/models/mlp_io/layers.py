@@ -1,7 +1,7 @@
 """The layer-level functions the rest of the project calls: read, write, record and rebuild one
 layer's MLP (or a sparse block's parts), and what the metrics, calibration and export need of it.
 
-Everything else sees ``src.compress.types`` containers in the ``nn.Linear`` layout ``[out, in]``.
+Everything else sees ``src.methods.types`` containers in the ``nn.Linear`` layout ``[out, in]``.
 Compressed layers keep the Hugging Face module tree with only the projection modules swapped, so
 the stock forward still runs.
 """
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import PretrainedConfig, PreTrainedModel
 
-from src.compress.types import Compressed, MLPWeights
+from src.methods.types import Compressed, MLPWeights
 from src.models.layers import ExpertScale, ScaledLinear
 
 from .dense import DenseMLP

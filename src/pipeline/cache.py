@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from src.compress.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
+from src.methods.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
 from src.utils.io import atomic_path
 
 log = logging.getLogger(__name__)

@@ -13,41 +13,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from src.methods.method import Method
+from src.methods.refit import REFITS, TOWARDS
+from src.methods.types import OptionError
 from src.utils.errors import ConfigError
 
 from .budget import ALLOCATIONS
-from .method import Method
-from .refit import REFITS, TOWARDS
-from .types import OptionError
 
 if TYPE_CHECKING:
-    from .types import Compressed
+    from src.methods.types import Compressed
+    from src.models.mlp_io import ModelShape
 
 # The options that make a variant of a method (ntk_keep at keep 0.25 is not ntk_keep at 0.5): src.train
 # records them in results.json (``CompressionSettings.variant``) and src.report gives each variant its own row.
 VARIANT_OPTIONS = ("keep", "refit", "weighting", "budget", "allocation")
 
 CALIB_SOURCES = ("task", "mixed")  # ffn_mode.calib.source
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the settings need of a model, read from its config before any weights load (``mlp_io.model_shape``)."""
-
-    stacks: tuple[range, ...]  # each stack's layer indices: one, or an encoder-decoder model's encoder, then decoder
-    width: int  # the MLP intermediate size (a routed expert's in a Mixture-of-Experts model)
-    sparse: tuple[int, ...] = ()  # the blocks that hold experts
-    experts: int = 0  # routed experts per sparse block (0: a dense model)
-
-    @property
-    def num_layers(self) -> int:
-        return sum(len(s) for s in self.stacks)
-
-    def top_layers(self, fraction: float) -> list[int]:
-        """The top ``fraction`` of each stack's layers (the paper's 4..11 of 12); in a Mixture-of-Experts model those of
-        them that hold experts (all of those where none of the top ones does)."""
-        top = [i for s in self.stacks for i in s[len(s) - max(1, round(fraction * len(s))):]]
-        return ([i for i in top if i in self.sparse] or list(self.sparse)) if self.sparse else top
 
 
 @dataclass(frozen=True)

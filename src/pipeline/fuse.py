@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.compress.budget import SCORES, allocate, allocate_by_scores, candidate_widths, total_neurons
-from src.compress.cache import FusionCache, cache_key
-from src.compress.refit import apply_refit
-from src.compress.refit import output as refit_output
-from src.compress.settings import CompressionSettings
-from src.compress.types import Compressed, FusedMLP, MLPCalibration, MLPWeights
+from src.methods.refit import apply_refit
+from src.methods.refit import output as refit_output
+from src.methods.types import Compressed, FusedMLP, MLPCalibration, MLPWeights
 from src.models import mlp_io
-from src.models.calibration import Calibrator
+from src.pipeline.budget import SCORES, allocate, allocate_by_scores, candidate_widths, total_neurons
+from src.pipeline.cache import FusionCache, cache_key
+from src.pipeline.calibration import Calibrator
+from src.pipeline.settings import CompressionSettings
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def compress_model(
 
     With calibration (``settings.needs_calibration``; ``calibrator`` then required): the method receives
     the layer's ``MLPCalibration`` if it takes ``calib``, ``refit="lstsq"`` re-fits each down projection
-    and ``refit="bias"`` compensates its bias (``src.compress.refit``), and ``budget`` (a fraction of the
+    and ``refit="bias"`` compensates its bias (``src.methods.refit``), and ``budget`` (a fraction of the
     chosen layers' MLP parameters) replaces the one ``mid_dim`` by per-layer widths
-    (``src.compress.budget``: by error curves, or by scores ranked over layers as FLAP's ``allocation``). The layers are
+    (``src.pipeline.budget``: by error curves, or by scores ranked over layers as FLAP's ``allocation``). The layers are
     compressed in order; with ``calibrator.sequential`` each layer's calibration inputs come from the
     model whose earlier layers are compressed already.
 

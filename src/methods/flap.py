@@ -6,7 +6,7 @@ A neuron's score is its *fluctuation* times its down-projection column's squared
 removed neurons' mean output folded into the down projection's bias) is ``ffn_mode.refit=bias``,
 which ``conf/ffn_mode/flap.yaml`` sets; its adaptive structure across layers (AL-MM: each layer's
 scores standardised, the globally lowest removed) is ``ffn_mode.allocation=flap`` with a budget
-(``src.compress.budget.allocate_by_scores``). docs/methods.md, "flap". Needs calibration data.
+(``src.pipeline.budget.allocate_by_scores``). docs/methods.md, "flap". Needs calibration data.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class MLPWeights:
     """One MLP ``y = down(act(gate(x)) * up(x)) + b_out`` (gated) or ``down(act(up(x) + b_up)) + b_out``.
 
     h = hidden size, d = intermediate size (number of sub-MLPs). A gated MLP may have biases on gate
-    and up (gpt-oss) and a gated form other than ``act(g) * u`` (``src.compress.common.gated_form``).
+    and up (gpt-oss) and a gated form other than ``act(g) * u`` (``src.methods.common.gated_form``).
     """
 
     up: Tensor  # [d, h]  W1: fc1 / intermediate.dense / c_fc / up_proj

@@ -1,6 +1,6 @@
 """The contract of a compression method module, read once into a :class:`Method`.
 
-A method is ``src/compress/<name>.py`` (:class:`MethodModule`) plus ``conf/ffn_mode/<name>.yaml``,
+A method is ``src/methods/<name>.py`` (:class:`MethodModule`) plus ``conf/ffn_mode/<name>.yaml``,
 whose ``compress`` node names the module's ``compress`` with the config's options (a partial).
 :meth:`Method.of` reads everything else the project needs from the module the partial points
 to, so the rest of the code never looks a method up itself.
@@ -54,7 +54,7 @@ class Method:
     @classmethod
     def of(cls, fn: Callable[..., Compressed], name: str | None = None) -> Method:
         """Read the method whose ``compress`` is ``fn`` (a function or a partial carrying its options);
-        ``name`` defaults to its module's last name (``src.compress.svd`` -> ``svd``)."""
+        ``name`` defaults to its module's last name (``src.methods.svd`` -> ``svd``)."""
         partial = fn if isinstance(fn, functools.partial) else functools.partial(fn)
         module: MethodModule = sys.modules[partial.func.__module__]
         options = MappingProxyType(dict(partial.keywords))

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import flap, wanda_sp
-from .types import MLPCalibration, MLPWeights
+from src.methods import flap, wanda_sp
+from src.methods.types import MLPCalibration, MLPWeights
 
 # ffn_mode.allocation's neuron scores: a budget spread by standardised scores (FLAP's AL-MM) instead of by error curves
 SCORES: dict[str, Callable[[MLPWeights, MLPCalibration], Tensor]] = {"flap": flap.scores, "wanda_sp": wanda_sp.scores}

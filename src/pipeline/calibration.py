@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Cache
 
-from src.compress.types import MLPCalibration
+from src.methods.types import MLPCalibration
 from src.models import mlp_io
 from src.models.inputs import MODEL_INPUTS
 
