@@ -4,13 +4,13 @@ A sequence classifier (sentences per second) and a causal LM forward (tokens per
 logits of every position, without a KV cache, as the ONNX export has them). The compressed model is
 what ``python -m src.train`` compresses by default (the model's default method on its default
 layers and width, through the fusion callback), its count scales folded as ``src.export`` folds
-them; both models go to ONNX through ``src.models.exported.export_onnx``. The four sides of a case
+them; both models go to ONNX through ``src.export.exported.export_onnx``. The four sides of a case
 (PyTorch eager under ``torch.inference_mode`` and ONNX Runtime's CPUExecutionProvider, each with
 the original and the compressed model) alternate call by call. The bound is the forward's FLOP
 ratio, counted as the fine-tuning benchmark counts FLOPs.
 
 A causal LM also runs in llama.cpp (llama-cpp-python, an optional dependency: its rows are skipped
-where it is not installed), both models written by ``src.models.to_gguf.write_gguf`` at each of
+where it is not installed), both models written by ``src.export.to_gguf.write_gguf`` at each of
 ``LLAMA_CPP_DTYPES``: prompt processing (pp, one prompt in one batch) and generation (tg, greedy
 single-token decodes with the KV cache), batch 1, original and compressed alternating call by call.
 """
@@ -48,9 +48,9 @@ from bench.common import (
     real_batches,
     target,
 )
+from src.export.exported import export_onnx, prepare_for_export
+from src.export.to_gguf import gguf_unsupported, write_gguf
 from src.models.build import build_model, load_tokenizer
-from src.models.exported import export_onnx, prepare_for_export
-from src.models.to_gguf import gguf_unsupported, write_gguf
 from src.pipeline.fuse import FusionReport
 
 WARMUP = 1  # untimed calls per side and case: first-run allocations of ONNX Runtime and oneDNN
@@ -254,7 +254,7 @@ def _notes(compression: dict[str, dict[str, Any]], onnx_err: dict[str, float], s
         "included (a forward's cost does not depend on the mask). Causal LMs: logits of every position, no KV cache, on both sides.",
         f"PyTorch {torch.__version__} eager under torch.inference_mode on {opts.device}; ONNX Runtime {ort.__version__} (fp32 graph), "
         f"CPUExecutionProvider, default graph optimizations, intra-op threads = torch.get_num_threads() = {threads}; "
-        "the models exported by src.models.exported.export_onnx.",
+        "the models exported by src.export.exported.export_onnx.",
         f"PyTorch side: {precision_note(opts.precision)}",
         f"each timed call runs as many forwards as make up the largest batch of its model (forwards_per_call); {WARMUP} warm-up "
         f"call, then {sizes.inference_reps} timed calls per side, the four sides of a case interleaved in a rotating order. "
@@ -276,7 +276,7 @@ def _llama_note(llama: dict[str, dict[str, Any]], version: str | None, threads: 
     files = "; ".join(f"{m} {dtype}: " + ", ".join(f"{k} {file(f[k])}" for k in MODELS)
                       for m, info in llama.items() if "files" in info for dtype, f in info["files"].items())
     return (f"llama.cpp (llama-cpp-python {version}, CPU, n_threads = n_threads_batch = torch.get_num_threads() = {threads}) runs "
-            f"each causal LM and its compressed copy, written by src.models.to_gguf.write_gguf at {', '.join(LLAMA_CPP_DTYPES)} "
+            f"each causal LM and its compressed copy, written by src.export.to_gguf.write_gguf at {', '.join(LLAMA_CPP_DTYPES)} "
             f"(f32: the other rows' numerics); architectures: {files or 'none'}{'; ' + skipped if skipped else ''}. "
             "pp: one llm.eval of the longest case's first sentence, padded to its length, in one batch from an empty KV cache, "
             f"logits of its last position only; tg: {TG_TOKENS} greedy single-token decodes (argmax of the last logits, then "

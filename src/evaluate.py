@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a checkpoint or an export: ``python -m src.evaluate ckpt_path=... | export_dir=...``.
 
 A checkpoint is restored as ``src.export`` restores it (compressed structure, LoRA adapters); an export
-folder loads with ``src.models.exported.load_exported``. The tasks are checked first (a Hub task offline
+folder loads with ``src.export.exported.load_exported``. The tasks are checked first (a Hub task offline
 is refused in one sentence, before any model loads). The metrics (``eval/<task>/<metric>``, see
 ``src.evaluation``) are written to ``eval.json`` beside the checkpoint's run folder or in the export
 folder and, for a checkpoint in its run folder, merged into that run's ``results.json``, which
@@ -23,8 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from src.builders import read_checkpoint, restore_module
 from src.evaluation import check_lm_eval, check_positions, lm_eval
+from src.export.exported import load_exported
 from src.models.build import load_hf_config, load_tokenizer
-from src.models.exported import load_exported
 from src.utils.config import refusing, run_app
 from src.utils.errors import ConfigError
 from src.utils.io import write_json

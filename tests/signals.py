@@ -49,7 +49,7 @@ def signal_at_call(target: str, module: str, sig: str = "SIGTERM") -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)  # as -m runs it (Hydra finds conf/ from __main__'s file)
 
 
-if __name__ == "__main__":  # python -m tests.signals src.models.exported:export_onnx src.export ckpt_path=... out=...
+if __name__ == "__main__":  # python -m tests.signals src.export.exported:export_onnx src.export ckpt_path=... out=...
     target, module = sys.argv[1:3]
     sys.argv = [module, *sys.argv[3:]]  # the command's own arguments
     signal_at_call(target, module)

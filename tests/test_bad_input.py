@@ -307,7 +307,7 @@ def test_report_refuses_what_the_runs_lack(tmp_path: Path, capsys: pytest.Captur
 def test_gguf_dtype_in_either_case(tmp_path: Path) -> None:
     """llama.cpp writes the types upper case (F16, Q8_0): accepted as their lower-case names (here the export goes on to
     the checkpoint, which is missing); an unknown type lists the allowed ones."""
-    from src.export import export
+    from src.export.__main__ import export
 
     for dtype in ("F16", "Q8_0", "bf16"):
         with pytest.raises(ConfigError, match=_re("ckpt_path='/nonexistent.ckpt' is not a file.")):
@@ -345,7 +345,7 @@ def _fake_checkpoint(compose_cfg, path: Path) -> Path:
 def test_truncated_checkpoint_is_one_sentence(compose_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """src.train, src.export and src.evaluate: one sentence naming the setting (torch's own message is a paragraph)."""
     import src.evaluate
-    import src.export
+    import src.export.__main__ as export_cli
 
     whole = _fake_checkpoint(compose_cfg, tmp_path / "whole.ckpt")
     cut = tmp_path / "cut.ckpt"
@@ -355,7 +355,7 @@ def test_truncated_checkpoint_is_one_sentence(compose_cfg, monkeypatch: pytest.M
         train(compose_cfg([*LLM, f"ckpt_path={cut}"]))
     assert str(e.value) == message
     with pytest.raises(ConfigError) as e:
-        src.export.export(str(cut), str(tmp_path / "out"))
+        export_cli.export(str(cut), str(tmp_path / "out"))
     assert str(e.value) == message
     with pytest.raises(ConfigError) as e:
         src.evaluate.evaluate(_evaluate_cfg([f"ckpt_path={cut}"]))

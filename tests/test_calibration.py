@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from src.export.exported import load_exported
 from src.methods import kmeans, ntk_keep, refit, wanda_sp
 from src.methods.common import activations
 from src.methods.method import Method
 from src.methods.types import MLPCalibration, MLPWeights
 from src.models import mlp_io
-from src.models.exported import load_exported
 from src.pipeline import budget
 from src.pipeline.calibration import Calibrator
 from src.pipeline.fuse import compress_model

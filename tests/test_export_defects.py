@@ -25,12 +25,12 @@ def test_a_refused_cli_run_leaves_no_log_file_where_it_runs(tmp_path: Path, modu
 def test_a_failed_export_leaves_no_temporary_folder_and_the_earlier_export_untouched(
         compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The next export also removes what a killed one left (a SIGKILL skips ``atomic_dir``'s cleanup), and only that."""
-    import src.export
+    import src.export.__main__ as export_cli
 
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
     train(cfg)
     ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    out = src.export.export(ckpt, str(tmp_path / "out"), fmt="hf")
+    out = export_cli.export(ckpt, str(tmp_path / "out"), fmt="hf")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for killed in (".out.k1lled00.tmp", ".out.k1lled01.old", ".out.v2.abc12345.tmp"):  # the last: another folder's (out.v2)
         (tmp_path / killed / "out").mkdir(parents=True)
@@ -40,9 +40,9 @@ def test_a_failed_export_leaves_no_temporary_folder_and_the_earlier_export_untou
         path.write_bytes(b"half an ONNX file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(src.export, "export_onnx", half)
+    monkeypatch.setattr(export_cli, "export_onnx", half)
     with pytest.raises(OSError, match="No space left on device"):
-        src.export.export(ckpt, str(out), fmt="both")
+        export_cli.export(ckpt, str(out), fmt="both")
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.v2.abc12345.tmp"]
 
@@ -51,16 +51,16 @@ def test_sigterm_during_export_or_evaluate_says_what_was_kept(compose_cfg, tmp_p
     """SIGTERM (a scheduler's stop) once the export's temporary folder holds the weights, and while lm-eval runs: one line
     each saying what stopped and what was kept, exit code 143 (128 + SIGTERM), no traceback; the export's temporary
     folder is removed and the earlier export there untouched, and the evaluation writes neither eval.json nor results.json."""
-    import src.export
+    import src.export.__main__ as export_cli
 
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
     train(cfg)
     run = Path(cfg.paths.output_dir)
     ckpt = str(run / "checkpoints" / "last.ckpt")
     exports = tmp_path / "exports"
-    out = src.export.export(ckpt, str(exports / "out"), fmt="hf")
+    out = export_cli.export(ckpt, str(exports / "out"), fmt="hf")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = run_cli("tests.signals", "src.models.exported:export_onnx", "src.export", f"ckpt_path={ckpt}", f"out={out}", "format=both", cwd=exports)
+    proc = run_cli("tests.signals", "src.export.exported:export_onnx", "src.export", f"ckpt_path={ckpt}", f"out={out}", "format=both", cwd=exports)
     said = [line for line in proc.stdout.splitlines() if "SIGTERM received" in line]
     assert proc.returncode == 143 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert len(said) == 1 and said[0].endswith(f"SIGTERM received: the export to {out} stopped: nothing was written there (an earlier "

@@ -124,8 +124,8 @@ def test_calibration_and_refit(compose_cfg, name: str) -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_compress_train_resume_export(compose_cfg, tmp_path: Path, name: str) -> None:
     """Compress and fine-tune, resume from the last checkpoint, export: the export computes the checkpoint's function."""
-    from src.export import export
-    from src.models.exported import load_exported
+    from src.export.__main__ import export
+    from src.export.exported import load_exported
 
     common = [f"model={name}", *_task(name), "ffn_mode=ntk_cluster", "approx_metrics.enabled=false", "test=false"]
     cfg = compose_cfg([*common, "trainer.max_steps=2"])

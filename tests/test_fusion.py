@@ -183,8 +183,8 @@ def test_resume_rebuilds_without_clustering(compose_cfg, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("layers,uniform", [("[0,1,2,3]", True), ("[1,3]", False)])
 def test_export_round_trip(compose_cfg, tmp_path: Path, layers: str, uniform: bool) -> None:
-    from src.export import export
-    from src.models.exported import load_exported
+    from src.export.__main__ import export
+    from src.export.exported import load_exported
 
     cfg = compose_cfg(["model=tiny_bert", "ffn_mode=ntk_cluster", f"ffn_mode.layers={layers}", "approx_metrics.enabled=false", "trainer.max_steps=2"])
     train(cfg)
@@ -223,7 +223,7 @@ def _assert_onnx_matches(out: Path, model: torch.nn.Module, inputs: dict[str, to
 
 @pytest.mark.slow  # a CLI run or a full train/resume/export cycle: 15-60 s
 def test_onnx_export_of_a_fused_causal_lm(compose_cfg, tmp_path: Path) -> None:
-    from src.export import export
+    from src.export.__main__ import export
     from src.modules.causal_lm import CausalLMModule
 
     cfg = compose_cfg(["model=tiny_llama", "task=rt_review", "ffn_mode=ntk_cluster", "ffn_mode.layers=[1,3]",
@@ -255,8 +255,8 @@ def test_a_down_bias_in_a_bias_free_llama_trains_resumes_and_exports(compose_cfg
 
     import src.methods.prune as prune
     from src.builders import restore_module
-    from src.export import export
-    from src.models.exported import load_exported
+    from src.export.__main__ import export
+    from src.export.exported import load_exported
 
     pruned, made = prune.compress, []
 
@@ -303,7 +303,7 @@ def test_a_down_bias_in_a_bias_free_llama_trains_resumes_and_exports(compose_cfg
 
 
 def test_export_refusals(compose_cfg, tmp_path: Path) -> None:
-    from src.export import export
+    from src.export.__main__ import export
 
     cfg = compose_cfg(["model=tiny_bert", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
     train(cfg)

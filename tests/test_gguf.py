@@ -1,4 +1,4 @@
-"""GGUF export (src.models.to_gguf, src.export format=gguf), checked by llama.cpp itself.
+"""GGUF export (src.export.to_gguf, src.export format=gguf), checked by llama.cpp itself.
 
 The refusals, the atomic write and the tensors a file holds (read back with gguf's reader) run in
 the fast tier; everything that loads a file in llama.cpp is the ``deploy`` tier (``make
@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from src.export.to_gguf import gguf_unsupported, write_gguf
 from src.methods.types import FusedMLP, MLPWeights
 from src.models import mlp_io
 from src.models.build import load_tokenizer
-from src.models.to_gguf import gguf_unsupported, write_gguf
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import CONF
@@ -43,7 +43,7 @@ def _tiny_ckpt(compose_cfg, model: str) -> str:
 
 
 def test_gguf_refusals_come_before_anything_is_written(compose_cfg, tmp_path: Path) -> None:
-    from src.export import export
+    from src.export.__main__ import export
 
     bert = _tiny_ckpt(compose_cfg, "tiny_bert")
     with pytest.raises(ConfigError, match=r"format=gguf is refused for model=tiny_bert: llama.cpp runs causal LMs, and this is a "
@@ -59,17 +59,17 @@ def test_gguf_refusals_come_before_anything_is_written(compose_cfg, tmp_path: Pa
 
 
 def test_an_interrupted_gguf_export_leaves_no_file(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import src.export
+    import src.export.__main__ as export_cli
 
     def half(model, tokenizer, folder, path: Path, dtype) -> dict:
         path.write_bytes(b"GGUF\x03\x00\x00\x00 half")
         raise KeyboardInterrupt
 
     llama = _tiny_ckpt(compose_cfg, "tiny_llama")
-    monkeypatch.setattr(src.export, "gguf_unsupported", lambda model, tokenizer: None)
-    monkeypatch.setattr(src.export, "write_gguf", half)
+    monkeypatch.setattr(export_cli, "gguf_unsupported", lambda model, tokenizer: None)
+    monkeypatch.setattr(export_cli, "write_gguf", half)
     with pytest.raises(KeyboardInterrupt):
-        src.export.export(llama, str(tmp_path / "out"), fmt="gguf")
+        export_cli.export(llama, str(tmp_path / "out"), fmt="gguf")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".out*"))
 
 
@@ -213,8 +213,8 @@ def test_smollm2_defaults_export_reproduces_pytorch_in_llama_cpp(compose_cfg, tm
     reproduces the exported model's greedy tokens at f32, and its logits at f16 to RTOL["f16"]."""
     from transformers import AutoModelForCausalLM as Auto
 
-    from src.export import export
-    from src.models.exported import load_exported
+    from src.export.__main__ import export
+    from src.export.exported import load_exported
 
     cfg = compose_cfg(["model=smollm2", "task=rt_review", "approx_metrics.enabled=false", "trainer.max_steps=1", "test=false"])
     cfg.paths.cache_dir = str(Path(CONF).parent / ".cache")  # the dequantized SmolLM2, shared with make train

@@ -190,8 +190,8 @@ def test_bf16_true_checkpoint_exports(compose_cfg, tmp_path: Path) -> None:
     """A checkpoint whose weights are bfloat16 (trainer.precision=bf16-true) exports; the export computes the checkpoint's function."""
     from transformers import AutoModelForCausalLM
 
-    from src.export import export
-    from src.models.exported import load_exported
+    from src.export.__main__ import export
+    from src.export.exported import load_exported
     from src.modules.causal_lm import CausalLMModule
     from src.pipeline.fuse import apply_spec
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from src.builders import read_checkpoint, restore_module
-from src.models.exported import load_exported
+from src.export.exported import load_exported
 from src.models.layers import ExpertLowRank, LowRankLinear, ScaledLinear
 from src.train import train
 from src.utils.errors import ConfigError
@@ -38,7 +38,7 @@ def test_lora_trains_only_adapters_resumes_and_exports_merged(compose_cfg, tmp_p
     resumes with them; the merged export computes what the adapted model computes. MoE: the fused experts' 3-D
     weights are adapted too (Mixtral [E, out, in]; gpt-oss transposed, gate/up interleaved, with biases), svd-factored
     ones are not."""
-    from src.export import export
+    from src.export.__main__ import export
 
     common = [f"model={model}", "task=rt_review", f"ffn_mode={method}", "ffn_mode.layers=[1,2]", *LORA]
     cfg = compose_cfg([*common, "trainer.max_steps=2"])

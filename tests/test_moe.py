@@ -234,7 +234,7 @@ def test_export_loads_with_plain_from_pretrained(compose_cfg, tmp_path: Path, na
     """The causal LMs; Switch Transformers and T5: tests/test_seq2seq.py::test_export_reproduces_the_logits."""
     from transformers import AutoModelForCausalLM
 
-    from src.export import export
+    from src.export.__main__ import export
     from src.modules.causal_lm import CausalLMModule
 
     layers = "[1,2]" if name == "tiny_qwen2_moe" else "[0,1,2]"  # every block that holds experts

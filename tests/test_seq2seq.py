@@ -155,8 +155,8 @@ EXPORTS = {  # case: (overrides, stock d_ff or None for load_exported)
 def test_export_reproduces_the_logits(compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
     from transformers import AutoModelForSeq2SeqLM
 
-    from src.export import export
-    from src.models.exported import load_exported
+    from src.export.__main__ import export
+    from src.export.exported import load_exported
     from src.modules.seq2seq import Seq2SeqModule
 
     overrides, d_ff = EXPORTS[case]
@@ -180,7 +180,7 @@ def test_export_reproduces_the_logits(compose_cfg, tmp_path: Path, caplog: pytes
         loaded = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     else:
         assert "mlp_fusion" in config and config["d_ff"] == 64
-        assert "load with `src.models.exported.load_exported(folder, AutoModelForSeq2SeqLM)`, not plain `from_pretrained`" in card
+        assert "load with `src.export.exported.load_exported(folder, AutoModelForSeq2SeqLM)`, not plain `from_pretrained`" in card
         assert "- ONNX: skipped; ONNX export covers sequence classifiers and causal LMs" in card and not (out / "model.onnx").exists()
         assert json.loads((out / "export.json").read_text())["formats"] == ["hf"]
         assert "ONNX skipped: ONNX export covers" in caplog.text

@@ -6,7 +6,7 @@ sequence axes, from the folded model, any per-layer widths (causal LMs: logits w
 cache); the export checks itself against PyTorch with ONNX Runtime. Encoder-decoder models get no
 ONNX export (``exported.onnx_unsupported``): ``format=onnx`` is refused, ``both`` writes ``hf`` and
 says, in the log and the card, why ONNX was skipped. ``gguf``: ``model.gguf`` for llama.cpp
-(``gguf_dtype`` f32|f16|bf16|q8_0, either case; ``src.models.to_gguf``: Llama-family causal LMs, per-layer widths as
+(``gguf_dtype`` f32|f16|bf16|q8_0, either case; ``src.export.to_gguf``: Llama-family causal LMs, per-layer widths as
 llama.cpp's ``deci`` architecture; anything else is refused before writing). Every format writes the tokenizer, a model
 card (``README.md``, which names the loader) and ``export.json``, which marks the folder as an
 export, so that a later export may replace it; any other existing folder is refused unless
@@ -29,10 +29,10 @@ import hydra
 from omegaconf import DictConfig
 
 from src.builders import read_checkpoint, restore_module
+from src.export.exported import export_onnx, onnx_unsupported, prepare_for_export
+from src.export.to_gguf import DTYPES, gguf_unsupported, write_gguf
 from src.models import mlp_io
 from src.models.build import HEADS, load_tokenizer
-from src.models.exported import export_onnx, onnx_unsupported, prepare_for_export
-from src.models.to_gguf import DTYPES, gguf_unsupported, write_gguf
 from src.modules.kinds import task_classes
 from src.modules.lora import merge
 from src.pipeline.fuse import count_params
@@ -73,7 +73,7 @@ def _loading(meta: dict[str, Any]) -> str:
         sets = ", ".join(f"`{k}={v}`" for k, v in widths.items())
         return f"- Hugging Face weights: a stock model (config.json sets {sets}); load with `{auto}.from_pretrained(folder)`"
     return ("- Hugging Face weights: not a stock model's MLPs (per-layer widths, factors or biases the stock model lacks, recorded "
-            f"under `mlp_fusion` in config.json); load with `src.models.exported.load_exported(folder, {auto})`, not plain `from_pretrained`")
+            f"under `mlp_fusion` in config.json); load with `src.export.exported.load_exported(folder, {auto})`, not plain `from_pretrained`")
 
 
 def _onnx_line(meta: dict[str, Any]) -> str:
@@ -164,7 +164,7 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
     if skipped:
         log.warning("ONNX skipped: %s; format=both wrote the Hugging Face folder only", skipped)
     log.info("exported %s to %s (%s)%s", path, dest, "+".join(meta["formats"]),
-             "" if widths else "; not a stock model: load with src.models.exported.load_exported")
+             "" if widths else "; not a stock model: load with src.export.exported.load_exported")
     return dest
 
 
@@ -172,7 +172,7 @@ def _export(cfg: DictConfig) -> None:
     export(cfg.ckpt_path, cfg.out, cfg.format, cfg.overwrite, cfg.gguf_dtype)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     refusing(_export, cfg, interrupted=f"the export to {cfg.out} stopped: nothing was written there (an earlier export in it is kept) "
                                        "and its temporary folder was removed")
