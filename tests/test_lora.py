@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from src.builders import read_checkpoint, restore_module
 from src.export.exported import load_exported
-from src.models.layers import ExpertLowRank, LowRankLinear, ScaledLinear
+from src.models.replacements import ExpertLowRank, LowRankLinear, ScaledLinear
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import CONF

@@ -22,7 +22,6 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from src.methods.types import FusedMLP, LowRankMLP, MLPWeights
-from src.models.layers import LowRankLinear, ScaledLinear
 from src.models.mlp_io import (
     build_from_spec,
     family_of,
@@ -39,6 +38,7 @@ from src.models.mlp_io import (
     stock_widths,
     write_mlp,
 )
+from src.models.replacements import LowRankLinear, ScaledLinear
 from src.pipeline.fuse import apply_spec
 
 H, D, L, V = 32, 64, 4, 50

@@ -39,7 +39,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.models import mlp_io
-from src.models.layers import LowRankLinear
+from src.models.replacements import LowRankLinear
 
 # model_type -> llama.cpp architecture (at uniform widths)
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

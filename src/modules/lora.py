@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from src.models import mlp_io
-from src.models.layers import LowRankLinear
+from src.models.replacements import LowRankLinear
 
 log = logging.getLogger(__name__)
 

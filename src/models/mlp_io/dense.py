@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from src.methods.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
-from src.models.layers import LowRankLinear, ScaledLinear
+from src.models.replacements import LowRankLinear, ScaledLinear
 
 from . import projections as P
 from .families import DenseLayout

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from transformers import PretrainedConfig
 
 from src.methods.types import Compressed, FusedMLP, LowRankMLP, MLPWeights
-from src.models.layers import ExpertLowRank, ExpertScale, expert_canonical, expert_native
+from src.models.replacements import ExpertLowRank, ExpertScale, expert_canonical, expert_native
 
 from . import projections as P
 from .dense import DenseMLP

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from transformers import PretrainedConfig, PreTrainedModel
 
 from src.methods.types import Compressed, MLPWeights
-from src.models.layers import ExpertScale, ScaledLinear
+from src.models.replacements import ExpertScale, ScaledLinear
 
 from .dense import DenseMLP
 from .discovery import AnyLayer, config_of, dense_width, family_of, find_mlp_layers, stacks

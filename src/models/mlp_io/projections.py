@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from src.models.layers import LowRankLinear, ScaledLinear
+from src.models.replacements import LowRankLinear, ScaledLinear
 
 
 def shape(m: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Drop-in replacements for a Hugging Face MLP's projections after compression."""
+"""Drop-in replacements for a Hugging Face MLP's projections after compression (ScaledLinear, LowRankLinear) and the
+parametrizations of a fused experts module's 3-D weights (ExpertScale, ExpertLowRank)."""
 
 from __future__ import annotations
 
