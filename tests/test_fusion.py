@@ -112,9 +112,10 @@ def test_settings_record_and_match_a_checkpoint(compose_cfg) -> None:
     s = CompressionSettings.of(_fn(compose_cfg, "ntk_keep"), [1, 2], 8, name="ntk_keep", refit="lstsq")
     assert s.variant() == {"keep": 0.5, "refit": "lstsq", "budget": None}
     assert dataclasses.replace(s, budget=0.5, allocation="flap").variant()["allocation"] == "flap"  # only with a budget
-    spec = s.spec({1: 8, 2: 8}, {1: {}, 2: {}}, has_experts=False)
+    fused = mlp_io.MLPSpec("fused", 8, scaled=True, up_bias=True, down_bias=True)
+    spec = s.spec({1: 8, 2: 8}, {1: fused, 2: fused}, has_experts=False)
     assert spec == {"method": "ntk_keep", "layers": [1, 2], "mid_dim": 8, "seed": 0, "widths": {"1": 8, "2": 8}, "budget": None,
-                    "allocation": "error", "refit": "lstsq", "layer_specs": {"1": {}, "2": {}}}
+                    "allocation": "error", "refit": "lstsq", "layer_specs": {"1": fused.as_dict(), "2": fused.as_dict()}}
     assert s.matches(spec) and not dataclasses.replace(s, mid_dim=4).matches(spec) and not dataclasses.replace(s, layers=(2,)).matches(spec)
     moe = dataclasses.replace(s, experts=(0, 2))
     assert moe.matches(spec) and moe.spec({}, {}, has_experts=True)["experts"] == [0, 2]

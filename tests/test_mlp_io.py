@@ -23,6 +23,8 @@ from transformers.pytorch_utils import Conv1D
 
 from src.methods.types import FusedMLP, LowRankMLP, MLPWeights
 from src.models.mlp_io import (
+    MLPSpec,
+    MoESpec,
     build_from_spec,
     family_of,
     fold_scales,
@@ -35,6 +37,7 @@ from src.models.mlp_io import (
     num_layers,
     read_mlp,
     reinit_mlp,
+    spec_from_dict,
     stock_widths,
     write_mlp,
 )
@@ -107,7 +110,7 @@ def test_read_write_roundtrip_is_exact(arch):
     for i in range(L):
         write_mlp(model, i, read_mlp(model, i))
     assert torch.equal(logits(model), before)
-    assert all(layer_spec(model, i)["kind"] == "dense" for i in range(L))
+    assert all(layer_spec(model, i).kind == "dense" for i in range(L))
 
 
 def test_conv1d_is_read_transposed():
@@ -138,8 +141,7 @@ def test_fused_write_shrinks_width(arch):
     assert isinstance(down, ScaledLinear) and not down.scale.requires_grad
     scale_names = [n for n in model.state_dict() if n.endswith(".scale")]
     assert len(scale_names) == 2 and not any(n.endswith(".scale") for n, _ in model.named_parameters())
-    assert layer_spec(model, 1) == {"kind": "fused", "width": k, "scaled": True, "rank": None,
-                                    "up_bias": w0.up_bias is not None, "down_bias": w0.down_bias is not None}
+    assert layer_spec(model, 1) == MLPSpec("fused", k, scaled=True, up_bias=w0.up_bias is not None, down_bias=w0.down_bias is not None)
     if arch == "gpt2":  # Conv1D replaced by nn.Linear; the HF module tree is kept
         assert type(model.transformer.h[1].mlp.c_fc) is nn.Linear
     if arch == "bert":
@@ -173,7 +175,7 @@ def test_lowrank_write(arch):
     assert before - n_params(model) == len(lr.factors) * (H * d - r * (H + d))
     assert all(isinstance(m, LowRankLinear) for m in mlp_modules(model, 2).values())
     torch.testing.assert_close(read_mlp(model, 2).up, lr.factors["up"][0] @ lr.factors["up"][1])
-    assert layer_spec(model, 2)["kind"] == "lowrank" and layer_spec(model, 2)["rank"] == r
+    assert layer_spec(model, 2).kind == "lowrank" and layer_spec(model, 2).rank == r
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -183,7 +185,7 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
     write_mlp(model, 2, rand_lowrank(model, 2, 4))
     write_mlp(model, 3, rand_fused(model, 3, 8, scaled=False))
     specs = [layer_spec(model, i) for i in range(L)]
-    assert [s["kind"] for s in specs] == ["dense", "fused", "lowrank", "fused"]
+    assert [s.kind for s in specs] == ["dense", "fused", "lowrank", "fused"]
     fresh = make(arch, seed=1)
     for i, spec in enumerate(specs):
         build_from_spec(fresh, i, spec)
@@ -192,13 +194,32 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
     assert torch.equal(logits(fresh), logits(model))
 
 
+def test_layer_specs_are_plain_data_where_recorded_and_records_read_back():
+    """Checkpoints and exported configs hold ``as_dict()``; what they hold today (a dense MLP's six keys, a block's
+    experts without biases) reads back to the same typed spec; a bad record is refused."""
+    dense = {"kind": "fused", "width": 16, "scaled": True, "rank": None, "up_bias": False, "down_bias": True}
+    moe = {"kind": "moe", "experts": {"kind": "lowrank", "width": 64, "scaled": False, "rank": 4}, "shared": dense}
+    assert spec_from_dict(dense) == MLPSpec("fused", 16, scaled=True, up_bias=False, down_bias=True)
+    assert spec_from_dict(moe) == MoESpec(MLPSpec("lowrank", 64, rank=4), MLPSpec("fused", 16, scaled=True, up_bias=False, down_bias=True))
+    assert spec_from_dict({**moe, "shared": None}).shared is None
+    for record in (dense, moe, {**moe, "shared": None}):
+        assert spec_from_dict(record).as_dict() == record
+    model = make("llama")
+    write_mlp(model, 1, rand_lowrank(model, 1, 4))
+    assert spec_from_dict(layer_spec(model, 1).as_dict()) == layer_spec(model, 1)
+    with pytest.raises(ValueError, match="unknown MLP kind 'sparse'"):
+        spec_from_dict({**dense, "kind": "sparse"})
+    with pytest.raises(ValueError, match="layer 1 has no experts, but its recorded structure is a Mixture-of-Experts block"):
+        build_from_spec(model, 1, spec_from_dict(moe))
+
+
 def test_a_down_bias_in_a_bias_free_gated_mlp_computes_trains_and_rebuilds(tmp_path):
     """Bias compensation's output (FLAP): a narrower Llama MLP whose down projection alone gains a bias [h]."""
     model = make("llama")
     fused = rand_fused(model, 1, 16, scaled=True)
     w = dataclasses.replace(fused.weights, down_bias=0.5 + torch.rand(H))  # nonzero everywhere
     write_mlp(model, 1, dataclasses.replace(fused, weights=w))
-    assert layer_spec(model, 1) == {"kind": "fused", "width": 16, "scaled": True, "rank": None, "up_bias": False, "down_bias": True}
+    assert layer_spec(model, 1) == MLPSpec("fused", 16, scaled=True, up_bias=False, down_bias=True)
     mods = mlp_modules(model, 1)
     assert mods["gate"].bias is None and mods["up"].bias is None and torch.equal(read_mlp(model, 1).down_bias, w.down_bias)
     x = torch.randn(3, H)
@@ -208,7 +229,7 @@ def test_a_down_bias_in_a_bias_free_gated_mlp_computes_trains_and_rebuilds(tmp_p
     model(input_ids=IDS, labels=IDS).loss.backward()  # training moves the bias
     assert mods["down"].bias.grad.abs().sum() > 0
     # a checkpoint: saved, its structure rebuilt from the record (as resume and load_exported do), loaded strictly
-    spec = {"layer_specs": {str(i): layer_spec(model, i) for i in range(L)}}
+    spec = {"layer_specs": {str(i): layer_spec(model, i).as_dict() for i in range(L)}}
     torch.save({"state_dict": model.state_dict(), "fusion": spec}, tmp_path / "c.ckpt")
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)
     fresh = make("llama", seed=1)

@@ -60,7 +60,7 @@ def test_layout_reads_every_expert(compose_cfg, name: str) -> None:
     before = _logits(model)
     mlp_io.write_parts(model, layer, {p: mlp_io.read_mlp(model, layer, p) for p in parts})
     assert torch.equal(_logits(model), before)
-    assert mlp_io.layer_spec(model, layer)["experts"] == {"kind": "dense", "width": 64, "scaled": False, "rank": None}
+    assert mlp_io.layer_spec(model, layer).experts == mlp_io.MLPSpec("dense", 64)
     with pytest.raises(IndexError, match="expert 4 out of range"):
         mlp_io.read_mlp(model, layer, "4")
 
@@ -72,8 +72,7 @@ def test_ntk_cluster_at_full_width_is_exact(compose_cfg, name: str) -> None:
     layers = [i for i in range(mlp_io.num_layers(model)) if mlp_io.is_sparse(model, i)]
     report = compress_model(model, CompressionSettings.of(_fn(compose_cfg, "ntk_cluster"), layers, 64))
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
-    spec = mlp_io.layer_spec(model, layers[0])
-    assert spec["experts"] == {"kind": "fused", "width": 64, "scaled": True, "rank": None}
+    assert mlp_io.layer_spec(model, layers[0]).experts == mlp_io.MLPSpec("fused", 64, scaled=True)
     scale = model.model.layers[layers[0]].mlp.experts.parametrizations.down_proj[0].scale
     assert scale.shape == (4, 64) and torch.equal(scale, torch.ones_like(scale)) and not scale.requires_grad
     assert not any("scale" in n for n, _ in model.named_parameters())
@@ -101,7 +100,7 @@ def test_compressed_experts_fold_rebuild_and_keep_the_router(compose_cfg, name: 
     # folding the counts into down_proj changes no output and leaves a stock experts module
     assert mlp_io.fold_scales(model) >= 1 and mlp_io.fold_scales(model) == 0
     torch.testing.assert_close(_logits(model), ref, atol=1e-5, rtol=1e-5)
-    assert mlp_io.layer_spec(model, layer)["experts"]["scaled"] is False
+    assert mlp_io.layer_spec(model, layer).experts.scaled is False
     assert type(model.model.layers[layer].mlp.experts) is type(model.model.layers[0 if name != "tiny_qwen2_moe" else 2].mlp.experts)
 
 
@@ -172,7 +171,7 @@ def test_every_method_on_one_moe_layer(compose_cfg, method: str) -> None:
     assert count_params(model) < before and torch.isfinite(_logits(model)).all()
     assert all(torch.equal(p, _router_weights(model)[n]) for n, p in router.items())
     spec = mlp_io.layer_spec(model, 1)
-    assert spec["experts"]["kind"] == ("lowrank" if method == "svd" else "fused") and spec["shared"]["kind"] in ("fused", "lowrank")
+    assert spec.experts.kind == ("lowrank" if method == "svd" else "fused") and spec.shared.kind in ("fused", "lowrank")
     fresh = _model(compose_cfg, "tiny_qwen2_moe", seed=1)
     mlp_io.build_from_spec(fresh, 1, spec)
     fresh.load_state_dict(model.state_dict(), strict=True)

@@ -51,7 +51,7 @@ def test_switch_layout(compose_cfg) -> None:
     w = mlp_io.read_mlp(model, 3, "2")
     assert (w.width, w.hidden_size, w.is_gated, w.activation, w.up_bias) == (64, 32, False, "relu", None)
     torch.testing.assert_close(w.up, model.decoder.block[1].layer[2].mlp.experts["expert_2"].wi.weight)
-    assert mlp_io.layer_spec(model, 1)["experts"] == {"kind": "dense", "width": 64, "scaled": False, "rank": None}
+    assert mlp_io.layer_spec(model, 1).experts == mlp_io.MLPSpec("dense", 64)
     assert mlp_io.router_counts(model, 1, torch.randn(7, 32)).sum() == 7  # top-1: each token once
 
 
@@ -62,7 +62,7 @@ def test_switch_ntk_cluster_exact_fold_rebuild_router(compose_cfg) -> None:
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)  # k = d: every sub-MLP its own cluster
     report = compress_model(model, _ntk_cluster(compose_cfg, SPARSE, 16))
     assert report.params_before - report.params_after == 2 * 4 * 2 * 32 * (64 - 16)  # 2 blocks x 4 experts x (wi + wo)
-    assert mlp_io.layer_spec(model, 3)["experts"] == {"kind": "fused", "width": 16, "scaled": True, "rank": None}
+    assert mlp_io.layer_spec(model, 3).experts == mlp_io.MLPSpec("fused", 16, scaled=True)
     scale = model.encoder.block[1].layer[1].mlp.experts["expert_0"].wo.scale  # a row of the block's [E, k] counts
     assert scale.shape == (16,) and scale.sum() == 64 and not any("scale" in n for n, _ in model.named_parameters())
     assert router and all(torch.equal(p, _router_weights(model)[n]) for n, p in router.items())

@@ -51,7 +51,7 @@ def prepare_for_export(model: PreTrainedModel) -> dict[str, int] | None:
         if hasattr(model.config, "mlp_fusion"):
             del model.config.mlp_fusion
     else:
-        model.config.mlp_fusion = {"layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in range(mlp_io.num_layers(model))}}
+        model.config.mlp_fusion = {"layer_specs": {str(i): mlp_io.layer_spec(model, i).as_dict() for i in range(mlp_io.num_layers(model))}}
     return widths
 
 

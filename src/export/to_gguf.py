@@ -95,7 +95,7 @@ def gguf_unsupported(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
                 f"({sorted(set(mlp_io.intermediate_sizes(model)))}); compress every layer to one width")
     if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):  # (qwen2's q/k/v biases are no option)
         return "MLP or attention biases in a Llama are not written by this export"
-    biased = [i for i in range(mlp_io.num_layers(model)) if mlp_io.layer_spec(model, i)["down_bias"]]
+    biased = [i for i in range(mlp_io.num_layers(model)) if mlp_io.layer_spec(model, i).down_bias]
     if biased and arch not in DOWN_BIAS:
         return f"layer {biased[0]}'s MLP down projection has a bias, which llama.cpp's {arch} architecture has no tensor for"
     rope = _rope(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def layer_seed(seed: int, layer: int, part: str | None = None) -> int:
 class FusionReport:
     """What a compression did: the structure to record in checkpoints and the numbers to log."""
 
-    spec: dict[str, Any]  # {"method", "layers", "mid_dim", "seed", "widths", "budget", "refit", "experts", "shared_expert", "layer_specs": {layer: layer_spec}}
+    # plain data: {"method", "layers", "mid_dim", "seed", "widths", "budget", "refit", "experts", "shared_expert",
+    # "layer_specs": {layer: layer_spec(...).as_dict()}}
+    spec: dict[str, Any]
     params_before: int
     params_after: int
     seconds: float
@@ -192,7 +195,8 @@ def calib_hash(calib: MLPCalibration) -> str:
     return h.hexdigest()[:32]
 
 
-def apply_spec(model: nn.Module, spec: dict[str, Any]) -> None:
-    """Rebuild the recorded compressed structure with empty weights (a checkpoint's state dict fills them)."""
+def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Rebuild the recorded compressed structure (a ``FusionReport.spec``, or an exported config's ``mlp_fusion``: plain
+    data) with empty weights (a checkpoint's state dict fills them)."""
     for layer, layer_spec in spec["layer_specs"].items():
-        mlp_io.build_from_spec(model, int(layer), layer_spec)
+        mlp_io.build_from_spec(model, int(layer), mlp_io.spec_from_dict(layer_spec))

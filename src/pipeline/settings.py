@@ -22,7 +22,7 @@ from .budget import ALLOCATIONS
 
 if TYPE_CHECKING:
     from src.methods.types import Compressed
-    from src.models.mlp_io import ModelShape
+    from src.models.mlp_io import LayerSpec, ModelShape
 
 # The options that make a variant of a method (ntk_keep at keep 0.25 is not ntk_keep at 0.5): src.train
 # records them in results.json (``CompressionSettings.variant``) and src.report gives each variant its own row.
@@ -140,12 +140,12 @@ class CompressionSettings:
     def _experts(self) -> str | list[int]:
         return self.experts if self.experts == "all" else list(self.experts)
 
-    def spec(self, widths: Mapping[int, int], layer_specs: Mapping[int, dict[str, Any]], has_experts: bool) -> dict[str, Any]:
-        """What a checkpoint records (``checkpoint["fusion"]``), from the widths and structures the compression
+    def spec(self, widths: Mapping[int, int], layer_specs: Mapping[int, LayerSpec], has_experts: bool) -> dict[str, Any]:
+        """What a checkpoint records (``checkpoint["fusion"]``, plain data), from the widths and structures the compression
         produced; the experts settings where compressed blocks hold experts."""
         spec = {"method": self.method.name, "layers": list(self.layers), "mid_dim": self.mid_dim, "seed": self.seed,
                 "widths": {str(i): k for i, k in widths.items()}, "budget": self.budget, "allocation": self.allocation, "refit": self.refit,
-                "layer_specs": {str(i): s for i, s in layer_specs.items()}}
+                "layer_specs": {str(i): s.as_dict() for i, s in layer_specs.items()}}
         if has_experts:
             spec.update(experts=self._experts(), shared_expert=self.shared_expert)
         return spec

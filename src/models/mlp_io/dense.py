@@ -13,6 +13,7 @@ from src.models.replacements import LowRankLinear, ScaledLinear
 
 from . import projections as P
 from .families import DenseLayout
+from .spec import MLPSpec
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,8 @@ class DenseMLP:
 
     # ----------------------------------------------------------------------------------------- structure records
 
-    def spec(self, pretrained_width: int) -> dict:
-        """{"kind": dense | fused | lowrank, "width", "scaled", "rank", "up_bias", "down_bias"} (plain data)."""
+    def spec(self, pretrained_width: int) -> MLPSpec:
+        """The MLP's structure: dense (stock modules at ``pretrained_width``), fused or lowrank, and its biases."""
         mods = self.modules()
         down = mods["down"]
         native = Conv1D if self.layout.conv1d else nn.Linear
@@ -153,19 +154,19 @@ class DenseMLP:
         else:
             kind = "fused"
         up = mods.get("up", mods.get("gate_up"))
-        return {"kind": kind, "width": self.width, "scaled": isinstance(down, ScaledLinear), "rank": down.rank if kind == "lowrank" else None,
-                "up_bias": P.bias(up) is not None, "down_bias": P.bias(down) is not None}
+        return MLPSpec(kind, self.width, scaled=isinstance(down, ScaledLinear), rank=down.rank if kind == "lowrank" else None,
+                       up_bias=P.bias(up) is not None, down_bias=P.bias(down) is not None)
 
     @torch.no_grad()
-    def build(self, spec: dict) -> None:
+    def build(self, spec: MLPSpec) -> None:
         """Replace the projections with zero-initialised modules of the structure ``spec`` (from ``spec``)."""
-        h, k, kind, r = self.hidden_size, spec["width"], spec["kind"], spec["rank"]
+        h, k, kind, r = self.hidden_size, spec.width, spec.kind, spec.rank
         conv1d = self.layout.conv1d
-        new = {"down": P.empty(kind, h, k, spec["down_bias"], rank=r, scaled=spec["scaled"], conv1d=conv1d)}
+        new = {"down": P.empty(kind, h, k, spec.down_bias, rank=r, scaled=spec.scaled, conv1d=conv1d)}
         if self.layout.gate_up:
-            new["gate_up"] = P.empty(kind, 2 * k, h, spec["up_bias"], rank=None if r is None else 2 * r)
+            new["gate_up"] = P.empty(kind, 2 * k, h, spec.up_bias, rank=None if r is None else 2 * r)
         else:
-            new["up"] = P.empty(kind, k, h, spec["up_bias"], rank=r, conv1d=conv1d)
+            new["up"] = P.empty(kind, k, h, spec.up_bias, rank=r, conv1d=conv1d)
             if self.layout.gate:
                 new["gate"] = P.empty(kind, k, h, False, rank=r)
         for name, m in new.items():

@@ -22,7 +22,7 @@ The router and any shared-expert gate are never touched.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from src.models.replacements import ExpertLowRank, ExpertScale, expert_canonical
 from . import projections as P
 from .dense import DenseMLP
 from .families import Family
+from .spec import MLPSpec, MoESpec
 
 SHARED = "shared"  # the part name of a block's shared expert; routed experts are "0", "1", ...
 
@@ -159,20 +160,17 @@ class MoEBlock:
         scaled = any(s is not None or w.width < k for w, s in parts.values())
         self.write_experts({e: w for e, (w, _) in parts.items()}, k, scale if scaled else None)
 
-    def spec(self) -> dict:
-        """{"kind": "moe", "experts": {"kind", "width", "scaled", "rank"}, "shared": the shared expert's spec or None}."""
+    def spec(self) -> MoESpec:
+        """The block's structure: its routed experts' (biases left to the layout) and its shared expert's, if any."""
         shared = self.shared
-        return {"kind": "moe", "experts": self.experts_spec(),
-                "shared": shared.spec(self.family.experts.shared_width(self.config)) if shared else None}
+        return MoESpec(self.experts_spec(), shared.spec(self.family.experts.shared_width(self.config)) if shared else None)
 
     @torch.no_grad()
-    def build(self, spec: dict) -> None:
-        ex = spec["experts"]
-        if ex["kind"] not in ("dense", "fused", "lowrank"):
-            raise ValueError(f"unknown experts kind {ex['kind']!r}")
-        self.build_experts(ex)
-        if spec.get("shared") is not None:
-            self.shared.build(spec["shared"])
+    def build(self, spec: MoESpec) -> None:
+        """Replace the experts (and the shared expert) with zero-initialised modules of the structure ``spec``."""
+        self.build_experts(spec.experts)
+        if spec.shared is not None:
+            self.shared.build(spec.shared)
 
     # layout-specific: ``expert_roles``, ``expert_gated`` and ``expert_biased`` (what an expert is), ``width``
     # (the experts' common, padded intermediate size), ``hidden_size`` and the methods below ------------------
@@ -190,10 +188,10 @@ class MoEBlock:
     def write_lowrank(self, fs: list[LowRankMLP]) -> None:
         raise NotImplementedError
 
-    def experts_spec(self) -> dict:
+    def experts_spec(self) -> MLPSpec:
         raise NotImplementedError
 
-    def build_experts(self, ex: dict) -> None:
+    def build_experts(self, ex: MLPSpec) -> None:
         raise NotImplementedError
 
 
@@ -296,26 +294,26 @@ class FusedExperts(MoEBlock):
             return []
         return [f"{self.path}.{self.family.experts.path}.{n}" for n in ("gate_up_proj", "down_proj")]
 
-    def experts_spec(self) -> dict:
+    def experts_spec(self) -> MLPSpec:
         ex = self.experts
         lowrank = parametrize.is_parametrized(ex, "gate_up_proj")
         scaled = not lowrank and parametrize.is_parametrized(ex, "down_proj")
         pretrained = getattr(self.config, self.family.experts.width_attr)
         kind = "lowrank" if lowrank else "dense" if not scaled and self.width == pretrained else "fused"
         rank = ex.parametrizations.gate_up_proj.original0.shape[-1] if lowrank else None
-        return {"kind": kind, "width": self.width, "scaled": scaled, "rank": rank}
+        return MLPSpec(kind, self.width, scaled=scaled, rank=rank)
 
-    def build_experts(self, ex: dict) -> None:
-        module = self._stock(ex["width"])
+    def build_experts(self, ex: MLPSpec) -> None:
+        module = self._stock(ex.width)
         for p in module.parameters():
             p.zero_()
-        E, h, k = self.num_experts, self.hidden_size, ex["width"]
+        E, h, k = self.num_experts, self.hidden_size, ex.width
         z = lambda *shape: module.gate_up_proj.new_zeros(shape)  # noqa: E731
-        if ex["kind"] == "lowrank":
-            r = ex["rank"]
+        if ex.kind == "lowrank":
+            r = ex.rank
             self._lowrank(module, "gate_up_proj", [(z(E, k, r), z(E, r, h)), (z(E, k, r), z(E, r, h))])
             self._lowrank(module, "down_proj", [(z(E, h, r), z(E, r, k))])
-        elif ex["scaled"]:
+        elif ex.scaled:
             parametrize.register_parametrization(module, "down_proj", ExpertScale(z(E, k), transposed=self.family.experts.transposed))
         self.root.set_submodule(self.family.experts.path, module)
 
@@ -366,13 +364,13 @@ class ModuleExperts(MoEBlock):
         for e, c in enumerate(fs):  # one LowRankLinear per projection of each expert
             self.expert(e).write(c)
 
-    def experts_spec(self) -> dict:
+    def experts_spec(self) -> MLPSpec:
         spec = self.expert(0).spec(getattr(self.config, self.family.experts.width_attr))  # all experts share one structure (write)
-        return {k: spec[k] for k in ("kind", "width", "scaled", "rank")}
+        return replace(spec, up_bias=None, down_bias=None)
 
-    def build_experts(self, ex: dict) -> None:
+    def build_experts(self, ex: MLPSpec) -> None:
         for e in range(self.num_experts):  # Switch: each expert's wi / wo, no biases
-            self.expert(e).build({**ex, "up_bias": False, "down_bias": False})
+            self.expert(e).build(replace(ex, up_bias=False, down_bias=False))
 
 
 LAYOUTS: dict[str, type[MoEBlock]] = {"fused": FusedExperts, "modules": ModuleExperts}

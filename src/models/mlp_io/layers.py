@@ -23,6 +23,7 @@ from src.models.replacements import ExpertScale, ScaledLinear
 from .dense import DenseMLP
 from .discovery import AnyLayer, config_of, dense_width, family_of, find_mlp_layers, stacks
 from .experts import FusedExperts, MoEBlock
+from .spec import LayerSpec, MLPSpec, MoESpec
 
 
 def layer(model: nn.Module, index: int) -> AnyLayer:
@@ -151,25 +152,21 @@ def write_parts(model: nn.Module, index: int, results: dict[str, MLPWeights | Co
     _block(model, index).write(results)
 
 
-def layer_spec(model: nn.Module, index: int) -> dict:
-    """The layer's current MLP structure as plain data, e.g. {"kind": "fused", "width": 16, "scaled": True,
-    "rank": None, "up_bias": True, "down_bias": True}; a sparse block {"kind": "moe", "experts": ..., "shared": ...}."""
+def layer_spec(model: nn.Module, index: int) -> LayerSpec:
+    """The layer's current MLP structure, e.g. ``MLPSpec("fused", 16, scaled=True, up_bias=True, down_bias=True)``;
+    a sparse block's ``MoESpec(experts, shared)`` (``as_dict()`` gives it as plain data)."""
     mlp = layer(model, index)
     return mlp.spec() if isinstance(mlp, MoEBlock) else mlp.spec(dense_width(config_of(model)))
 
 
-def build_from_spec(model: nn.Module, index: int, spec: dict) -> None:
+def build_from_spec(model: nn.Module, index: int, spec: LayerSpec) -> None:
     """Replace the layer's projections with zero-initialised modules of the structure ``spec`` (from
-    ``layer_spec``), ready for ``load_state_dict`` of a checkpoint."""
+    ``layer_spec``, or a record read back by ``spec_from_dict``), ready for ``load_state_dict`` of a checkpoint."""
     mlp = layer(model, index)
-    if spec["kind"] == "moe":
-        if not isinstance(mlp, MoEBlock):
-            raise ValueError(f"layer {index} has no experts, but its recorded structure is a Mixture-of-Experts block")
-        mlp.build(spec)
-    elif spec["kind"] not in ("dense", "fused", "lowrank"):
-        raise ValueError(f"unknown MLP kind {spec['kind']!r}")
-    else:
-        mlp.build(spec)
+    if isinstance(spec, MoESpec) != isinstance(mlp, MoEBlock):
+        has, recorded = ("experts", "a dense MLP") if isinstance(mlp, MoEBlock) else ("no experts", "a Mixture-of-Experts block")
+        raise ValueError(f"layer {index} has {has}, but its recorded structure is {recorded}")
+    mlp.build(spec)
 
 
 def reinit_mlp(model: nn.Module, index: int) -> None:
@@ -199,18 +196,18 @@ def stock_widths(model: nn.Module) -> dict[str, int] | None:
     fam = family_of(config)
     seen: dict[str, set[int]] = {}
 
-    def add(attr: str | None, spec: dict, pretrained: int | None = None) -> bool:
+    def add(attr: str | None, spec: MLPSpec, pretrained: int | None = None) -> bool:
         if attr is None:  # no attribute sets this width: only the pretrained one is stock
-            return spec["kind"] == "dense" and spec["width"] == pretrained
-        seen.setdefault(attr, set()).add(spec["width"])
-        return spec["kind"] != "lowrank" and not spec["scaled"]
+            return spec.kind == "dense" and spec.width == pretrained
+        seen.setdefault(attr, set()).add(spec.width)
+        return spec.kind != "lowrank" and not spec.scaled
 
-    for i, mlp in enumerate(find_mlp_layers(model)):
+    for i in range(num_layers(model)):
         spec = layer_spec(model, i)
-        if isinstance(mlp, MoEBlock):
+        if isinstance(spec, MoESpec):
             ex = fam.experts
-            plain = add(ex.width_attr, spec["experts"]) and (
-                spec["shared"] is None or add(ex.shared_width_attr, spec["shared"], ex.shared_width(config)))
+            plain = add(ex.width_attr, spec.experts) and (
+                spec.shared is None or add(ex.shared_width_attr, spec.shared, ex.shared_width(config)))
         else:  # a dense model's MLP, or a dense block of a MoE model (Switch: its d_ff is the experts' too)
             plain = add(fam.width_attr, spec)
         if not plain:
