@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -26,7 +29,9 @@ from src.models.mlp_io import (
     MLPSpec,
     MoESpec,
     build_from_spec,
+    discovery,
     family_of,
+    find_mlp_layers,
     fold_scales,
     intermediate_sizes,
     layer_spec,
@@ -192,6 +197,29 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
     assert [layer_spec(fresh, i) for i in range(L)] == specs
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(logits(fresh), logits(model))
+
+
+def test_a_models_mlps_are_found_once_and_anew_when_an_mlp_module_is_replaced(monkeypatch):
+    """mlp_io walks a model's module tree once: swapped projections keep the list (each read looks them up anew), a
+    replaced MLP module is found again, another model has its own list, and a model that goes is forgotten."""
+    model = make("llama")
+    first = find_mlp_layers(model)
+    walks = []
+    walk = discovery._discover
+    monkeypatch.setattr(discovery, "_discover", lambda m: walks.append(m) or walk(m))
+    write_mlp(model, 1, rand_fused(model, 1, 16, scaled=True))
+    assert intermediate_sizes(model) == [D, 16, D, D] and find_mlp_layers(model) == first and walks == []
+    new = copy.deepcopy(model.model.layers[2].mlp)
+    nn.init.normal_(new.up_proj.weight)
+    model.model.layers[2].mlp = new
+    assert find_mlp_layers(model)[2].root is new and torch.equal(read_mlp(model, 2).up, new.up_proj.weight) and walks == [model]
+    assert find_mlp_layers(model)[2].root is new and walks == [model]
+    other = make("llama")
+    assert find_mlp_layers(other)[0].root is other.model.layers[0].mlp and walks == [model, other]
+    gone = weakref.ref(other)
+    del other, walks[:]
+    gc.collect()
+    assert gone() is None
 
 
 def test_layer_specs_are_plain_data_where_recorded_and_records_read_back():

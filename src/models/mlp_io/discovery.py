@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -149,8 +150,31 @@ def config_of(model: nn.Module) -> PretrainedConfig:
     raise ValueError(f"{type(model).__name__} contains no transformers PreTrainedModel")
 
 
+# each model's MLPs as last found (every mlp_io call asks for them): weak keys, so a model that goes is forgotten
+_FOUND: weakref.WeakKeyDictionary[nn.Module, list[AnyLayer]] = weakref.WeakKeyDictionary()
+
+
 def find_mlp_layers(model: nn.Module) -> list[AnyLayer]:
-    """The transformer blocks' MLPs in layer order; ValueError for an unsupported architecture."""
+    """The transformer blocks' MLPs in layer order; ValueError for an unsupported architecture.
+
+    Found once per model: the walk of the module tree is repeated only where an MLP's own module no longer sits
+    at its path (replaced, or wrapped by a strategy); one whose projections were swapped is the same MLP, whose
+    projections every read looks up anew."""
+    found = _FOUND.get(model)
+    if found is None or not all(_in_place(model, mlp) for mlp in found):
+        found = _FOUND[model] = _discover(model)
+    return list(found)
+
+
+def _in_place(model: nn.Module, mlp: AnyLayer) -> bool:
+    try:
+        return model.get_submodule(mlp.path) is mlp.root
+    except AttributeError:
+        return False
+
+
+def _discover(model: nn.Module) -> list[AnyLayer]:
+    """Walk the module tree for the MLPs of the model's table row."""
     config = config_of(model)
     fam = family_of(config)
     if fam.experts:
