@@ -1,1 +1,1 @@
-"""Models: loading (build), per-architecture MLP read/write (mlp_io), compression of whole models (fuse), export."""
+"""Models: loading (build, source, gguf), per-architecture MLP read/write (mlp_io), the modules that replace compressed projections (replacements)."""
