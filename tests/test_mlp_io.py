@@ -201,7 +201,7 @@ def test_spec_rebuild_then_load_reproduces_logits(arch):
 
 def test_a_models_mlps_are_found_once_and_anew_when_an_mlp_module_is_replaced(monkeypatch):
     """mlp_io walks a model's module tree once: swapped projections keep the list (each read looks them up anew), a
-    replaced MLP module is found again, another model has its own list, and a model that goes is forgotten."""
+    replaced MLP module is found again, another model and a copy have their own lists, and a model that goes is collected."""
     model = make("llama")
     first = find_mlp_layers(model)
     walks = []
@@ -216,6 +216,8 @@ def test_a_models_mlps_are_found_once_and_anew_when_an_mlp_module_is_replaced(mo
     assert find_mlp_layers(model)[2].root is new and walks == [model]
     other = make("llama")
     assert find_mlp_layers(other)[0].root is other.model.layers[0].mlp and walks == [model, other]
+    twin = copy.deepcopy(model)  # a copy finds its own
+    assert find_mlp_layers(twin)[2].root is twin.model.layers[2].mlp and walks == [model, other, twin]
     gone = weakref.ref(other)
     del other, walks[:]
     gc.collect()

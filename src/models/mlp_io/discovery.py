@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import re
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -150,8 +149,17 @@ def config_of(model: nn.Module) -> PretrainedConfig:
     raise ValueError(f"{type(model).__name__} contains no transformers PreTrainedModel")
 
 
-# each model's MLPs as last found (every mlp_io call asks for them): weak keys, so a model that goes is forgotten
-_FOUND: weakref.WeakKeyDictionary[nn.Module, list[AnyLayer]] = weakref.WeakKeyDictionary()
+# the attribute that keeps a model's MLPs as last found (every mlp_io call asks for them): on the model itself, so
+# that they go with it (a table beside it would keep its modules alive for one more garbage collection)
+FOUND = "_mlp_io_layers"
+
+
+class _Found(list):
+    """A model's MLPs as last found. A copy or a pickle of the model carries an empty one: the copy finds its own
+    (and a table row's lambdas are never pickled)."""
+
+    def __reduce__(self) -> tuple:
+        return _Found, ()
 
 
 def find_mlp_layers(model: nn.Module) -> list[AnyLayer]:
@@ -160,9 +168,10 @@ def find_mlp_layers(model: nn.Module) -> list[AnyLayer]:
     Found once per model: the walk of the module tree is repeated only where an MLP's own module no longer sits
     at its path (replaced, or wrapped by a strategy); one whose projections were swapped is the same MLP, whose
     projections every read looks up anew."""
-    found = _FOUND.get(model)
-    if found is None or not all(_in_place(model, mlp) for mlp in found):
-        found = _FOUND[model] = _discover(model)
+    found = model.__dict__.get(FOUND)
+    if not found or not all(_in_place(model, mlp) for mlp in found):
+        found = _Found(_discover(model))
+        object.__setattr__(model, FOUND, found)  # a plain attribute: no submodule, parameter or buffer of the model
     return list(found)
 
 
