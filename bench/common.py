@@ -1,4 +1,4 @@
-"""What the benchmarks share: sizes, the project's configs, real batches, alternating timers, results."""
+"""What the benchmarks share: sizes, the project's configs, real batches, alternating timers, results and the machine."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -350,19 +351,59 @@ class BenchResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    """The machine a table was measured on: CPU model, CPUs, torch threads, GPU, load."""
+# /proc/cpuinfo flag -> the vector extension it shows (x86 "flags", Arm "Features"), in record order
+VECTOR_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"),
+                ("amx_tile", "AMX"), ("asimd", "NEON"), ("sve", "SVE"))
+# record key -> distribution: the libraries a timing depends on, read from the installed metadata (nothing imported)
+LIBRARIES = {"torch": "torch", "transformers": "transformers", "onnxruntime": "onnxruntime", "llama_cpp": "llama-cpp-python",
+             "numpy": "numpy", "scipy": "scipy", "sklearn": "scikit-learn"}
+
+
+def vector_extensions(flags: set[str], arch: str) -> list[str]:
+    """The vector extensions in a CPU's flags (VECTOR_FLAGS); every 64-bit Arm CPU has NEON, flags line or not (macOS
+    has no /proc/cpuinfo)."""
+    found = [name for flag, name in VECTOR_FLAGS if flag in flags]
+    if arch.lower() in ("arm64", "aarch64") and "NEON" not in found:
+        found.append("NEON")
+    return found
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of LIBRARIES, None for one that is not installed."""
+    found: dict[str, str | None] = {}
+    for key, dist in LIBRARIES.items():
+        try:
+            found[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[key] = None
+    return found
+
+
+def machine(device: torch.device, threads: int) -> dict[str, Any]:
+    """The machine a table was measured on: CPU model, vector extensions, cores, CPUs, the threads the timed processes
+    used, GPU, library versions, OS, load."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    info = {
-        "cpu": cpu,
+    fields = [tuple(part.strip() for part in line.split(":", 1)) for line in lines if ":" in line]
+
+    def first(key: str) -> str | None:
+        return next((value for name, value in fields if name == key), None)
+
+    flags = set((first("flags") or first("Features") or "").split())
+    # (physical id, core id) pairs are the physical cores; Arm's /proc/cpuinfo has neither: none counted
+    cores = {(p, c) for p, c in zip((v for k, v in fields if k == "physical id"), (v for k, v in fields if k == "core id"), strict=False)}
+    return {
+        "cpu": first("model name") or platform.processor() or platform.machine(),
+        "arch": platform.machine(),
+        "vector": vector_extensions(flags, platform.machine()),
+        "cores": len(cores) or None,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
+        "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "gpu": torch.cuda.get_device_name(device if device.type == "cuda" else 0) if torch.cuda.is_available() else None,
+        "versions": library_versions(),
+        "python": platform.python_version(),
+        "os": platform.platform(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info

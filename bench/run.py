@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             start = time.perf_counter()
             result = BENCHMARKS[name](sizes, opts)
-            record = {"mode": sizes.name, "command": _command(argv), "machine": machine(device),
+            record = {"mode": sizes.name, "command": _command(argv), "machine": machine(device, threads),
                       "wall_s": time.perf_counter() - start, **asdict(result)}
             write_json(args.out / f"{result_name(name, opts)}.json", record)
             print(format_record(record), flush=True)
@@ -125,14 +125,11 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def format_record(record: dict[str, Any]) -> str:
-    """A benchmark's record as Markdown: title, machine, table, targets, notes."""
-    m = record["machine"]
-    where = f"{m['cpu']}, {m['cpus']} CPUs, torch {m['torch']}, threads: {m['torch_threads']}" + (f", {m['gpu']}" if "gpu" in m else "")
+    """A benchmark's record as Markdown: title, command and machine, table, targets, notes."""
     lines = [
         f"### {record['title']}",
         "",
-        f"`{record['command']}` ({record['mode']} mode) on {m['device']}: {where}; load average {m['load_avg_1m']} "
-        f"at the end; {record['wall_s']:.0f} s.",
+        f"`{record['command']}` ({record['mode']} mode), {record['wall_s']:.0f} s; {machine_line(record['machine'])}.",
         "",
         "| " + " | ".join(header for _, header in record["columns"]) + " |",
         "|" + "---|" * len(record["columns"]),
@@ -145,6 +142,16 @@ def format_record(record: dict[str, Any]) -> str:
         lines.append("- quick mode: tiny sizes; the targets are only meaningful in full mode")
     lines += ["", *[f"> {note}" for note in record["notes"]], ""]
     return "\n".join(lines)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine record in one line: CPU, vector extensions, cores and CPUs, threads, GPU, library versions, load."""
+    cores = f"{m['cores']} cores, " if m.get("cores") else ""
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
+    return (f"{m['cpu']} ({', '.join(m.get('vector') or ['no vector extensions named'])}), {cores}{m['cpus']} CPUs, "
+            f"threads {m.get('threads', m['torch_threads'])} on {m['device']}{gpu}; {versions or 'torch ' + m['torch']}; "
+            f"load average {m['load_avg_1m']} at the end")
 
 
 def _fmt(value: Any) -> str:

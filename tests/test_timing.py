@@ -1,5 +1,5 @@
-"""The timing harness (bench.timing, bench.worker): structure, pairing, order, the interval arithmetic on given numbers.
-Never a speed."""
+"""The timing harness (bench.timing, bench.worker) and the machine record: structure, pairing, order, the interval
+arithmetic on given numbers. Never a speed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
+from bench.common import LIBRARIES, machine, vector_extensions
+from bench.run import machine_line
 from bench.timing import (
     ROOT,
     STDERR_TAIL,
@@ -106,3 +109,21 @@ def test_a_failed_child_names_its_stage_and_quotes_its_stderr() -> None:
     assert message.startswith("stage 'llama.cpp f32', process 0 (tests.timing_stages:fail) exited with status 1")
     assert "ValueError: the model file is missing" in message and "chatter 0\n" not in message  # the tail only
     assert len(message.splitlines()) == STDERR_TAIL + 1
+
+
+def test_vector_extensions_from_flags() -> None:
+    assert vector_extensions({"sse4_2", "avx2", "avx512f", "avx512_vnni", "amx_tile"}, "x86_64") == ["AVX2", "AVX-512", "AVX-512 VNNI", "AMX"]
+    assert vector_extensions({"sse4_2"}, "x86_64") == []
+    assert vector_extensions({"asimd", "sve"}, "aarch64") == ["NEON", "SVE"]
+    assert vector_extensions(set(), "arm64") == ["NEON"]  # macOS: no /proc/cpuinfo, NEON all the same
+
+
+def test_machine_record_names_cpu_threads_gpu_and_versions() -> None:
+    m = machine(torch.device("cpu"), threads=3)
+    assert {"cpu", "arch", "vector", "cores", "cpus", "threads", "torch_threads", "device", "gpu", "versions", "python", "os",
+            "load_avg_1m"} <= set(m)
+    assert m["cpu"] and m["threads"] == 3 and m["cpus"] >= 1 and isinstance(m["vector"], list)
+    assert set(m["versions"]) == set(LIBRARIES) and m["versions"]["torch"] and m["versions"]["onnxruntime"]
+    assert m["gpu"] is None or isinstance(m["gpu"], str)
+    line = machine_line(m)
+    assert line.startswith(m["cpu"]) and "threads 3" in line and f"torch {m['versions']['torch']}" in line
