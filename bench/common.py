@@ -1,15 +1,13 @@
-"""What the benchmarks share: sizes, the project's configs, real batches, alternating timers, results and the machine."""
+"""What the benchmarks share: sizes, the project's configs, real batches, timers, results and the machine."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -73,6 +71,7 @@ class Sizes:
     # inference speed: (model, head, its (batch, length) cases), compressed with the project's defaults
     inference: tuple[tuple[str, str, tuple[tuple[int, int], ...]], ...]
     inference_reps: int
+    processes: int  # fresh processes each comparison runs in (bench.timing); --processes overrides it
     shapes: dict[str, Shape]  # finetune's --shape choices besides "default" (the mode's model on real sentences)
     scale: tuple[Shape, ...]  # the scale benchmark's models
 
@@ -88,7 +87,7 @@ FULL = Sizes(
     name="full", overrides=("model=minilm",), layers=(2, 3, 4, 5), mid_dim=384, big_layer=(768, 3072, 768),
     probe_size=32, sklearn_n_init=1, fusion_reps=3, ntk_reps=5, step_reps=10, overhead_steps=22,
     inference=(("minilm", "classification", ((1, 64), (32, 64))), ("smollm2", "generation", ((1, 128), (8, 128)))),
-    inference_reps=7,
+    inference_reps=7, processes=5,
     shapes={"roberta_base": Shape("bench_roberta_base", "classification", seq_len=128, batch_size=32),
             "llama_1b": Shape("bench_llama_1b", "generation", seq_len=256, batch_size=16)},
     scale=(Shape("bench_llama_1b", "generation", seq_len=128, layers=(13, 14, 15), overrides=_SCALE),
@@ -99,23 +98,37 @@ QUICK = Sizes(
     mid_dim=16, big_layer=(32, 128, 32), probe_size=8, sklearn_n_init=30, fusion_reps=2, ntk_reps=2, step_reps=3,
     overhead_steps=6,
     inference=(("tiny_bert", "classification", ((1, 16), (4, 16))), ("tiny_smollm2", "generation", ((1, 16), (2, 16)))),
-    inference_reps=2,
+    inference_reps=2, processes=2,
     shapes={"roberta_base": Shape("bench_roberta_base", "classification", seq_len=16, batch_size=4, overrides=_TOY),
             "llama_1b": Shape("bench_llama_1b", "generation", seq_len=16, batch_size=4, overrides=_TOY_LLAMA)},
     scale=tuple(Shape(model, "generation", seq_len=16, layers=(2, 3),
                       overrides=(*_SCALE, *_TOY_LLAMA, "approx_metrics.probe_size=8", "task.calib_size=16"))
                 for model in ("bench_llama_1b", "bench_llama3_8b")),
 )
+SIZES = {sizes.name: sizes for sizes in (FULL, QUICK)}
 
 
 @dataclass(frozen=True)
 class Options:
-    """What the command line sets besides the mode: where and at what precision the benchmarks run, and finetune's model."""
+    """What the command line sets besides the mode: where, at what precision and on how many threads and processes the
+    benchmarks run, and finetune's model."""
 
     device: torch.device
     precision: str = "32-true"  # of training and inference steps: "32-true" | "bf16-mixed"
     shape: str = "default"  # finetune's model: "default" (the mode's, on real sentences) or a key of Sizes.shapes
     checkpointing: bool = False  # finetune: activation checkpointing of every block (model.gradient_checkpointing)
+    threads: int = 1  # CPU threads of every library, in the timed processes as in this one
+    processes: int = 2  # fresh processes per comparison (bench.timing)
+
+    def spec(self) -> dict[str, Any]:
+        """The options as JSON, for a child process (bench.worker)."""
+        return {"device": str(self.device), "precision": self.precision, "shape": self.shape, "checkpointing": self.checkpointing,
+                "threads": self.threads, "processes": self.processes}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Options:
+        """The options :meth:`spec` wrote."""
+        return cls(**{**spec, "device": torch.device(spec["device"])})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,32 +305,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def rotated(names: Sequence[str], r: int) -> list[str]:
-    """``names`` rotated by ``r``: no side always runs first (or right after the same other side)."""
-    k = r % len(names)
-    return [*names[k:], *names[:k]]
-
-
-def alternate(fns: dict[str, Callable[[int], Any]], reps: int, device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of ``reps`` timed calls of each fn after ``warmup`` untimed ones, interleaved.
-
-    Call ``i`` (warm-ups first) runs every fn once with argument ``i``, in an order rotated by ``i``,
-    so that slow spells of a shared machine hit every side alike.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + reps):
-        for name in rotated(list(fns), i):
-            seconds = timed(partial(fns[name], i), device)
-            if i >= warmup:
-                times[name].append(seconds)
-    return times
-
-
-def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median of the per-repetition ratios ``num[i] / den[i]`` (both sides of a pair ran back to back)."""
-    return statistics.median(n / d for n, d in zip(num, den, strict=True))
-
-
 # ---------------------------------------------------------------------------------------------
 # results
 
@@ -340,7 +327,8 @@ def target(what: str, value: float, op: str, threshold: float) -> Target:
 
 @dataclass
 class BenchResult:
-    """What one benchmark measured: a table (rows keyed like ``columns``), targets, notes, settings."""
+    """What one benchmark measured: a table (rows keyed like ``columns``), targets, notes, settings and, where its ratios
+    come from fresh processes, how (``bench.timing.timing_record``)."""
 
     name: str
     title: str
@@ -349,6 +337,7 @@ class BenchResult:
     targets: list[Target]
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] | None = None
 
 
 # /proc/cpuinfo flag -> the vector extension it shows (x86 "flags", Arm "Features"), in record order

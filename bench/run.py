@@ -1,7 +1,8 @@
 """Run the benchmarks: ``python -m bench.run [NAME ...] [--quick] [--device cpu|cuda] [--precision P] [--shape S] ...``.
 
 Each benchmark writes ``<out>/<name>[_<settings>].json`` (atomically; ``result_name``) and prints its
-table of ratios in Markdown, headed by the machine it ran on.
+table in Markdown, headed by the machine it ran on: each ratio as ``median [lo, hi] (n=k)`` over k
+fresh processes (``bench.timing``), each rate as ``median (min to max)``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from bench import finetune, fusion, inference, ntk, overhead, scale
 from bench.common import FULL, PRECISIONS, QUICK, BenchResult, Options, Sizes, default_precision, machine
+from bench.timing import StageError
 from src.utils.io import write_json
 
 BENCHMARKS: dict[str, Callable[[Sizes, Options], BenchResult]] = {
@@ -51,8 +53,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all; "
                    f"on the CPU without --quick all but {', '.join(GPU_ONLY)})")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON results (default: bench/results)")
-    p.add_argument("--threads", type=int, help="CPU threads of torch, scikit-learn and faiss alike (default: all cores; "
-                   "1 with --quick, where a second thread on tiny ops only adds contention)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch, ONNX Runtime, llama.cpp, scikit-learn and faiss alike (default: "
+                   "all cores; 1 with --quick, where a second thread on tiny ops only adds contention)")
+    p.add_argument("--processes", type=int, help=f"fresh processes per comparison, each ratio's n (default: {FULL.processes}; "
+                   f"{QUICK.processes} with --quick)")
     return p.parse_args(argv)
 
 
@@ -70,12 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"--models {' '.join(args.models)}: the inference benchmark's models are {', '.join(known)}", file=sys.stderr)
             return 2
         sizes = replace(sizes, inference=tuple(c for c in sizes.inference if c[0] in args.models))
-    opts = Options(device, args.precision or default_precision(device), args.shape, args.checkpointing)
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
+    opts = Options(device, args.precision or default_precision(device), args.shape, args.checkpointing, threads,
+                   args.processes or sizes.processes)
     with _quiet(), _threads(threads):
         for name in names:
             start = time.perf_counter()
-            result = BENCHMARKS[name](sizes, opts)
+            try:
+                result = BENCHMARKS[name](sizes, opts)
+            except StageError as err:  # a timed child process failed: its stage and stderr, not this process's traceback
+                print(f"bench {name}: {err}", file=sys.stderr)
+                return 1
             record = {"mode": sizes.name, "command": _command(argv), "machine": machine(device, threads),
                       "wall_s": time.perf_counter() - start, **asdict(result)}
             write_json(args.out / f"{result_name(name, opts)}.json", record)
@@ -94,6 +103,8 @@ def choose(args: argparse.Namespace) -> tuple[list[str], str | None]:
         return names, "--device cuda: no CUDA device is available here"
     if on_cpu_full and any(n in GPU_ONLY for n in names):
         return names, f"{', '.join(n for n in names if n in GPU_ONLY)} at full size needs --device cuda (or --quick on the CPU)"
+    if args.processes is not None and args.processes < 1:
+        return names, f"--processes {args.processes}: at least one process"
     if "finetune" not in names and (args.shape != "default" or args.checkpointing):
         return names, "--shape and --checkpointing choose finetune's model: name finetune among the benchmarks"
     return names, None
@@ -125,12 +136,17 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def format_record(record: dict[str, Any]) -> str:
-    """A benchmark's record as Markdown: title, command and machine, table, targets, notes."""
+    """A benchmark's record as Markdown: title, command and machine, how its ratios were measured, table, targets, notes."""
     lines = [
         f"### {record['title']}",
         "",
         f"`{record['command']}` ({record['mode']} mode), {record['wall_s']:.0f} s; {machine_line(record['machine'])}.",
         "",
+    ]
+    if t := record.get("timing"):
+        lines += [f"Ratios: median [95 % interval] (n = processes) over {t['processes']} fresh processes per comparison, "
+                  f"threads {t['threads']} in each; rates: median (min to max) over the processes.", ""]
+    lines += [
         "| " + " | ".join(header for _, header in record["columns"]) + " |",
         "|" + "---|" * len(record["columns"]),
     ]
@@ -155,9 +171,16 @@ def machine_line(m: dict[str, Any]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """A table cell: a ratio over processes as ``median [lo, hi] (n=k)``, a rate as ``median (min to max)``, a number to 4
+    significant digits (whole from 1,000)."""
+    if isinstance(value, dict) and "interval" in value:
+        ci = value["interval"]
+        return f"{_fmt(value['median'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] (n={value['n']})" if ci else f"{_fmt(value['median'])} (n={value['n']})"
+    if isinstance(value, dict) and "min" in value:
+        return f"{_fmt(value['median'])} ({_fmt(value['min'])} to {_fmt(value['max'])})"
     if isinstance(value, float):
         small_or_large = value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5)
-        return f"{value:.2e}" if small_or_large else f"{value:.4g}"
+        return f"{value:.2e}" if small_or_large else f"{value:.0f}" if abs(value) >= 1e3 else f"{value:.4g}"
     return "" if value is None else str(value)
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import Options, alternate, forward_backward, random_tokens, rotated
+from bench.common import Options, forward_backward, random_tokens
 from bench.finetune import MODES, _peak_live_bytes
-from bench.inference import LLAMA_CPP_DTYPES, PERF, TG_TOKENS
+from bench.inference import LLAMA_CPP_DTYPES, NO_LLAMA_CPP, TG_TOKENS
 from bench.run import BENCHMARKS, choose, format_record, main, parse_args, result_name
+from bench.runtimes import PERF
 from src.models.build import build_model
 
 # a random two-layer Llama with a 128-word vocabulary
@@ -44,26 +45,39 @@ def test_quick_mode_writes_every_table(tmp_path: Path, capsys: pytest.CaptureFix
         assert len(table) == len(rec["rows"]) + 2 and all(line.count("|") == len(rec["columns"]) + 1 for line in table)
         assert table[0] in printed  # the JSON keeps the column order of the printed table
 
+    for name, rec in records.items():  # every ratio over the quick mode's 2 processes, with its interval
+        ratios = [(key, v) for row in rec["rows"] for key, v in row.items() if isinstance(v, dict) and "interval" in v]
+        assert (rec["timing"] is None) == (name == "scale") and bool(ratios) == (name != "scale"), name
+        assert all(r["n"] == 1 if key == "memory_ratio" else r["n"] == len(r["per_process"]) == len(r["interval"]) == 2  # memory: counted once
+                   for key, r in ratios), name
+        assert rec["machine"]["versions"]["torch"] and "vector" in rec["machine"]
+
     fusion = records["fusion"]["rows"]
-    assert all(r["ours_s"] > 0 and r["sklearn_s"] > 0 and 0.9 < r["inertia_ratio"] < 1.2 for r in fusion)
+    assert all(r["ours_s"]["median"] > 0 and r["sklearn_s"]["median"] > 0 and 0.9 < r["inertia_ratio"]["median"] < 1.2 for r in fusion)
     ntk = records["ntk"]["rows"][0]
     assert ntk["max_rel_diff"] <= 1e-5  # correctness, not speed: holds on any machine
     steps = {r["mode"]: r for r in records["finetune"]["rows"]}
     assert set(steps) == {"none", "ntk_cluster", "cluster", "sketch", "mmd", "svd", "prune"}
     assert steps["none"]["bound"] == 1.0 and records["finetune"]["settings"]["shape"] == "default"
     assert all(r["bound"] > 1.0 and r["peak_mb"] > 0 for mode, r in steps.items() if mode != "none")
+    assert [p["order"][0] for p in records["finetune"]["settings"]["processes"]] == ["none", "prune"]  # reversed in process 1
     overhead = records["overhead"]["rows"][0]
-    assert overhead["steps"] > 0 and overhead["bare_ms"] > 0 and overhead["lightning_ms"] > 0
+    assert overhead["steps"] > 0 and overhead["bare_ms"]["median"] > 0 and overhead["lightning_ms"]["median"] > 0
     inference = records["inference"]
     cases = {(r["model"], r["runtime"], r["batch"]) for r in inference["rows"]}
     runtimes = ("pytorch", "onnxruntime")
     # the causal LM in llama.cpp too, batch 1, where llama-cpp-python is installed (make install-deploy)
-    llama_cpp = [f"llama.cpp {d} {s}" for d in LLAMA_CPP_DTYPES for s in PERF] if importlib.util.find_spec("llama_cpp") else []
+    has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    llama_cpp = [f"llama.cpp {d} {s}" for d in LLAMA_CPP_DTYPES for s in PERF] if has_llama_cpp else []
     assert cases == ({(m, rt, b) for m, bs in (("tiny_bert", (1, 4)), ("tiny_smollm2", (1, 2))) for rt in runtimes for b in bs}
                      | {("tiny_smollm2", rt, 1) for rt in llama_cpp})
-    assert all(r["original"] > 0 and r["compressed"] > 0 and r["bound"] > 1.0 for r in inference["rows"])
+    assert all(r["original"]["median"] > 0 and r["compressed"]["median"] > 0 and r["bound"] > 1.0 for r in inference["rows"])
+    assert all(len(r["times"]) == 2 for r in inference["rows"])  # every process's calls
     assert all(c["layers"] == [1, 2, 3] and c["mid_dim"] == 16 for c in inference["settings"]["compression"].values())  # the defaults
-    assert inference["settings"]["onnxruntime_intra_op_threads"] == 1 and inference["settings"]["versions"]["onnxruntime"]
+    assert inference["settings"]["onnxruntime_intra_op_threads"] == 1 and inference["machine"]["versions"]["onnxruntime"]
+    assert has_llama_cpp or inference["settings"]["llama_cpp"] == {"tiny_smollm2": {"skipped": NO_LLAMA_CPP}}
+    assert set(inference["settings"]["processes"]) == {f"{m} {rt}" for m in ("tiny_bert", "tiny_smollm2") for rt in runtimes} | {
+        f"tiny_smollm2 llama.cpp {d}" for d in LLAMA_CPP_DTYPES if has_llama_cpp}
 
 
 @pytest.mark.deploy
@@ -76,16 +90,17 @@ def test_quick_inference_times_llama_cpp(tmp_path: Path) -> None:
     rec = json.loads((tmp_path / "inference.json").read_text())
     rows = {r["runtime"]: r for r in rec["rows"] if r["runtime"].startswith("llama.cpp")}
     assert set(rows) == {f"llama.cpp {d} {s}" for d in LLAMA_CPP_DTYPES for s in PERF}
-    assert all(r["model"] == "tiny_smollm2" and r["batch"] == 1 and r["original"] > 0 and r["compressed"] > 0 and r["bound"] > 1.0
-               for r in rows.values())
+    assert all(r["model"] == "tiny_smollm2" and r["batch"] == 1 and r["original"]["median"] > 0 and r["compressed"]["median"] > 0
+               and r["bound"] > 1.0 and r["speedup"]["n"] == 2 for r in rows.values())
     pp, tg = rows["llama.cpp f32 pp"], rows["llama.cpp f32 tg"]
     assert pp["seq_len"] == 16 and tg["seq_len"] == TG_TOKENS
-    assert all(c["n_p_eval"] == 16 for k in ("original", "compressed") for c in pp["llama_perf"][k])
-    assert all(c["n_eval"] == TG_TOKENS for k in ("original", "compressed") for c in tg["llama_perf"][k])
+    # llama.cpp's own counters of every timed call of every process
+    assert all(c["n_p_eval"] == 16 for process in pp["llama_perf"] for k in ("original", "compressed") for c in process[k])
+    assert all(c["n_eval"] == TG_TOKENS for process in tg["llama_perf"] for k in ("original", "compressed") for c in process[k])
     files = rec["settings"]["llama_cpp"]["tiny_smollm2"]["files"]
     assert {d: (f["original"]["gguf_arch"], f["compressed"]["gguf_arch"]) for d, f in files.items()} == {
         d: ("llama", "deci") for d in LLAMA_CPP_DTYPES}
-    assert rec["settings"]["versions"]["llama_cpp"] and any(n.startswith("llama.cpp (llama-cpp-python") for n in rec["notes"])
+    assert rec["machine"]["versions"]["llama_cpp"] and any(n.startswith("llama.cpp (llama-cpp-python") for n in rec["notes"])
 
 
 def test_models_filter_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,8 +130,9 @@ def test_results_are_named_by_their_settings() -> None:
 @pytest.mark.parametrize(("shape", "options", "suffix"), [("roberta_base", ["--precision", "bf16-mixed"], "_bf16-mixed"),
                                                       ("llama_1b", ["--checkpointing"], "_checkpointing")])
 def test_quick_finetune_at_a_gpu_shape(shape: str, options: list[str], suffix: str, tmp_path: Path) -> None:
-    """The GPU shapes' code path at toy sizes: random model and token ids, its loss, autocast, checkpointing, the file name."""
-    assert main(["finetune", "--quick", "--shape", shape, *options, "--out", str(tmp_path)]) == 0
+    """The GPU shapes' code path at toy sizes: random model and token ids, its loss, autocast, checkpointing, the file name
+    (one timed process: the harness has tests of its own)."""
+    assert main(["finetune", "--quick", "--shape", shape, *options, "--processes", "1", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("*.json")
     assert path.stem == f"finetune_{shape}{suffix}"
     rec = json.loads(path.read_text())
@@ -128,6 +144,7 @@ def test_quick_finetune_at_a_gpu_shape(shape: str, options: list[str], suffix: s
     assert s["layers"] == [1, 2, 3] and s["mid_dim"] == 16  # the model's defaults, on 4 toy layers of width 64
     steps = {r["mode"]: r for r in rec["rows"]}
     assert set(steps) == set(MODES) and all(r["bound"] > 1.0 and r["peak_mb"] > 0 for m, r in steps.items() if m != "none")
+    assert all(r["speedup"]["n"] == 1 and r["speedup"]["interval"] is None for r in steps.values())
     assert any(note.startswith(f"precision {s['precision']}") for note in rec["notes"])
 
 
@@ -156,15 +173,6 @@ def test_causal_lm_loss_is_the_next_token_loss() -> None:
     ours = forward_backward(model, batch, "32-true")
     assert torch.allclose(ours, model(**batch).loss)  # transformers' own causal-LM loss: the same shift
     assert all(p.grad is not None for p in model.parameters())
-
-
-def test_alternate_rotates_the_order_and_skips_warmups() -> None:
-    calls: list[tuple[str, int]] = []
-    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in "abc"}
-    times = alternate(fns, reps=3, device=torch.device("cpu"), warmup=1)
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
-    assert calls[:6] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]
-    assert rotated(["a", "b", "c"], 5) == ["c", "a", "b"]
 
 
 def test_peak_live_bytes_replays_allocations() -> None:

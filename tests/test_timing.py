@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.common import LIBRARIES, machine, vector_extensions
-from bench.run import machine_line
+from bench.run import _fmt, format_record, machine_line
 from bench.timing import (
     ROOT,
     STDERR_TAIL,
@@ -24,6 +24,7 @@ from bench.timing import (
     ratio_summary,
     run_stages,
     side_order,
+    timing_record,
 )
 from bench.worker import paired_calls
 
@@ -86,6 +87,13 @@ def test_summaries() -> None:
     assert rate_summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3, "per_process": [3.0, 1.0, 2.0]}
 
 
+def test_cells_show_median_interval_and_n() -> None:
+    assert _fmt(ratio_summary([1.0, 1.2])) == "1.1 [0.344, 3.488] (n=2)"
+    assert _fmt(ratio_summary([1.25])) == "1.25 (n=1)"
+    assert _fmt(rate_summary([3.0, 1.0, 2.0])) == "2 (1 to 3)"
+    assert _fmt(0.5) == "0.5" and _fmt(12345.6) == "12346" and _fmt(None) == ""
+
+
 def test_stages_run_in_fresh_processes_interleaved_with_alternating_order(tmp_path: Path) -> None:
     log = tmp_path / "log"
     stages = [Stage(name, "tests.timing_stages:record", ("original", "compressed"), {"log": str(log), "name": name})
@@ -127,3 +135,12 @@ def test_machine_record_names_cpu_threads_gpu_and_versions() -> None:
     assert m["gpu"] is None or isinstance(m["gpu"], str)
     line = machine_line(m)
     assert line.startswith(m["cpu"]) and "threads 3" in line and f"torch {m['versions']['torch']}" in line
+
+
+def test_record_renders_intervals_and_the_timing() -> None:
+    speedup = ratio_summary([1.05, 1.10, 1.08, 1.12, 1.07])
+    record = {"title": "T", "command": "python -m bench.run x", "mode": "full", "wall_s": 1.0, "machine": machine(torch.device("cpu"), 2),
+              "timing": timing_record(5, 2), "columns": [("runtime", "runtime"), ("speedup", "speed-up")],
+              "rows": [{"runtime": "pytorch", "speedup": speedup}], "targets": [], "notes": []}
+    text = format_record(record)
+    assert "| pytorch | 1.08 [1.051, 1.118] (n=5) |" in text and "over 5 fresh processes per comparison, threads 2 in each" in text
