@@ -45,10 +45,10 @@ from bench.common import (
     target,
 )
 from bench.timing import INTERVAL, Stage, mapped, paired_ratio, rate_summary, ratio_summary, run_stages, timing_record
-from src.models.build import build_model, load_tokenizer
 from src.export.exported import export_onnx, prepare_for_export
-from src.pipeline.fuse import FusionReport
 from src.export.to_gguf import gguf_unsupported, write_gguf
+from src.models.build import build_model, load_tokenizer
+from src.pipeline.fuse import FusionReport
 
 WARMUP = 1  # untimed calls per side and case: first-run allocations of ONNX Runtime and oneDNN
 SPEEDUP_TARGET = 1.0  # the aim: a compressed model that really is faster

@@ -33,8 +33,8 @@ def pytorch(order: list[str], process: int, folders: dict[str, str], head: str, 
     import torch
 
     from bench.common import autocast, sync
-    from src.models.build import HEADS
     from src.export.exported import load_exported
+    from src.models.build import HEADS
 
     dev = torch.device(device)
     models = {k: load_exported(folders[k], HEADS[head]).to(dev).eval() for k in order}
