@@ -63,7 +63,7 @@ class Calibrator:
         was_training = model.training
         model.eval()
         try:
-            if r is not None and r.model_id == id(model) and len(layers) == 1 and layers[0] > r.layer:
+            if r is not None and r.model_id == id(model) and len(layers) == 1 and layers[0] >= r.layer:
                 captured = self._replayed(model, layers[0])
             else:
                 captured = self._full_pass(model, layers)
@@ -75,6 +75,32 @@ class Calibrator:
             lengths = torch.cat([n for _, n in captured[i]]).cpu()  # [S]: each sequence's non-padding tokens
             out[i] = MLPCalibration(x=x, y=mlp_io.mlp_forward(model, i, x), lengths=lengths)
         return out
+
+    def start(self, model: nn.Module, hidden: list[Tensor], rest: list[list[tuple[tuple, dict]]], layer: int = 0) -> None:
+        """Replay from block ``layer`` on: ``hidden`` per batch, the hidden states entering it [B, T, h]; ``rest``
+        per batch and block, the block's other inputs. A model streamed one block at a time records them
+        without running its blocks (``src.pipeline.stream``)."""
+        self._replay = _Replay(id(model), layer, hidden, [[(tuple(_no_cache(a) for a in args), {k: _no_cache(v) for k, v in kw.items()})
+                                                      for args, kw in per_batch] for per_batch in rest])
+
+    @torch.no_grad()
+    def advance(self, model: nn.Module) -> int:
+        """Run each batch's hidden states through the next block (as the model is now); returns the block
+        they enter next. With ``start`` and ``advance`` a caller holding one block at a time moves them on."""
+        r = self._replay
+        block = mlp_io.block_module(model, r.layer)
+        hidden = []
+        for h, rest in zip(r.hidden, r.rest):
+            args, kw = rest[r.layer]
+            out = block(h, *args, **kw)
+            hidden.append(out[0] if isinstance(out, tuple) else out)  # [B, T, h]
+        r.layer, r.hidden = r.layer + 1, hidden
+        return r.layer
+
+    @property
+    def hidden(self) -> list[Tensor]:
+        """The hidden states entering the block ``advance`` runs next, per batch [B, T, h]."""
+        return self._replay.hidden
 
     def _mlp_hooks(self, model: nn.Module, layers: list[int], batch: dict[str, Tensor], captured: dict[int, list[tuple[Tensor, Tensor]]],
                    stop: int | None) -> list:

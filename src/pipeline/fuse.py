@@ -75,116 +75,158 @@ def compress_model(
     calibrator: Calibrator | None = None,
 ) -> FusionReport:
     """Replace the MLP of each of the settings' layers by the method's output at the settings' width, seeded
-    ``layer_seed(seed, layer)`` and computed on ``device``. Results are cached under the settings'
-    ``cache_dir``, keyed by the layer's weights, the method's name, version and options (with the model's
-    ``identity``, where given), the width, the seed and the device type.
+    ``layer_seed(seed, layer)`` and computed on ``device``: a :class:`Compressor` over a model held whole in
+    memory (``src.pipeline.stream`` drives the same one over one block at a time).
 
-    With calibration (``settings.needs_calibration``; ``calibrator`` then required): the method receives
-    the layer's ``MLPCalibration`` if it takes ``calib``, ``refit="lstsq"`` re-fits each down projection
-    and ``refit="bias"`` compensates its bias (``src.methods.refit``), and ``budget`` (a fraction of the
-    chosen layers' MLP parameters) replaces the one ``mid_dim`` by per-layer widths
-    (``src.pipeline.budget``: by error curves, or by scores ranked over layers as FLAP's ``allocation``). The layers are
-    compressed in order; with ``calibrator.sequential`` each layer's calibration inputs come from the
-    model whose earlier layers are compressed already.
+    With calibration (``settings.needs_calibration``; ``calibrator`` then required) the layers are compressed
+    in order; with ``calibrator.sequential`` each layer's calibration inputs come from the model whose earlier
+    layers are compressed already, else from the original model (one pass over all layers first, as a budget
+    also needs).
+    """
+    run = Compressor(settings, identity=identity, device=device)
+    run.check(model, calibrator)
+    before, layers = count_params(model), list(settings.layers)
+    original = calibrator.collect(model, layers) if run.uses_calib and (not calibrator.sequential or settings.budget is not None) else {}
+    widths = run.allocate(model, original)
+    for layer in layers:
+        calib = None
+        if run.uses_calib:
+            calib = calibrator.collect(model, [layer])[layer] if calibrator.sequential else original[layer]
+        run.block(model, layer, widths[layer], calib)
+    return run.report(model, before)
+
+
+class Compressor:
+    """One compression run, block by block: the method, its cache and the settings; the per-layer and
+    per-part numbers gathered for the report.
+
+    Results are cached under the settings' ``cache_dir``, keyed by the layer's weights, the method's name,
+    version and options (with the model's ``identity``, where given), the width, the seed and the device
+    type (and, with calibration, the calibration tensors and the refit settings). With calibration the
+    method receives the layer's ``MLPCalibration`` if it takes ``calib``, ``refit`` re-fits or compensates
+    each down projection (``src.methods.refit``), and ``budget`` (a fraction of the chosen layers' MLP
+    parameters) replaces the one ``mid_dim`` by per-layer widths (``src.pipeline.budget``: by error curves,
+    or by scores ranked over layers as FLAP's ``allocation``).
 
     In a Mixture-of-Experts block every chosen part is compressed on its own (``experts``: "all" or
-    expert ids; ``shared_expert``): routed experts to ``mid_dim`` (the per-expert width), the shared
-    expert to the same fraction of its width; each part has its own seed and cache key. With
-    calibration each part gets the block-input tokens its router sends it (``mlp_io.routed_tokens``;
-    the shared expert all) and its own outputs on them; a budget is not available for experts.
+    expert ids; ``shared_expert``): routed experts to the per-expert width, the shared expert to the same
+    fraction of its width; each part has its own seed and cache key. With calibration each part gets the
+    block-input tokens its router sends it (``mlp_io.routed_tokens``; the shared expert all) and its own
+    outputs on them; a budget is not available for experts.
     """
-    s, method = settings, settings.method
-    layers, budget = list(s.layers), s.budget
-    before, start, stats = count_params(model), time.perf_counter(), {}
-    dev = torch.device(device)
-    cache = FusionCache(Path(s.cache_dir) / method.name) if s.cache_dir is not None else None
-    options = {**method.options, **({"identity": identity} if identity is not None else {})}
-    uses_calib = s.needs_calibration
-    if uses_calib and calibrator is None:
-        raise ValueError(f"{method.name} with refit={s.refit} budget={budget} needs calibration data (a Calibrator)")
-    sparse = [layer for layer in layers if mlp_io.is_sparse(model, layer)]
-    if sparse and budget is not None:
-        raise ValueError(f"a budget ({budget}) allocates dense layers' widths; Mixture-of-Experts layers {sparse} keep one per-expert width")
-    original = calibrator.collect(model, layers) if uses_calib and (not calibrator.sequential or budget is not None) else {}
 
-    def compress_layer(w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None, part: str | None = None) -> tuple[Compressed, bool]:
-        seed = layer_seed(s.seed, layer, part)
-        keyed = {"method": method.name, "version": method.version, "options": options, "mid_dim": width, "seed": seed, "device": dev.type}
-        if part is not None:
-            keyed["part"] = part
-        if calib is not None:
-            keyed.update(calib=calib_hash(calib), refit=s.refit, refit_ridge=s.refit_ridge, refit_toward=s.refit_toward)
-        key = cache_key(w, **keyed)
-        result = cache.get(key, dev) if cache else None
-        if result is not None:
-            return result, True
-        # on the compute device, in float32 (a bf16 model's k-means and least squares would lose precision);
-        # the calibration too: under FSDP the model (and so its activations) stays on the CPU during setup
-        w_dev = type(w)(**{k: (v.to(dev, torch.float32) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
-        if calib is not None:
-            calib = calib.to(dev, torch.float32)
-        result = method(w_dev, width, seed=seed, calib=calib)
-        if calib is not None:  # every refit but none reads calibration data (settings.needs_calibration)
-            result = apply_refit(result, calib, s.refit, s.refit_ridge, s.refit_toward)
-        if cache:
-            cache.put(key, result)
-        return result, False
+    def __init__(self, settings: CompressionSettings, *, identity: str | None = None, device: torch.device | str = "cpu") -> None:
+        self.s, self.method = settings, settings.method
+        self.dev = torch.device(device)
+        self.cache = FusionCache(Path(settings.cache_dir) / self.method.name) if settings.cache_dir is not None else None
+        self.options = {**self.method.options, **({"identity": identity} if identity is not None else {})}
+        self.uses_calib = settings.needs_calibration
+        self.start = time.perf_counter()
+        self.widths: dict[int, int] = {}
+        self.layer_specs: dict[int, Any] = {}
+        self.stats: dict[int, dict[str, float]] = {}
+        self.part_stats: dict[tuple[int, str], dict[str, float]] = {}
+        self.sparse: set[int] = set()
 
-    widths = {layer: s.mid_dim for layer in layers}
-    if budget is not None:
-        total = total_neurons(budget, [mlp_io.read_mlp(model, layer).width for layer in layers])
+    def check(self, model: nn.Module, calibrator: Calibrator | None) -> None:
+        """Refuse what cannot run before any layer is compressed."""
+        s = self.s
+        if self.uses_calib and calibrator is None:
+            raise ValueError(f"{self.method.name} with refit={s.refit} budget={s.budget} needs calibration data (a Calibrator)")
+        sparse = [layer for layer in s.layers if mlp_io.is_sparse(model, layer)]
+        if sparse and s.budget is not None:
+            raise ValueError(f"a budget ({s.budget}) allocates dense layers' widths; Mixture-of-Experts layers {sparse} keep one per-expert width")
+
+    def allocate(self, model: nn.Module, original: dict[int, MLPCalibration]) -> dict[int, int]:
+        """Each chosen layer's width: ``mid_dim``, or the budget's allocation from the original model's
+        calibration statistics (``original``, every chosen layer's)."""
+        s, layers = self.s, list(self.s.layers)
+        if s.budget is None:
+            return {layer: s.mid_dim for layer in layers}
+        total = total_neurons(s.budget, [mlp_io.read_mlp(model, layer).width for layer in layers])
         if s.allocation in SCORES:  # every layer's neuron scores on the original model's statistics, ranked together
-            widths = allocate_by_scores({layer: SCORES[s.allocation](mlp_io.read_mlp(model, layer), original[layer].to(dev, torch.float32))
+            widths = allocate_by_scores({layer: SCORES[s.allocation](mlp_io.read_mlp(model, layer), original[layer].to(self.dev, torch.float32))
                                          for layer in layers}, total)
         else:  # each layer's calibration error at a few widths, then the allocation
             curves = {}
             for layer in layers:
                 w = mlp_io.read_mlp(model, layer)
-                curves[layer] = {k: compress_layer(w, k, layer, original[layer])[0].stats["calib_err"] for k in candidate_widths(w.width, budget)}
+                curves[layer] = {k: self.compress(w, k, layer, original[layer])[0].stats["calib_err"] for k in candidate_widths(w.width, s.budget)}
             widths = allocate(curves, total)
-        log.info("budget %.3f of the chosen layers' MLP parameters by %s: widths %s (%d neurons)", budget, s.allocation, widths, total)
-    part_stats: dict[tuple[int, str], dict[str, float]] = {}
-    for layer in sparse:
-        t0, results = time.perf_counter(), {}
-        expert_width = mlp_io.intermediate_sizes(model)[layer]
-        if uses_calib:  # the block's input tokens, then each part's share of them
-            x = (calibrator.collect(model, [layer]) if calibrator.sequential else original)[layer].x  # [T, h]
-            routed = mlp_io.routed_tokens(model, layer, x)
-        for part in mlp_io.mlp_parts(model, layer, s.experts, s.shared_expert):
-            w = mlp_io.read_mlp(model, layer, part)
-            # the shared expert keeps the routed experts' fraction: mid_dim / expert width
-            width = widths[layer] if part != mlp_io.SHARED else max(1, round(widths[layer] * w.width / expert_width))
-            calib = None
-            if uses_calib:
-                x_part = x[routed[part]] if routed[part].any() else x  # an expert the sample never reaches: all tokens
-                if not routed[part].any():
-                    log.warning("layer %d expert %s receives none of the %d calibration tokens: calibrated on all of them", layer, part, len(x))
-                calib = MLPCalibration(x=x_part, y=refit_output(FusedMLP(w), x_part).to(x_part.dtype))
-            t1 = time.perf_counter()
-            results[part], hit = compress_layer(w, width, layer, calib, part)
-            part_stats[(layer, part)] = {**{k: float(v) for k, v in results[part].stats.items()}, "width": float(width),
-                                         "seconds": time.perf_counter() - t1, "cache_hit": float(hit)}
-        mlp_io.write_parts(model, layer, results)
-        rows = [part_stats[(layer, p)] for p in results]
-        stats[layer] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}  # the mean over the block's parts
-        stats[layer].update(width=float(widths[layer]), seconds=time.perf_counter() - t0)
-        log.info("compressed %d parts of MoE layer %d with %s to width %d in %.2fs (%d cache hits)", len(results), layer, method.name,
-                 widths[layer], stats[layer]["seconds"], sum(int(r["cache_hit"]) for r in rows))
-    for layer in (i for i in layers if i not in sparse):
-        t0 = time.perf_counter()
-        w = mlp_io.read_mlp(model, layer)
-        calib = None
-        if uses_calib:
-            calib = calibrator.collect(model, [layer])[layer] if calibrator.sequential else original[layer]
-        result, hit = compress_layer(w, widths[layer], layer, calib)
-        mlp_io.write_mlp(model, layer, result)
-        stats[layer] = {**{k: float(v) for k, v in result.stats.items()}, "width": float(widths[layer]),
-                        "seconds": time.perf_counter() - t0, "cache_hit": float(hit)}
-        log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, method.name, widths[layer], stats[layer]["seconds"],
-                 " (cache hit)" if hit else "")
-    spec = s.spec(widths, {i: mlp_io.layer_spec(model, i) for i in layers}, has_experts=bool(sparse))
-    stats = {layer: stats[layer] for layer in layers}  # in the order of `layers`
-    return FusionReport(spec, before, count_params(model), time.perf_counter() - start, stats, part_stats)
+        log.info("budget %.3f of the chosen layers' MLP parameters by %s: widths %s (%d neurons)", s.budget, s.allocation, widths, total)
+        return widths
+
+    def compress(self, w: MLPWeights, width: int, layer: int, calib: MLPCalibration | None, part: str | None = None) -> tuple[Compressed, bool]:
+        """One MLP (a layer's, or a part of its block) compressed to ``width``, from the cache where it holds it;
+        (result, whether the cache had it)."""
+        s, seed = self.s, layer_seed(self.s.seed, layer, part)
+        keyed = {"method": self.method.name, "version": self.method.version, "options": self.options, "mid_dim": width, "seed": seed,
+                 "device": self.dev.type}
+        if part is not None:
+            keyed["part"] = part
+        if calib is not None:
+            keyed.update(calib=calib_hash(calib), refit=s.refit, refit_ridge=s.refit_ridge, refit_toward=s.refit_toward)
+        key = cache_key(w, **keyed)
+        result = self.cache.get(key, self.dev) if self.cache else None
+        if result is not None:
+            return result, True
+        # on the compute device, in float32 (a bf16 model's k-means and least squares would lose precision);
+        # the calibration too: under FSDP the model (and so its activations) stays on the CPU during setup
+        w_dev = type(w)(**{k: (v.to(self.dev, torch.float32) if torch.is_tensor(v) else v) for k, v in w.__dict__.items()})
+        if calib is not None:
+            calib = calib.to(self.dev, torch.float32)
+        result = self.method(w_dev, width, seed=seed, calib=calib)
+        if calib is not None:  # every refit but none reads calibration data (settings.needs_calibration)
+            result = apply_refit(result, calib, s.refit, s.refit_ridge, s.refit_toward)
+        if self.cache:
+            self.cache.put(key, result)
+        return result, False
+
+    def block(self, model: nn.Module, layer: int, width: int, calib: MLPCalibration | None) -> None:
+        """Compress layer ``layer``'s MLP (a dense MLP, or each chosen part of a sparse block) to ``width`` in
+        place; ``calib``: the layer's calibration (its MLP's inputs X [T, h] and outputs), where used."""
+        t0, s = time.perf_counter(), self.s
+        self.widths[layer] = width
+        if not mlp_io.is_sparse(model, layer):
+            result, hit = self.compress(mlp_io.read_mlp(model, layer), width, layer, calib)
+            mlp_io.write_mlp(model, layer, result)
+            self.stats[layer] = {**{k: float(v) for k, v in result.stats.items()}, "width": float(width),
+                                 "seconds": time.perf_counter() - t0, "cache_hit": float(hit)}
+            log.info("compressed layer %d with %s to width %d in %.2fs%s", layer, self.method.name, width, self.stats[layer]["seconds"],
+                     " (cache hit)" if hit else "")
+        else:
+            self.sparse.add(layer)
+            expert_width = mlp_io.intermediate_sizes(model)[layer]
+            routed = mlp_io.routed_tokens(model, layer, calib.x) if calib is not None else {}  # the block's input tokens, then each part's share
+            results = {}
+            for part in mlp_io.mlp_parts(model, layer, s.experts, s.shared_expert):
+                w = mlp_io.read_mlp(model, layer, part)
+                # the shared expert keeps the routed experts' fraction: mid_dim / expert width
+                k = width if part != mlp_io.SHARED else max(1, round(width * w.width / expert_width))
+                part_calib = None
+                if calib is not None:
+                    x = calib.x[routed[part]] if routed[part].any() else calib.x  # an expert the sample never reaches: all tokens
+                    if not routed[part].any():
+                        log.warning("layer %d expert %s receives none of the %d calibration tokens: calibrated on all of them", layer, part, len(calib.x))
+                    part_calib = MLPCalibration(x=x, y=refit_output(FusedMLP(w), x).to(x.dtype))
+                t1 = time.perf_counter()
+                results[part], hit = self.compress(w, k, layer, part_calib, part)
+                self.part_stats[(layer, part)] = {**{n: float(v) for n, v in results[part].stats.items()}, "width": float(k),
+                                                  "seconds": time.perf_counter() - t1, "cache_hit": float(hit)}
+            mlp_io.write_parts(model, layer, results)
+            rows = [self.part_stats[(layer, p)] for p in results]
+            self.stats[layer] = {n: sum(r[n] for r in rows) / len(rows) for n in rows[0]}  # the mean over the block's parts
+            self.stats[layer].update(width=float(width), seconds=time.perf_counter() - t0)
+            log.info("compressed %d parts of MoE layer %d with %s to width %d in %.2fs (%d cache hits)", len(results), layer, self.method.name,
+                     width, self.stats[layer]["seconds"], sum(int(r["cache_hit"]) for r in rows))
+        self.layer_specs[layer] = mlp_io.layer_spec(model, layer)
+
+    def report(self, model: nn.Module | None, params_before: int, params_after: int | None = None) -> FusionReport:
+        """The run's record, in the settings' layer order; ``params_after`` where ``model`` is not whole in memory."""
+        layers = list(self.s.layers)
+        spec = self.s.spec({i: self.widths[i] for i in layers}, {i: self.layer_specs[i] for i in layers}, has_experts=bool(self.sparse))
+        after = count_params(model) if params_after is None else params_after
+        return FusionReport(spec, params_before, after, time.perf_counter() - self.start, {i: self.stats[i] for i in layers}, self.part_stats)
 
 
 def calib_hash(calib: MLPCalibration) -> str:

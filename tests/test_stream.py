@@ -1,0 +1,119 @@
+"""Streamed compression (src.pipeline.stream): one block at a time, the same weights as the in-memory path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from src.export.exported import load_exported, prepare_for_export
+from src.models import mlp_io
+from src.models.build import build_model
+from src.models.shards import ShardReader, skeleton
+from src.pipeline.calibration import Calibrator
+from src.pipeline.fuse import compress_model
+from src.pipeline.settings import CalibSettings, CompressionSettings
+from src.pipeline.stream import PROGRESS, compress_streamed, memory_model
+from src.utils.errors import ConfigError
+from tests.conftest import compress_fn
+
+
+def _folder(compose_cfg, name: str, tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model(compose_cfg([f"model={name}"]).model, "generation")
+    folder = tmp_path / "src"
+    # the module tree's names (transformers 5 would rename MoE experts to the original per-expert format)
+    model.save_pretrained(folder, max_shard_size="200KB", save_original_format=False)
+    return folder
+
+
+def _batches(vocab: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2):
+        mask = (torch.arange(12) < torch.randint(5, 13, (4, 1), generator=g)).long()
+        out.append({"input_ids": torch.randint(1, vocab, (4, 12), generator=g), "attention_mask": mask})
+    return out
+
+
+def _settings(method: str, layers: list[int], width: int, refit: str) -> CompressionSettings:
+    calib = CalibSettings(size=8, sequential=True) if refit != "none" or method == "wanda_sp" else CalibSettings()
+    return CompressionSettings.of(compress_fn(method), layers, width, name=method, refit=refit, calib=calib)
+
+
+def _in_memory(folder: Path, settings: CompressionSettings, batches) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    compress_model(model, settings, calibrator=Calibrator(batches) if settings.needs_calibration else None)
+    prepare_for_export(model)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("name,method,refit", [
+    ("tiny_llama", "wanda_sp", "lstsq"),
+    ("tiny_llama", "prune", "none"),
+    ("tiny_gemma3", "wanda_sp", "lstsq"),  # sliding and full attention layers: each block's own mask
+    ("tiny_gpt2", "wanda_sp", "lstsq"),
+    ("tiny_qwen3_moe", "prune", "lstsq"),
+])
+def test_streamed_equals_in_memory(compose_cfg, tmp_path: Path, name: str, method: str, refit: str) -> None:
+    folder = _folder(compose_cfg, name, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    layers = list(range(1, mlp_io.num_layers(skeleton(AutoModelForCausalLM, folder))))
+    width = 8
+    settings = _settings(method, layers, width, refit)
+    batches = _batches(config["vocab_size"])
+    report = compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "out", batches=batches)
+    want = _in_memory(folder, settings, batches)
+    got = load_exported(tmp_path / "out", AutoModelForCausalLM).state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert report.params_after < report.params_before
+    assert report.spec["layers"] == layers and not (tmp_path / ".out.partial").exists()
+
+
+def test_a_killed_run_resumes_with_the_same_files(compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    folder = _folder(compose_cfg, "tiny_llama", tmp_path)
+    settings = _settings("wanda_sp", [1, 2, 3], 8, "lstsq")
+    batches = _batches(100)
+    compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "whole", batches=batches)
+
+    import src.pipeline.stream as stream
+
+    real, partial = stream.release, tmp_path / ".out.partial"
+
+    def dying(module):  # killed while the third block is dropped: two blocks recorded finished
+        if (partial / PROGRESS).is_file() and len(json.loads((partial / PROGRESS).read_text())["done"]) == 3:
+            raise KeyboardInterrupt
+        real(module)
+
+    monkeypatch.setattr(stream, "release", dying)
+    with pytest.raises(KeyboardInterrupt):
+        compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "out", batches=batches)
+    assert not (tmp_path / "out").exists()
+    assert len(json.loads((partial / PROGRESS).read_text())["done"]) == 3
+    monkeypatch.setattr(stream, "release", real)
+    compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "out", batches=batches)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for f in files:
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "out" / f).read_bytes(), f
+
+
+def test_refusals(tmp_path: Path) -> None:
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="pickle files"):
+        ShardReader(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(ConfigError, match="names 1 file"):
+        ShardReader(tmp_path)
+
+
+def test_memory_model_counts_one_block_not_the_model(compose_cfg) -> None:
+    model = skeleton(AutoModelForCausalLM, build_model(compose_cfg(["model=tiny_llama"]).model, "generation").config)
+    parts = memory_model(model, calib_tokens=100, padded_tokens=128)
+    block = sum(t.numel() for t in mlp_io.block_module(model, 0).parameters()) * 4
+    assert parts["block"] == block and parts["total"] < sum(t.numel() for t in model.parameters()) * 4 + parts["hidden_states"] * 2
