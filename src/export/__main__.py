@@ -27,6 +27,7 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.builders import read_checkpoint, restore_module
 from src.export.exported import export_onnx, onnx_unsupported, prepare_for_export
@@ -48,7 +49,7 @@ MARKER = "export.json"
 SAMPLES = ["a gripping, beautifully acted film", "the plot is thin and the jokes fall flat, but the cast tries hard"]
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))) and not overwrite:
         raise ConfigError(f"out={str(out)!r} exists and is not an earlier export (no {MARKER}): choose another folder, or overwrite=true to replace it.")
 
@@ -103,8 +104,10 @@ def _gguf_line(meta: dict[str, Any]) -> str:
 def _card(meta: dict[str, Any]) -> str:
     metrics = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(meta["metrics"].items()) if k.startswith(("test/", "best/", "val/")))
     return "\n".join([
-        f"# {meta['model']} fine-tuned on {meta['task']}, MLPs compressed with {meta['method']}", "",
-        f"Exported by mlp-fusion's `src.export` from `{meta['ckpt']}`.", "",
+        *([f"# {meta['model']} fine-tuned on {meta['task']}, MLPs compressed with {meta['method']}", "",
+           f"Exported by mlp-fusion's `src.export` from `{meta['ckpt']}`.", ""] if meta.get("ckpt") else
+          [f"# {meta['model']}, MLPs compressed with {meta['method']} (no fine-tuning)", "",
+           f"Written by mlp-fusion's `src.compress`, calibrated on {meta['task']} where the method uses data.", ""]),
         f"- compression: `ffn_mode={meta['method']}`, layers {meta['layers']}, widths {meta['widths']}",
         f"- parameters: {meta['params']:,} (count scales folded into the down projections; same outputs)",
         _loading(meta),
@@ -122,7 +125,7 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
     gguf_dtype = str(gguf_dtype).lower()  # llama.cpp writes the types upper case (F16, Q8_0): either case is meant
     path, dest = Path(ckpt_path), Path(out)
     ckpt = read_checkpoint(path)
-    _check_out(dest, overwrite)
+    check_out(dest, overwrite)
     hp = ckpt["hyper_parameters"]
     _, _, module_cls = task_classes(hp["task"]["kind"])
     if fmt == "gguf" and module_cls.head != "generation":
@@ -146,6 +149,16 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
         "formats": ["hf"] if skipped else ["hf", "onnx"] if fmt == "both" else [fmt], "onnx_skipped": skipped,
         "metrics": json.loads(results.read_text()).get("metrics", {}) if results.is_file() else {},
     }
+    write_folder(model, tokenizer, dest, meta, widths, gguf_dtype)
+    log.info("exported %s to %s (%s)%s", path, dest, "+".join(meta["formats"]),
+             "" if widths else "; not a stock model: load with src.export.exported.load_exported")
+    return dest
+
+
+def write_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path, meta: dict[str, Any], widths: dict[str, int] | None,
+                 gguf_dtype: str = "f16") -> None:
+    """Write the prepared (``prepare_for_export``) ``model`` in ``meta["formats"]`` with its tokenizer, card and
+    ``export.json`` into ``dest``, atomically (the folder written beside it and renamed)."""
     _remove_leftovers(dest)
     with atomic_dir(dest, overwrite=True) as tmp:
         if "hf" in meta["formats"]:
@@ -159,13 +172,15 @@ def export(ckpt_path: str, out: str, fmt: str = "both", overwrite: bool = False,
         if "onnx" in meta["formats"]:
             samples = dict(tokenizer(SAMPLES, padding=True, return_tensors="pt"))
             meta["onnx_inputs"], meta["onnx_rel_err"] = export_onnx(model, tmp / "model.onnx", samples)
-        (tmp / "README.md").write_text(_card(meta))
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    if skipped:
-        log.warning("ONNX skipped: %s; format=both wrote the Hugging Face folder only", skipped)
-    log.info("exported %s to %s (%s)%s", path, dest, "+".join(meta["formats"]),
-             "" if widths else "; not a stock model: load with src.export.exported.load_exported")
-    return dest
+        write_card(tmp, meta)
+    if meta.get("onnx_skipped"):
+        log.warning("ONNX skipped: %s; format=both wrote the Hugging Face folder only", meta["onnx_skipped"])
+
+
+def write_card(folder: Path, meta: dict[str, Any]) -> None:
+    """The model card (``README.md``) and ``export.json``, which marks ``folder`` as an export."""
+    (folder / "README.md").write_text(_card(meta))
+    (folder / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def _export(cfg: DictConfig) -> None:

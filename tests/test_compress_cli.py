@@ -1,0 +1,75 @@
+"""``python -m src.compress``: one-shot compression written as an export, in memory or streamed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from src.compress import compress
+from src.export.exported import load_exported
+from src.models.build import build_model, load_tokenizer
+from src.utils.errors import ConfigError
+
+CALIB = ["ffn_mode=wanda_sp", "ffn_mode.calib.size=16", "ffn_mode.calib.batch_size=8", "ffn_mode.mid_dim=16", "ffn_mode.layers=[1,2,3]",
+         "task.max_train_samples=64", "task.max_seq_length=32"]
+
+
+def _folder_model(compose_cfg, tmp_path: Path) -> list[str]:
+    """tiny_llama's random weights saved as a Hugging Face folder (with its tokenizer): a model a folder holds."""
+    cfg = compose_cfg(["model=tiny_llama"], config_name="compress", fast=False)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "generation")
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder, max_shard_size="300KB")
+    load_tokenizer(cfg.model).save_pretrained(folder)
+    return ["model=tiny_llama", "model.config=null", "model.package=null", f"model.name_or_path={folder}"]
+
+
+def test_in_memory_and_streamed_write_the_same_model(compose_cfg, tmp_path: Path) -> None:
+    model = _folder_model(compose_cfg, tmp_path)
+    outs = {}
+    for stream in ("false", "true"):
+        out = tmp_path / f"out-{stream}"
+        compress(compose_cfg([*model, *CALIB, f"out={out}", f"stream={stream}"], config_name="compress", fast=False))
+        meta = json.loads((out / "export.json").read_text())
+        assert meta["method"] == "wanda_sp" and meta["layers"] == [1, 2, 3] and meta["kind"] == "generation" and meta["formats"] == ["hf"]
+        assert "fusion/params_after" in meta["metrics"] and (out / "tokenizer.json").is_file()
+        outs[stream] = load_exported(out, AutoModelForCausalLM).state_dict()
+    assert set(outs["false"]) == set(outs["true"])
+    for k, v in outs["false"].items():
+        torch.testing.assert_close(outs["true"][k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_auto_streams_when_the_model_does_not_fit(compose_cfg, tmp_path: Path, caplog) -> None:
+    model = _folder_model(compose_cfg, tmp_path)
+    with caplog.at_level("INFO"):
+        compress(compose_cfg([*model, *CALIB, f"out={tmp_path / 'o'}", "memory_gb=0.001"], config_name="compress", fast=False))
+    assert "streaming one block at a time" in caplog.text
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["format=pdf"], "format='pdf' is not an output format"),
+    (["stream=maybe"], "stream='maybe' must be auto, true or false"),
+    (["stream=true", "format=gguf"], "stream=true writes the Hugging Face folder only"),
+    (["stream=true"], "built from model.config with random weights"),
+    (["ffn_mode=none"], "ffn_mode=none: src.compress has nothing to do"),
+    (["model=tiny_bert", "task=rt_polarity"], "is a classification model: src.compress writes causal language models"),
+])
+def test_refusals(compose_cfg, tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compress(compose_cfg(["model=tiny_llama", f"out={tmp_path / 'o'}", *overrides], config_name="compress", fast=False))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_pickle_folder_is_refused_before_work(compose_cfg, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    build_model(compose_cfg(["model=tiny_llama"], config_name="compress", fast=False).model, "generation").config.save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\0")
+    cfg = compose_cfg(["model=tiny_llama", "model.config=null", "model.package=null", f"model.name_or_path={folder}", "ffn_mode=prune",
+                       f"out={tmp_path / 'o'}", "stream=true"], config_name="compress", fast=False)
+    with pytest.raises(ConfigError, match="pickle files"):
+        compress(cfg)
