@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -178,6 +179,13 @@ def compress_streamed(
     progress = _resume_state(tmp, fingerprint)
     run = Compressor(s, identity=identity, device=dev)
     params_before = sum(t.numel() for t in model.parameters())
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) if calibrated else 0
+    padded = sum(b["input_ids"].numel() for b in batches) if calibrated else 0
+    parts = memory_model(model, tokens, padded, compute_dtype)
+    runtime = psutil.Process().memory_info().rss
+    log.info("streaming %d blocks from %s; calibration %d tokens (%d padded); memory model: peak %.2f GiB = this process now %.2f + %s",
+             len(blocks.paths), folder, tokens, padded, (parts["total"] + runtime) / 2**30, runtime / 2**30,
+             ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total"))
     calibrator = Calibrator(batches, sequential=sequential) if calibrated else None
     if calibrated:
         _record_inputs(model, blocks, reader, calibrator, dev, compute_dtype)
