@@ -102,7 +102,7 @@ def run(shape: str, folder: Path, out: Path, cache: Path) -> dict:
         "shape": shape, "config": SHAPES[shape], "model_bytes_bf16": size, "write_seconds": written, "command": " ".join(cmd[1:]),
         "peak_rss_gib": peak / 2**30, "predicted_peak_gib": float(predicted.group(1)) if predicted else None,
         "predicted_parts": predicted.group(2) if predicted else None, "wall_seconds": wall,
-        "seconds_per_block": {"compressed": [b for b, k in zip(blocks, kinds) if k == "compressed"], "copied": [b for b, k in zip(blocks, kinds) if k == "copied"]},
+        "seconds_per_block": {kind: [b for b, k in zip(blocks, kinds) if k == kind] for kind in ("compressed", "copied")},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(), "torch": torch.__version__}, "n": 1,
     }
 

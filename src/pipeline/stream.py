@@ -200,7 +200,7 @@ def compress_streamed(
             entry = progress["done"][str(j)]
             params_after += entry["params"]
             if "folded" in entry:
-                mlp_io.build_from_spec(model, j, entry["folded"])
+                mlp_io.build_from_spec(model, j, mlp_io.spec_from_dict(entry["folded"]))
                 release(block)
                 _restore(run, j, entry)
             continue
@@ -225,7 +225,7 @@ def compress_streamed(
         entry = {"params": sum(t.numel() for t in block.parameters()), "seconds": time.perf_counter() - t0,
                  "tensors": {name: [shard, t.numel() * t.element_size()] for name, t in state.items()}}
         if j in s.layers:
-            entry.update(width=run.widths[j], spec=run.layer_specs[j], folded=mlp_io.layer_spec(model, j), stats=run.stats[j],
+            entry.update(width=run.widths[j], spec=run.layer_specs[j].as_dict(), folded=mlp_io.layer_spec(model, j).as_dict(), stats=run.stats[j],
                          parts={p: v for (i, p), v in run.part_stats.items() if i == j})
         progress["done"][str(j)] = entry
         write_json(tmp / PROGRESS, progress)
@@ -273,7 +273,7 @@ def _restore(run: Compressor, j: int, entry: dict[str, Any]) -> None:
     """A finished block's numbers back into the run's record (its weights are on disk already)."""
     if "spec" not in entry:
         return
-    run.widths[j], run.layer_specs[j], run.stats[j] = entry["width"], entry["spec"], entry["stats"]
+    run.widths[j], run.layer_specs[j], run.stats[j] = entry["width"], mlp_io.spec_from_dict(entry["spec"]), entry["stats"]
     for part, v in entry["parts"].items():
         run.part_stats[(j, part)] = v
         run.sparse.add(j)
@@ -358,7 +358,7 @@ def _write_config(model: nn.Module, tmp: Path, out_dtype: torch.dtype, weight_ma
     if widths is not None:
         mlp_io.set_config_widths(config, widths)
     else:
-        config.mlp_fusion = {"layer_specs": {str(i): mlp_io.layer_spec(model, i) for i in range(mlp_io.num_layers(model))}}
+        config.mlp_fusion = {"layer_specs": {str(i): mlp_io.layer_spec(model, i).as_dict() for i in range(mlp_io.num_layers(model))}}
     config.dtype = out_dtype
     config.save_pretrained(tmp)
     write_json(tmp / INDEX, {"metadata": {"total_size": sum(n for _, n in weight_map.values())},
