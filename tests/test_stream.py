@@ -44,11 +44,11 @@ def _settings(method: str, layers: list[int], width: int, refit: str) -> Compres
     return CompressionSettings.of(compress_fn(method), layers, width, name=method, refit=refit, calib=calib)
 
 
-def _in_memory(folder: Path, settings: CompressionSettings, batches) -> dict[str, torch.Tensor]:
+def _in_memory(folder: Path, settings: CompressionSettings, batches):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    compress_model(model, settings, calibrator=Calibrator(batches) if settings.needs_calibration else None)
+    report = compress_model(model, settings, calibrator=Calibrator(batches) if settings.needs_calibration else None)
     prepare_for_export(model)
-    return model.state_dict()
+    return model.state_dict(), report
 
 
 @pytest.mark.parametrize("name,method,refit", [
@@ -66,11 +66,12 @@ def test_streamed_equals_in_memory(compose_cfg, tmp_path: Path, name: str, metho
     settings = _settings(method, layers, width, refit)
     batches = _batches(config["vocab_size"])
     report = compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "out", batches=batches)
-    want = _in_memory(folder, settings, batches)
+    want, want_report = _in_memory(folder, settings, batches)
     got = load_exported(tmp_path / "out", AutoModelForCausalLM).state_dict()
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert (report.params_before, report.params_after) == (want_report.params_before, want_report.params_after)
     assert report.params_after < report.params_before
     assert report.spec["layers"] == layers and not (tmp_path / ".out.partial").exists()
 

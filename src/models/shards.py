@@ -44,6 +44,10 @@ class ShardReader:
             self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
         return self._open[shard].get_tensor(name)
 
+    def close(self) -> None:
+        """Drop the open shards: their memory maps would otherwise keep every page read so far resident."""
+        self._open.clear()
+
     def nbytes(self) -> int:
         """The stored tensors' size on disk."""
         return sum((self.folder / s).stat().st_size for s in set(self.weight_map.values()))
@@ -76,6 +80,7 @@ def skeleton(auto_cls: type, config: PretrainedConfig | str | Path) -> PreTraine
         config = AutoConfig.from_pretrained(config)
     with init_empty_weights():
         model = auto_cls.from_config(config)
+    model.tie_weights()  # a tied head is the embeddings' parameter (counted once, stored once)
     return model.eval()
 
 

@@ -231,6 +231,7 @@ def compress_streamed(
         write_json(tmp / PROGRESS, progress)
         params_after += entry["params"]
         release(block)
+        reader.close()
         done = len(progress["done"])
         eta = (time.perf_counter() - t_start) / max(1, done - progress["resumed"]) * (n - done)
         log.info("block %d/%d (%s) in %.1fs; about %.0fs left", j + 1, n, "compressed" if j in s.layers else "copied", entry["seconds"], eta)
