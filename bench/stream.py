@@ -81,16 +81,18 @@ def write_model(shape: str, folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def run(shape: str, folder: Path, out: Path, cache: Path) -> dict:
-    """Compress ``folder`` streamed in a child process; its peak RSS, wall time, per-block seconds and predicted peak."""
+def run(shape: str, folder: Path, out: Path, cache: Path, log_path: Path) -> dict:
+    """Compress ``folder`` streamed in a child process (its log to ``log_path`` as it goes); its peak RSS, wall time,
+    per-block seconds and predicted peak."""
     written = write_model(shape, folder)
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "src.compress", "model=tiny_llama", "model.config=null", "model.package=null", f"model.name_or_path={folder}",
            "model.name=bench_" + shape, *DEFAULTS, f"out={out}", "stream=true", f"paths.cache_dir={cache}", "ffn_mode.cache=false"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - start
-    log = proc.stdout + proc.stderr
+    log = log_path.read_text()
     if proc.returncode != 0:
         raise SystemExit(f"bench stream {shape}: src.compress exited with {proc.returncode}:\n" + "\n".join(log.splitlines()[-20:]))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/mlp-fusion-bench"), help="where the random models are written once and kept")
     ap.add_argument("--out", type=Path, default=Path("bench/results/stream"))
     args = ap.parse_args(argv)
-    rec = run(args.shape, args.dir / args.shape, args.dir / f"{args.shape}-compressed", args.dir / "cache")
     args.out.mkdir(parents=True, exist_ok=True)
+    rec = run(args.shape, args.dir / args.shape, args.dir / f"{args.shape}-compressed", args.dir / "cache", args.out / f"{args.shape}.log")
     write_json(args.out / f"{args.shape}.json", rec)
     sys.stdout.write(json.dumps({k: v for k, v in rec.items() if k not in ("config", "command")}, indent=1) + "\n")
     return 0

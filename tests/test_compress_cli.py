@@ -73,3 +73,15 @@ def test_a_pickle_folder_is_refused_before_work(compose_cfg, tmp_path: Path) -> 
                        f"out={tmp_path / 'o'}", "stream=true"], config_name="compress", fast=False)
     with pytest.raises(ConfigError, match="pickle files"):
         compress(cfg)
+
+
+def test_train_and_evaluate_continue_from_the_compressed_folder(compose_cfg, tmp_path: Path) -> None:
+    from src.train import train
+
+    model = _folder_model(compose_cfg, tmp_path)
+    out = tmp_path / "c"
+    compress(compose_cfg([*model, *CALIB, f"out={out}", "stream=true"], config_name="compress", fast=False))
+    assert "mlp_fusion" in json.loads((out / "config.json").read_text())  # per-layer widths: not a stock model
+    folder = ["model=tiny_llama", "model.config=null", "model.package=null", f"model.name_or_path={out}"]
+    metrics = train(compose_cfg([*folder, "task=rt_review", "ffn_mode=none", "finetune=lora", "test=false"]))
+    assert "val/ppl" in metrics

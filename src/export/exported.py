@@ -17,12 +17,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from src.models import mlp_io
-from src.pipeline.fuse import apply_spec
+from src.models.build import load_exported  # noqa: F401  (the loader of what this module writes; it lives with the other loaders)
 
 ONNX_RTOL = 1e-4  # ONNX Runtime's logits against PyTorch's: relative Frobenius error allowed
 # the heads (src.models.build.HEADS) export_onnx traces: one stack whose logits follow from
@@ -53,28 +52,6 @@ def prepare_for_export(model: PreTrainedModel) -> dict[str, int] | None:
     else:
         model.config.mlp_fusion = {"layer_specs": {str(i): mlp_io.layer_spec(model, i).as_dict() for i in range(mlp_io.num_layers(model))}}
     return widths
-
-
-def load_exported(folder: str | Path, auto_cls: type) -> PreTrainedModel:
-    """Load a folder written by ``src.export``; non-uniform structures are rebuilt from ``mlp_fusion``."""
-    config = AutoConfig.from_pretrained(folder)
-    spec = getattr(config, "mlp_fusion", None)
-    if spec is None:
-        return auto_cls.from_pretrained(folder)
-    model = auto_cls.from_config(config)
-    apply_spec(model, spec)
-    state = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied weights (output embeddings; T5's encoder and decoder embed_tokens = shared) are stored once
-    params = dict(model.named_parameters(remove_duplicate=False))
-    stored = {id(params[k]) for k in state if k in params}
-    missing = [k for k in missing if k not in params or id(params[k]) not in stored]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the recorded structure (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    return model.eval()
 
 
 class _Logits(nn.Module):

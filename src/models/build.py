@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -27,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from src.models import gguf
+from src.models import gguf, mlp_io
 from src.models.source import as_dict, resolve_source
 from src.utils.errors import ConfigError
 
@@ -135,12 +136,40 @@ def build_model(cfg: DictConfig | dict, head: str, *, device: torch.device | str
             src, kwargs = _pretrained_source(cfg)
         # transformers 5 loads in the checkpoint's dtype (bfloat16 for most LLMs) unless told: fp32 master
         # weights for 32-true and the mixed precisions, model.dtype=bfloat16 where memory needs it (bf16-true)
-        model = auto.from_pretrained(src, **kwargs, dtype=getattr(torch, cfg.get("dtype") or "float32"), **config_overrides)
+        dtype = getattr(torch, cfg.get("dtype") or "float32")
+        if Path(src).is_dir() and hasattr(AutoConfig.from_pretrained(src), "mlp_fusion"):  # a compressed folder with per-layer widths
+            model = load_exported(src, auto, dtype=dtype)
+        else:
+            model = auto.from_pretrained(src, **kwargs, dtype=dtype, **config_overrides)
         if device is not None:
             model.to(device)
     if cfg.get("gradient_checkpointing"):
         enable_checkpointing(model)
     return model
+
+
+def load_exported(folder: str | Path, auto_cls: type, **kwargs: Any) -> PreTrainedModel:
+    """Load a folder written by ``src.export`` or ``src.compress``; non-uniform structures are rebuilt from the
+    per-layer record in config.json (``mlp_fusion``). ``kwargs``: ``from_pretrained``'s (``dtype``)."""
+    config = AutoConfig.from_pretrained(folder)
+    spec = getattr(config, "mlp_fusion", None)
+    if spec is None:
+        return auto_cls.from_pretrained(folder, **kwargs)
+    model = auto_cls.from_config(config, **({"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}))
+    for layer, layer_spec in spec["layer_specs"].items():
+        mlp_io.build_from_spec(model, int(layer), mlp_io.spec_from_dict(layer_spec))
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied weights (output embeddings; T5's encoder and decoder embed_tokens = shared) are stored once
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stored = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if k not in params or id(params[k]) not in stored]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match the recorded structure (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -169,7 +198,7 @@ def _pretrained_source(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if cached is not None and (cached / "config.json").is_file():
         return str(cached), {}
     src, kwargs = resolve_source(cfg)
-    if cfg.get("gguf_file"):
+    if cfg.get("gguf_file") and not gguf.plain_folder(src, cfg["gguf_file"]):
         kwargs["gguf_file"] = cfg["gguf_file"]
     return src, kwargs
 

@@ -31,6 +31,12 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+def plain_folder(src: str, gguf_file: str) -> bool:
+    """Whether ``src`` is a local folder of plain weights without the model's GGUF file (``model.name_or_path`` set to
+    a compressed or exported copy of a GGUF model): it loads as it is."""
+    return Path(src).is_dir() and not (Path(src) / gguf_file).is_file()
+
+
 def cache_folder(cfg: dict[str, Any]) -> Path | None:
     """Where the dequantized copy of a GGUF model lives: ``<model.cache_dir>/<name>-<content hash>``.
 
@@ -40,6 +46,8 @@ def cache_folder(cfg: dict[str, Any]) -> Path | None:
     if not (cfg.get("gguf_file") and cfg.get("cache_dir")):
         return None
     src, _ = resolve_source(cfg)
+    if plain_folder(src, cfg["gguf_file"]):
+        return None
     path = Path(src) / cfg["gguf_file"]
     if path.is_file():
         st = path.stat()
