@@ -90,13 +90,13 @@ def _local_folder(cfg: DictConfig) -> Path:
     return Path(snapshot_download(src, revision=kwargs.get("revision"), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
-def _stream_wanted(cfg: DictConfig, hf: Any, calib_tokens: int) -> bool:
+def _stream_wanted(cfg: DictConfig, hf: Any, calib_tokens: int, s: CompressionSettings) -> bool:
     """``stream`` resolved: auto streams when the whole model in float32 and what compressing it holds would not fit."""
     if cfg.stream != "auto" or cfg.model.get("config") is not None:  # a model built from a config has no folder to stream
         return cfg.stream is True
     model = skeleton(AutoModelForCausalLM, hf)
     whole = sum(t.numel() for t in model.parameters()) * 4
-    need = whole + memory_model(model, calib_tokens, calib_tokens)["total"]
+    need = whole + memory_model(model, calib_tokens, calib_tokens, width=s.mid_dim, refit=s.refit == "lstsq")["total"]
     have = cfg.memory_gb * 2**30 if cfg.memory_gb is not None else psutil.virtual_memory().available
     streamed = need > have
     log.info("stream=auto: the model in float32 and its compression need about %.1f GiB, %.1f GiB %s: %s", need / 2**30, have / 2**30,
@@ -122,7 +122,7 @@ def compress(cfg: DictConfig) -> Path:
                             "layers": list(s.layers), "auto_class": AutoModelForCausalLM.__name__, "onnx_skipped": None,
                             "formats": ["hf", "onnx"] if cfg.format == "both" else [cfg.format], "metrics": {}}
     start = time.perf_counter()
-    if _stream_wanted(cfg, checked.hf, calib_tokens):
+    if _stream_wanted(cfg, checked.hf, calib_tokens, s):
         def finish(tmp: Path, model: PreTrainedModel, report: FusionReport) -> None:
             tokenizer.save_pretrained(tmp)
             meta.update(widths=mlp_io.intermediate_sizes(model), stock_widths=mlp_io.stock_widths(model), params=report.params_after,

@@ -237,3 +237,24 @@ def test_smollm2_defaults_export_reproduces_pytorch_in_llama_cpp(compose_cfg, tm
     print(f"\nSmolLM2 defaults in llama.cpp: logits rel. err f32 {err:.1e}, f16 {err16:.1e}; {GREEDY} greedy tokens the same "
           f"on {sum(same)}/{len(same)} prompts")  # the numbers the README quotes (pytest -s)
     assert err16 < RTOL["f16"], err16
+
+
+@pytest.mark.deploy
+@pytest.mark.slow  # SmolLM2: compressed once in memory (to GGUF), once streamed (the cache makes it quick)
+def test_src_compress_smollm2_gguf_runs_in_llama_cpp_and_equals_the_streamed_folder(compose_cfg, tmp_path: Path) -> None:
+    """Issue 33's check: ``python -m src.compress model=smollm2 out=<dir> format=gguf`` writes a model llama.cpp runs, whose
+    logits and greedy tokens are those of the same compression streamed one block at a time into a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    from src.compress import compress
+    from src.export.exported import load_exported
+
+    common = ["model=smollm2", f"paths.cache_dir={Path(CONF).parent / '.cache'}"]  # the dequantized SmolLM2, shared with make train
+    gguf_dir = compress(compose_cfg([*common, f"out={tmp_path / 'gguf'}", "format=gguf", "gguf_dtype=f32", "stream=false"],
+                                    config_name="compress", fast=False))
+    hf_dir = compress(compose_cfg([*common, f"out={tmp_path / 'hf'}", "stream=true"], config_name="compress", fast=False))
+    model = load_exported(hf_dir, Auto)
+    assert mlp_io.intermediate_sizes(model) == [1536] * 10 + [1152] * 20
+    tok = load_tokenizer(compose_cfg(["model=smollm2"], config_name="compress", fast=False).model)
+    err, same = _compare(model, gguf_dir / "model.gguf", [tok.encode(p) for p in PROMPTS])
+    assert all(same) and err < RTOL["f32"], (err, same)

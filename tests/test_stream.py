@@ -114,7 +114,23 @@ def test_refusals(tmp_path: Path) -> None:
 
 
 def test_memory_model_counts_one_block_not_the_model(compose_cfg) -> None:
-    model = skeleton(AutoModelForCausalLM, build_model(compose_cfg(["model=tiny_llama"]).model, "generation").config)
-    parts = memory_model(model, calib_tokens=100, padded_tokens=128)
-    block = sum(t.numel() for t in mlp_io.block_module(model, 0).parameters()) * 4
-    assert parts["block"] == block and parts["total"] < sum(t.numel() for t in model.parameters()) * 4 + parts["hidden_states"] * 2
+    config = build_model(compose_cfg(["model=tiny_llama"]).model, "generation").config
+    model = skeleton(AutoModelForCausalLM, config)
+    parts = memory_model(model, calib_tokens=100, padded_tokens=128, width=16, refit=True)
+    assert parts["block"] == sum(t.numel() for t in mlp_io.block_module(model, 0).parameters()) * 4
+    assert parts["refit"] == (100 * (16 + config.hidden_size) + 2 * 16 * 16 + 16 * config.hidden_size) * 8
+    config.num_hidden_layers *= 4  # four times the blocks: the same peak
+    assert memory_model(skeleton(AutoModelForCausalLM, config), calib_tokens=100, padded_tokens=128, width=16, refit=True) == parts
+
+
+@pytest.mark.slow
+def test_the_benchmark_streams_a_written_model_and_records_its_peak(tmp_path: Path) -> None:
+    """bench.stream end to end on its 'small' shape (8 blocks of hidden 1024): the model written once in bf16, compressed
+    streamed with the SmolLM2 defaults' method in a child process, the record read back."""
+    from bench import stream as bench_stream
+
+    assert bench_stream.main(["--shape", "small", "--dir", str(tmp_path / "m"), "--out", str(tmp_path / "r")]) == 0
+    rec = json.loads((tmp_path / "r" / "small.json").read_text())
+    assert rec["write_seconds"] > 0 and rec["peak_rss_gib"] > 0 and rec["predicted_peak_gib"] > 0
+    assert len(rec["seconds_per_block"]["compressed"]) == 5 and len(rec["seconds_per_block"]["copied"]) == 3  # the top two thirds of 8
+    assert (tmp_path / "m" / "small-compressed" / "model.safetensors.index.json").is_file()

@@ -108,27 +108,32 @@ def check_streamable(model: nn.Module, reader: ShardReader, blocks: Blocks) -> N
                           "one at a time; run with stream=false on a machine that holds the model.")
 
 
-def memory_model(model: nn.Module, calib_tokens: int, padded_tokens: int, compute_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def memory_model(model: nn.Module, calib_tokens: int, padded_tokens: int, compute_dtype: torch.dtype = torch.float32,
+                 width: int | None = None, refit: bool = False) -> dict[str, int]:
     """Predicted peak bytes of a streamed compression of ``model`` (a skeleton will do: only shapes are read), by
-    part. ``calib_tokens``: the calibration batches' non-padding tokens; ``padded_tokens``: their padded B x T.
+    part. ``calib_tokens``: the calibration batches' non-padding tokens T; ``padded_tokens``: their padded B x T;
+    ``width``: the compressed width k; ``refit``: the least-squares refit runs.
 
     - ``block``: the largest block in the compute dtype, and ``mlp_copy``: its MLP read out in float32 for the
       method (the compressed MLP is smaller and replaces it);
     - ``hidden_states``: the batches' hidden states [B, T, h] entering a block and leaving it;
-    - ``layer_calibration``: one layer's X and Y [tokens, h] in float32, and ``mlp_activations``: the MLP's
-      activations on them [tokens, width] twice (the method's scores and the least-squares refit's);
-    - the embeddings while the inputs are recorded, freed before the first block: the larger phase counts.
+    - ``layer_calibration``: one layer's X and Y [T, h] in float32, and ``mlp_activations``: the MLP's
+      activations on them [T, width] twice (the method's scores; the gate's and the up projection's);
+    - ``refit``: the solve in float64: the activations it multiplies [T, k], Y [T, h], the Gram matrix and its
+      factorisation [k, k] twice, the right-hand side [k, h];
+    - the embeddings while the inputs are recorded (in the compute dtype, beside the stored copy being cast,
+      and block 0, run once), freed before the first block: the larger phase counts.
     """
     config, size = model.config, torch.finfo(compute_dtype).bits // 8
-    h = config.hidden_size
-    width = mlp_io.config_width(config)
+    h, d = config.hidden_size, mlp_io.config_width(config)
+    k = width or d
     blocks = [mlp_io.block_module(model, j) for j in range(mlp_io.num_layers(model))]
-    block = max(sum(t.numel() for t in b.parameters()) for b in blocks)
-    mlp = mlp_io.mlp_param_count(config)
-    parts = {"block": block * size, "mlp_copy": mlp * 4, "hidden_states": 2 * padded_tokens * h * size,
-             "layer_calibration": 2 * calib_tokens * h * 4, "mlp_activations": 2 * calib_tokens * width * 4}
-    embeddings = model.get_input_embeddings().weight.numel() * size
-    parts["total"] = max(sum(parts.values()), embeddings + parts["hidden_states"])
+    block = max(sum(t.numel() for t in b.parameters()) for b in blocks) * size
+    parts = {"block": block, "mlp_copy": mlp_io.mlp_param_count(config) * 4, "hidden_states": 2 * padded_tokens * h * size,
+             "layer_calibration": 2 * calib_tokens * h * 4, "mlp_activations": 2 * calib_tokens * d * 4,
+             "refit": (calib_tokens * (k + h) + 2 * k * k + k * h) * 8 if refit else 0}
+    embeddings = model.get_input_embeddings().weight.numel() * (size + 2)  # + the stored bf16 copy while it is cast
+    parts["total"] = max(sum(parts.values()), embeddings + parts["hidden_states"] + block)
     return parts
 
 
@@ -181,7 +186,7 @@ def compress_streamed(
     params_before = sum(t.numel() for t in model.parameters())
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) if calibrated else 0
     padded = sum(b["input_ids"].numel() for b in batches) if calibrated else 0
-    parts = memory_model(model, tokens, padded, compute_dtype)
+    parts = memory_model(model, tokens, padded, compute_dtype, s.mid_dim, calibrated and s.refit == "lstsq")
     runtime = psutil.Process().memory_info().rss
     log.info("streaming %d blocks from %s; calibration %d tokens (%d padded); memory model: peak %.2f GiB = this process now %.2f + %s",
              len(blocks.paths), folder, tokens, padded, (parts["total"] + runtime) / 2**30, runtime / 2**30,
@@ -192,7 +197,7 @@ def compress_streamed(
         if progress["done"]:
             calibrator.start(model, [t.to(dev) for t in _load_hidden(tmp)], calibrator._replay.rest, layer=len(progress["done"]))
     n = len(blocks.paths)
-    t_start, params_after = time.perf_counter(), 0
+    params_after, seconds = 0, {}
     for j, path in enumerate(blocks.paths):
         block = model.get_submodule(path)
         prefix = path + "."
@@ -232,8 +237,11 @@ def compress_streamed(
         params_after += entry["params"]
         release(block)
         reader.close()
-        done = len(progress["done"])
-        eta = (time.perf_counter() - t_start) / max(1, done - progress["resumed"]) * (n - done)
+        seconds.setdefault(j in s.layers, []).append(entry["seconds"])
+        left = [i for i in range(j + 1, n)]
+        # each kind of block at its own pace (an 8B compressed block takes 17 times a copied one); a kind not seen yet: the other's
+        pace = {kind: sum(v) / len(v) for kind, v in seconds.items()}
+        eta = sum(pace.get(i in s.layers, next(iter(pace.values()))) for i in left)
         log.info("block %d/%d (%s) in %.1fs; about %.0fs left", j + 1, n, "compressed" if j in s.layers else "copied", entry["seconds"], eta)
     rest = {name: reader.get(name).to(out_dtype).contiguous() for name in reader.names() if blocks.owner(name) is None}
     params = dict(model.named_parameters())
