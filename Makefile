@@ -36,11 +36,11 @@ lint: install
 test-slow: install
 	$(PY) -m pytest -m "slow and not gpu and not deploy" -q $(ARGS)
 
-# the GGUF files in llama.cpp itself (tests/test_gguf.py): tiny models, then SmolLM2's defaults (~4 min)
+# the GGUF files in llama.cpp itself (tests/unit/export/test_gguf.py): tiny models, then SmolLM2's defaults (~4 min)
 test-deploy: install-deploy
 	$(PY) -m pytest -m deploy -q $(ARGS)
 
-# the GPU tier: end to end on CUDA (tests/test_gpu.py); every test skips where no GPU is visible
+# the GPU tier: end to end on CUDA (tests/cli/test_gpu.py); every test skips where no GPU is visible
 test-gpu: install
 	$(PY) -m pytest -m gpu -q -rs $(ARGS)
 

@@ -88,7 +88,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     checked by Hydra while composing) cannot say, then batch sizes, sequence length, sample limits."""
     _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, f"in 0..{2**32 - 1}")
     o = cfg.optim
-    # 0 is allowed: a step that changes nothing (tests/test_generation.py compares metrics around one)
+    # 0 is allowed: a step that changes nothing (tests/unit/data/test_generation.py compares metrics around one)
     _require(_number(o.lr) and o.lr >= 0, "optim.lr", o.lr, "a number >= 0, e.g. 1e-4 (0: the steps change no weight)")
     _require(_number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0 (0: no weight decay)")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")

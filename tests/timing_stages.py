@@ -1,4 +1,4 @@
-"""Stages for tests/test_timing.py's child processes (``bench.worker``): standard library only, so that a child starts fast."""
+"""Stages for tests/unit/bench/test_timing.py's child processes (``bench.worker``): standard library only, so that a child starts fast."""
 
 from __future__ import annotations
 

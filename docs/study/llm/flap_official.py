@@ -83,7 +83,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config(["ffn_mode=flap", f"model={args.model}"])
     _, splits, _ = preflight(cfg)
-    torch.manual_seed(0)  # a tiny model's random weights, as tests/test_flap.py draws them
+    torch.manual_seed(0)  # a tiny model's random weights, as tests/unit/methods/test_flap.py draws them
     datamodule, original = build_data_and_module(cfg, splits)
     datamodule.setup()
     c = cfg.ffn_mode.calib

@@ -54,7 +54,7 @@ YAML = """defaults:
 name: every_other
 stride: 2
 compress:
-  _target_: tests.test_registry.compress
+  _target_: tests.contracts.test_registry.compress
   _partial_: true
   stride: ${..stride}
 """

@@ -330,7 +330,7 @@ def test_metrics_on_pairs_regression_and_generation(compose_cfg, tmp_path: Path,
     """The NTK and output metrics on a sentence-pair task, on regression, and on generation (mean target log-likelihood)."""
     over = ["model=tiny_bert", f"task={task}", "approx_metrics.probe_size=6"]
     if task != "rt_review":
-        from tests.test_train_classification import _glue_dir
+        from tests.cli.test_train_classification import _glue_dir
 
         over.append(f"task.data_dir={_glue_dir(tmp_path, task)}")
     else:

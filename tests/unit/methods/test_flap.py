@@ -21,7 +21,7 @@ from src.pipeline.budget import allocate_by_scores, total_neurons
 from src.preflight import preflight
 from tests.conftest import assert_refused_before_loading
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[2] / "data"  # tests/data
 
 
 def _gated(d: int = 12, h: int = 6, seed: int = 0) -> MLPWeights:

@@ -164,7 +164,7 @@ def test_early_stopping_option(compose_cfg) -> None:
 @pytest.mark.slow
 def test_smollm2_rt_review(compose_cfg) -> None:
     """The real offline model, dequantized once into the shared cache: a few steps, every metric."""
-    cache = os.environ.get("MLP_FUSION_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+    cache = os.environ.get("MLP_FUSION_CACHE", str(Path(__file__).resolve().parents[3] / ".cache"))
     cfg = compose_cfg(["task=rt_review", "model=smollm2", "ffn_mode=none", "trainer.max_steps=5", "task.max_eval_samples=16",
                        f"model.cache_dir={cache}/models"], fast=False)
     metrics = train(cfg)

@@ -24,7 +24,7 @@ from src.preflight import preflight
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import METHODS, compress_fn, run_cli
-from tests.test_compress_methods import make_mlp
+from tests.unit.methods.test_compress_methods import make_mlp
 
 H, D = 16, 64
 

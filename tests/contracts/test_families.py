@@ -31,7 +31,7 @@ def test_every_row_names_a_tiny_config_or_shares_a_tested_layout() -> None:
     kind = lambda row: (row.mlp and row.mlp.name, row.experts and (row.experts.layout, row.experts.transposed, row.experts.bias))  # noqa: E731
     tested = {kind(row) for row in rows if row.tiny}
     assert all(kind(row) in tested for row in rows)
-    assert all((Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml").is_file() for name in TINY)
+    assert all((Path(__file__).parents[2] / "conf" / "model" / f"{name}.yaml").is_file() for name in TINY)
 
 
 def _module(compose_cfg, name: str, overrides: list[str] = ()) -> tuple:
@@ -142,7 +142,7 @@ def test_compress_train_resume_export(compose_cfg, tmp_path: Path, name: str) ->
     torch.testing.assert_close(_out(loaded), _out(module.model), rtol=1e-4, atol=1e-5)
 
 
-HUB = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml")
+HUB = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "model").glob("*.yaml")
              if not p.stem.startswith("_") and any(line.startswith("name_or_path: ") and line.split(": ", 1)[1].strip() not in ("null", "")
                                                     for line in p.read_text().splitlines()))
 

@@ -230,7 +230,7 @@ def test_hub_moe_models_fail_fast_offline(compose_cfg, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_with_plain_from_pretrained(compose_cfg, tmp_path: Path, name: str) -> None:
-    """The causal LMs; Switch Transformers and T5: tests/test_seq2seq.py::test_export_reproduces_the_logits."""
+    """The causal LMs; Switch Transformers and T5: tests/unit/modules/test_seq2seq.py::test_export_reproduces_the_logits."""
     from transformers import AutoModelForCausalLM
 
     from src.export.__main__ import export
