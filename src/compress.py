@@ -11,6 +11,7 @@ compressed and written one block at a time (``src.pipeline.stream``), Hugging Fa
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,33 @@ def check(cfg: DictConfig) -> Checked:
         raise ConfigError(f"model={cfg.model.name} with task={cfg.task.name} is a {module_cls.head} model: src.compress writes causal language "
                           "models (compression without fine-tuning); compress other models in src.train, which trains their head.")
     load_splits, _, _ = task_classes(task.kind)
-    return Checked(hf, task, load_splits(task), compression_settings(cfg, hf))
+    compression = compression_settings(cfg, hf)
+    check_room(Path(cfg.out), output_bytes(hf, compression, cfg.format, str(cfg.gguf_dtype).lower()))
+    return Checked(hf, task, load_splits(task), compression)
+
+
+# bytes a parameter takes in each written format (hf: float32, or the stored dtype when streamed: float32 bounds both)
+BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
+
+
+def output_bytes(hf: Any, s: CompressionSettings, fmt: str, gguf_dtype: str) -> int:
+    """The written model's size, known before any weight loads: the parameters left after removing each chosen layer's
+    share of its MLP (width mid_dim of the pretrained width), in each format written."""
+    model = skeleton(AutoModelForCausalLM, hf)
+    params = sum(t.numel() for t in model.parameters())
+    kept = s.mid_dim / mlp_io.config_width(hf)
+    params -= round(len(s.layers) * mlp_io.mlp_param_count(hf) * (1 - kept))
+    per_param = {"hf": 4, "onnx": 4, "both": 8, "gguf": BYTES[gguf_dtype]}[fmt]
+    return int(params * per_param)
+
+
+def check_room(out: Path, need: int) -> None:
+    """Refuse, before any work, an output folder on a disk without room for the compressed model."""
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ConfigError(f"out={str(out)!r}: the compressed model needs about {need / 1e9:.1f} GB and the disk holding it has "
+                          f"{free / 1e9:.1f} GB free; free some room or choose another folder.")
 
 
 def _local_folder(cfg: DictConfig) -> Path:

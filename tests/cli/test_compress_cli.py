@@ -85,3 +85,14 @@ def test_train_and_evaluate_continue_from_the_compressed_folder(compose_cfg, tmp
     folder = ["model=tiny_llama", "model.config=null", "model.package=null", f"model.name_or_path={out}"]
     metrics = train(compose_cfg([*folder, "task=rt_review", "ffn_mode=none", "finetune=lora", "test=false"]))
     assert "val/ppl" in metrics
+
+
+def test_a_disk_without_room_is_refused_before_work(compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    import shutil as sh
+
+    import src.compress
+
+    monkeypatch.setattr(src.compress.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"the compressed model needs about 0.0 GB and the disk holding it has 0.0 GB free"):
+        compress(compose_cfg(["model=tiny_llama", f"out={tmp_path / 'o'}", *CALIB], config_name="compress", fast=False))
+    assert not (tmp_path / "o").exists()
