@@ -20,6 +20,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from src.utils.errors import ConfigError
 
 INDEX = "model.safetensors.index.json"
+# safetensors' dtype names (a slice's get_dtype) as torch dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 SINGLE = "model.safetensors"
 
 
@@ -39,10 +42,18 @@ class ShardReader:
 
     def get(self, name: str) -> Tensor:
         """One tensor in the file's dtype, on the CPU (memory-mapped until used)."""
+        return self._shard(name).get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's stored dtype, from its shard's header (nothing read)."""
+        return _DTYPES[self._shard(name).get_slice(name).get_dtype()]
+
+    def _shard(self, name: str):
+        """The open shard holding ``name`` (opened once, until ``close``)."""
         shard = self.weight_map[name]
         if shard not in self._open:
             self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
-        return self._open[shard].get_tensor(name)
+        return self._open[shard]
 
     def close(self) -> None:
         """Drop the open shards: their memory maps would otherwise keep every page read so far resident."""

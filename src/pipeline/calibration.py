@@ -98,6 +98,15 @@ class Calibrator:
         return r.layer
 
     @property
+    def next_block(self) -> int:
+        """The block ``advance`` runs next (the one the recorded hidden states enter)."""
+        return self._replay.layer
+
+    def resume(self, model: nn.Module, hidden: list[Tensor], layer: int) -> None:
+        """Replay from block ``layer`` on with these hidden states entering it, the blocks' other inputs as recorded."""
+        self.start(model, hidden, self._replay.rest, layer)
+
+    @property
     def hidden(self) -> list[Tensor]:
         """The hidden states entering the block ``advance`` runs next, per batch [B, T, h]."""
         return self._replay.hidden

@@ -171,7 +171,8 @@ def compress_streamed(
     model = skeleton(auto_cls, AutoConfig.from_pretrained(folder))
     blocks = Blocks.of(model)
     check_streamable(model, reader, blocks)
-    stored = {reader.get(n).dtype for n in reader.names()[:8]}
+    stored = {d for n in reader.names() if (d := reader.dtype(n)).is_floating_point}  # from the headers: no tensor read
+    reader.close()
     out_dtype = out_dtype or (stored.pop() if len(stored) == 1 else torch.float32)
     calibrated = s.needs_calibration
     if calibrated and not batches:
@@ -195,7 +196,7 @@ def compress_streamed(
     if calibrated:
         _record_inputs(model, blocks, reader, calibrator, dev, compute_dtype)
         if progress["done"]:
-            calibrator.start(model, [t.to(dev) for t in _load_hidden(tmp)], calibrator._replay.rest, layer=len(progress["done"]))
+            calibrator.resume(model, [t.to(dev) for t in _load_hidden(tmp)], len(progress["done"]))
     n = len(blocks.paths)
     params_after, seconds = 0, {}
     for j, path in enumerate(blocks.paths):
@@ -219,7 +220,7 @@ def compress_streamed(
         if j in s.layers:
             run.block(model, j, s.mid_dim, calib)
         del calib
-        if calibrated and j < last_calibrated and calibrator._replay.layer == j:
+        if calibrated and j < last_calibrated and calibrator.next_block == j:
             calibrator.advance(model)
         mlp_io.fold_scales(block)
         state = {prefix + k: v.to(out_dtype).contiguous() for k, v in block.state_dict().items()}
