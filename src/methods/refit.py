@@ -18,6 +18,7 @@ MLP misses to the down projection's bias.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -87,33 +88,135 @@ def compensate(c: Compressed, calib: MLPCalibration) -> Compressed:
     return dataclasses.replace(new, stats={**c.stats, "calib_err_before_refit": rel_error(c, calib), "calib_err": rel_error(new, calib)})
 
 
-def _holdout(calib: MLPCalibration) -> tuple[MLPCalibration, MLPCalibration]:
-    """(fit, held out): every ``HOLDOUT_EVERY``-th calibration sequence held out (without lengths, blocks of 32 tokens)."""
+def _held_tokens(calib: MLPCalibration) -> Tensor:
+    """[T] bool: the tokens of every ``HOLDOUT_EVERY``-th calibration sequence (without lengths, blocks of 32 tokens)."""
     lengths = calib.lengths
     if lengths is None:
         lengths = torch.tensor([min(32, len(calib.x) - s) for s in range(0, len(calib.x), 32)])
     held = torch.arange(len(lengths)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1  # [S]
-    tokens = torch.repeat_interleave(held, lengths).to(calib.x.device)  # [T]
-    return (MLPCalibration(calib.x[~tokens], calib.y[~tokens], lengths[~held]),
-            MLPCalibration(calib.x[tokens], calib.y[tokens], lengths[held]))
+    return torch.repeat_interleave(held, lengths).to(calib.x.device)
+
+
+CHUNK = 2048  # tokens upcast to float64 at a time: the design stays [T, k] in its compute dtype, not a float64 copy
+
+
+def _chunks(z: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """Token chunks of z [T, k] and y [T, h] in float64."""
+    for s in range(0, len(z), CHUNK):
+        yield z[s : s + CHUNK].double(), y[s : s + CHUNK].double()
+
+
+@dataclasses.dataclass
+class _Sums:
+    """The token sums every ridge's solution is made of (float64): count, Σz [k], Σy [h], ZᵀZ [k, k], Zᵀy [k, h].
+    Built once and shared by every ρ (held-out rows taken out for the fits, put back for the final one): the
+    [k, k] product is a refit's cost (2 TFLOP at Llama 8B's k = 10752 on 8.6 k tokens), more than the solves."""
+
+    n: int
+    z: Tensor
+    y: Tensor
+    zz: Tensor
+    zy: Tensor
+
+    @classmethod
+    def of(cls, z: Tensor, y: Tensor) -> _Sums:
+        k, h, f64 = z.shape[1], y.shape[1], torch.float64
+        s = cls(0, z.new_zeros(k, dtype=f64), z.new_zeros(h, dtype=f64), z.new_zeros(k, k, dtype=f64), z.new_zeros(k, h, dtype=f64))
+        s.add_(z, y)
+        return s
+
+    def add_(self, z: Tensor, y: Tensor, sign: int = 1) -> None:
+        """Adds (``sign=-1``: removes) the rows z [t, k], y [t, h] in place: no second [k, k] matrix."""
+        self.n += sign * len(z)
+        for zc, yc in _chunks(z, y):
+            self.z.add_(zc.sum(0), alpha=sign)
+            self.y.add_(yc.sum(0), alpha=sign)
+            self.zz.addmm_(zc.T, zc, alpha=sign)
+            self.zy.addmm_(zc.T, yc, alpha=sign)
+
+
+def _down(c: Compressed) -> tuple[Tensor, Tensor | None]:
+    """The down matrix ``c`` applies [h, k] and its bias [h] (None without one)."""
+    if isinstance(c, LowRankMLP):
+        return _dense(c).down, c.down_bias
+    return c.weights.down, c.weights.down_bias
+
+
+def _error(c: Compressed, z: Tensor, y: Tensor) -> float:
+    """‖z downᵀ + b − y‖_F / ‖y‖_F in float64 for the design z [T, k] and outputs y [T, h]: ``rel_error`` without
+    recomputing the activations, which a refit does not change."""
+    down, bias = _down(c)
+    down = down.double().T  # [k, h]
+    miss = norm = 0.0
+    for zc, yc in _chunks(z, y):
+        out = zc @ down
+        if bias is not None:
+            out += bias.double()
+        miss += (out - yc).square().sum().item()
+        norm += yc.square().sum().item()
+    return (miss / norm) ** 0.5
+
+
+def _solve(c: Compressed, s: _Sums, ridge: float, toward: str = "zero") -> Compressed:
+    """The ridge solution for ``c``'s down projection (and bias) from the sums ``s``, whatever its error: the penalty
+    λ‖W − W0‖², W0 = 0 or (``toward="compressed"``) the down projection ``c`` has, [h, k]."""
+    has_bias = _down(c)[1] is not None
+    a, rhs = s.zz.clone(), s.zy.clone()  # [k, k], [k, h]
+    if has_bias:  # centred: ZcᵀZc = ZᵀZ − n m mᵀ, Zcᵀyc = Zᵀy − n m_z m_yᵀ
+        mz, my = s.z / s.n, s.y / s.n
+        a.addr_(mz, mz, alpha=-s.n)
+        rhs.addr_(mz, my, alpha=-s.n)
+    lam = ridge * a.diagonal().mean()
+    if toward == "compressed":
+        rhs += lam * _down(c)[0].double().T
+    a.diagonal().add_(lam)  # + lam I in place: no [k, k] identity beside the Gram matrix (0.9 GB at k = 10752)
+    # Cholesky (a is symmetric positive definite for λ > 0: half LU's cost), factored in a's own memory: a.mT is
+    # a column-major view of the same matrix, the layout LAPACK works in, so no [k, k] copy is made (0.9 GB at 8B)
+    w = torch.cholesky_solve(rhs, torch.linalg.cholesky(a.mT, out=a.mT)).T  # [h, k]
+    del a, rhs
+    if isinstance(c, LowRankMLP):
+        left, right = c.factors["down"]
+        l64 = left.double()
+        new_right = torch.linalg.solve(l64.T @ l64, l64.T @ w)  # [r, d]
+        w = l64 @ new_right  # the down matrix the factors now apply, [h, d]: the bias goes with it
+    b = (my - w @ mz) if has_bias else None
+    if isinstance(c, LowRankMLP):
+        factors = {**c.factors, "down": (left, new_right.to(right.dtype))}
+        return dataclasses.replace(c, factors=factors, down_bias=None if b is None else b.to(left.dtype))
+    dtype = c.weights.down.dtype
+    return dataclasses.replace(c, weights=dataclasses.replace(c.weights, down=w.to(dtype).contiguous(), down_bias=None if b is None else b.to(dtype)))
 
 
 def choose_ridge(c: Compressed, calib: MLPCalibration, toward: str = "zero") -> tuple[float, dict[float, float]]:
     """The ρ of ``RIDGES`` with the lowest error on held-out calibration sequences, and each ρ's error."""
-    fit, held = _holdout(calib)
-    if len(held.x) == 0 or len(fit.x) == 0:
-        return 1e-3, {}
-    errors = {rho: rel_error(_solve(c, fit, rho, toward), held) for rho in RIDGES}
-    return min(errors, key=errors.get), errors
+    return _choose(c, design(c, calib.x), calib.y, _held_tokens(calib), toward)[:2]
+
+
+def _choose(c: Compressed, z: Tensor, y: Tensor, held: Tensor, toward: str) -> tuple[float, dict[float, float], _Sums | None]:
+    """``choose_ridge`` on the design z [T, k] and outputs y [T, h], with the held-out rows ``held`` [T]; also the
+    sums of all tokens (None when either side is empty)."""
+    if held.all() or not held.any():
+        return 1e-3, {}, None
+    zh, yh = z[held], y[held]  # [t, k], [t, h]: a fifth of the tokens, the only rows copied
+    s = _Sums.of(z, y)
+    s.add_(zh, yh, sign=-1)  # the fitted rows' sums: all tokens' less the held-out ones
+    errors = {rho: _error(_solve(c, s, rho, toward), zh, yh) for rho in RIDGES}
+    s.add_(zh, yh)
+    return min(errors, key=errors.get), errors, s
 
 
 @torch.no_grad()
 def refit(c: Compressed, calib: MLPCalibration, ridge: float | str = 1e-3, toward: str = "zero") -> Compressed:
     """``c`` with its down projection (and bias) re-fitted to the calibration outputs; see the module doc.
     ``toward="compressed"`` shrinks the fit toward ``c``'s own down projection instead of toward zero."""
-    rho = choose_ridge(c, calib, toward)[0] if ridge == "auto" else float(ridge)
-    new = _solve(c, calib, rho, toward)
-    before, after = rel_error(c, calib), rel_error(new, calib)
+    z, y = design(c, calib.x), calib.y  # [T, k], [T, h] in the compute dtype: the activations are computed once
+    s = None
+    if ridge == "auto":
+        rho, _, s = _choose(c, z, y, _held_tokens(calib), toward)
+    else:
+        rho = float(ridge)
+    new = _solve(c, s if s is not None else _Sums.of(z, y), rho, toward)
+    before, after = _error(c, z, y), _error(new, z, y)
     kept = new if after <= before else c
     stats = {**c.stats, "calib_err_before_refit": before, "calib_err": min(before, after), **({"refit_ridge": rho} if ridge == "auto" else {})}
     return dataclasses.replace(kept, stats=stats)
@@ -127,36 +230,3 @@ def apply_refit(c: Compressed, calib: MLPCalibration, how: str, ridge: float | s
     if how == "bias":
         return compensate(c, calib)
     return dataclasses.replace(c, stats={**c.stats, "calib_err": rel_error(c, calib)})
-
-
-def _solve(c: Compressed, calib: MLPCalibration, ridge: float, toward: str = "zero") -> Compressed:
-    """The ridge solution for ``c``'s down projection (and bias) on ``calib``, whatever its error: the penalty
-    λ‖W − W0‖², W0 = 0 or (``toward="compressed"``) the down projection ``c`` has, [h, k]."""
-    z, y = design(c, calib.x).double(), calib.y.double()  # [T, k], [T, h]
-    has_bias = (c.down_bias if isinstance(c, LowRankMLP) else c.weights.down_bias) is not None
-    mz, my = (z.mean(0), y.mean(0)) if has_bias else (0.0, 0.0)
-    # centred only where a bias is fitted: without one, no second [T, k] float64 copy (Llama 8B's shape: 0.7 GB)
-    zc, yc = (z - mz, y - my) if has_bias else (z, y)
-    del z
-    gram = zc.T @ zc  # [k, k]
-    lam = ridge * gram.diagonal().mean()
-    rhs = zc.T @ yc  # [k, h]
-    del zc
-    if toward == "compressed":
-        rhs = rhs + lam * (_dense(c) if isinstance(c, LowRankMLP) else c.weights).down.double().T
-    gram.diagonal().add_(lam)  # + lam I in place: no [k, k] identity and sum beside the Gram matrix (2 x 0.9 GB at k = 10752)
-    w = torch.linalg.solve(gram, rhs).T  # [h, k]
-    if isinstance(c, LowRankMLP):
-        left, right = c.factors["down"]
-        l64 = left.double()
-        new_right = torch.linalg.solve(l64.T @ l64, l64.T @ w)  # [r, d]
-        w = l64 @ new_right  # the down matrix the factors now apply, [h, d]: the bias goes with it
-    b = (my - w @ mz) if has_bias else None
-    if isinstance(c, LowRankMLP):
-        factors = {**c.factors, "down": (left, new_right.to(right.dtype))}
-        new: Compressed = dataclasses.replace(c, factors=factors, down_bias=None if b is None else b.to(left.dtype))
-    else:
-        dtype = c.weights.down.dtype
-        weights = dataclasses.replace(c.weights, down=w.to(dtype).contiguous(), down_bias=None if b is None else b.to(dtype))
-        new = dataclasses.replace(c, weights=weights)
-    return new

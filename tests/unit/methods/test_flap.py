@@ -114,26 +114,59 @@ def test_score_allocation_standardises_each_layer_and_keeps_the_total() -> None:
     assert total_neurons(5 / 6, [1536] * 30) == 38400  # 5/6 in decimals still keeps 5/6 of the neurons
 
 
+def _sums(c, calib: MLPCalibration) -> refit._Sums:
+    return refit._Sums.of(refit.design(c, calib.x).double(), calib.y.double())
+
+
 def test_auto_ridge_is_chosen_on_held_out_sequences() -> None:
     w = _gated(d=16)
     calib = _calib(w, [6] * 10)
-    fit, held = refit._holdout(calib)
-    assert held.lengths.tolist() == [6, 6] and len(fit.x) == 48  # sequences 4 and 9 of 0..9
+    held = refit._held_tokens(calib)
+    assert held.nonzero().flatten().tolist() == list(range(24, 30)) + list(range(54, 60))  # sequences 4 and 9 of 0..9
     pruned = wanda_sp.compress(w, 6, seed=0, calib=calib)
     rho, errors = refit.choose_ridge(pruned, calib)
     assert rho == min(errors, key=errors.get) and set(errors) == set(refit.RIDGES)
+    # each ρ's error is its fit on the other sequences alone, scored on the held-out ones
+    fit = MLPCalibration(calib.x[~held], calib.y[~held], None)
+    for r, err in errors.items():
+        alone = refit._solve(pruned, _sums(pruned, fit), r)
+        assert err == pytest.approx(refit.rel_error(alone, MLPCalibration(calib.x[held], calib.y[held], None)), rel=1e-5)
     out = refit.refit(pruned, calib, "auto")
     assert out.stats["refit_ridge"] == rho and out.stats["calib_err"] <= out.stats["calib_err_before_refit"]
+    # the sums completed in place with the held-out rows are the sums of all tokens: the same refit as a fixed ρ
+    torch.testing.assert_close(out.weights.down, refit.refit(pruned, calib, rho).weights.down)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_shared_sums_give_the_ridge_solution_on_centred_data(bias: bool) -> None:
+    """The solve from ZᵀZ and Zᵀy (centred by n m mᵀ where a bias is fitted, Cholesky) equals the ridge
+    solution written out: W = (ZcᵀZc + λI)⁻¹ Zcᵀyc, b = m_y − W m_z, λ = ρ mean(diag(ZcᵀZc))."""
+    w = _gated(d=16)
+    g = torch.Generator().manual_seed(5)
+    if bias:
+        w = MLPWeights(w.up, w.down, torch.randn(16, generator=g), torch.randn(6, generator=g), w.gate, w.activation)
+    calib = _calib(w, [6] * 10)
+    pruned = wanda_sp.compress(w, 6, seed=0, calib=calib)
+    z, y = refit.design(pruned, calib.x).double(), calib.y.double()
+    mz, my = (z.mean(0), y.mean(0)) if bias else (0.0, 0.0)
+    zc, yc = z - mz, y - my
+    gram = zc.T @ zc
+    want = torch.linalg.solve(gram + 0.01 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), zc.T @ yc).T
+    got = refit._solve(pruned, _sums(pruned, calib), 0.01)
+    torch.testing.assert_close(got.weights.down, want.float(), rtol=1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(got.weights.down_bias, (my - want @ mz).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_ridge_toward_the_compressed_weights_interpolates_between_them_and_the_least_squares_fit() -> None:
     w = _gated(d=16)
     calib = _calib(w, [6] * 10)
     pruned = wanda_sp.compress(w, 6, seed=0, calib=calib)
-    heavy = refit._solve(pruned, calib, 1e6, "compressed")
+    s = _sums(pruned, calib)
+    heavy = refit._solve(pruned, s, 1e6, "compressed")
     torch.testing.assert_close(heavy.weights.down, pruned.weights.down, rtol=1e-4, atol=1e-5)  # a large ridge: no refit
-    assert refit._solve(pruned, calib, 1e6, "zero").weights.down.abs().max() < 1e-3  # toward zero: no output
-    torch.testing.assert_close(refit._solve(pruned, calib, 1e-12, "compressed").weights.down, refit._solve(pruned, calib, 1e-12).weights.down)
+    assert refit._solve(pruned, s, 1e6, "zero").weights.down.abs().max() < 1e-3  # toward zero: no output
+    torch.testing.assert_close(refit._solve(pruned, s, 1e-12, "compressed").weights.down, refit._solve(pruned, s, 1e-12).weights.down)
 
 
 def test_act_fusion_merges_neurons_that_always_fire_together_exactly() -> None:
