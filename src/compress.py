@@ -5,7 +5,8 @@ option, the task's calibration sample, the cache) and written as ``src.export`` 
 hf, onnx, both or gguf, with tokenizer, card and ``export.json``), so ``src.train model.name_or_path=<out>``
 continues from it and ``src.evaluate export_dir=<out>`` scores it. With ``stream=true`` (and with
 ``stream=auto`` when the model would not fit ``memory_gb``) the model is never whole in memory: it is read,
-compressed and written one block at a time (``src.pipeline.stream``), Hugging Face format only.
+compressed and written one block at a time (``src.pipeline.stream``), as a Hugging Face folder or a GGUF file
+(read back from the streamed folder one block at a time); not ONNX, whose export traces the whole model.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from src.builders import build_datamodule
 from src.export.__main__ import FORMATS, check_out, write_card, write_folder
 from src.export.exported import prepare_for_export
-from src.export.to_gguf import DTYPES, gguf_unsupported
+from src.export.to_gguf import DTYPES, gguf_unsupported, write_gguf
 from src.models import gguf, mlp_io
 from src.models.build import build_model, load_hf_config, load_tokenizer
-from src.models.shards import shard_map, skeleton
+from src.models.shards import INDEX, ShardReader, shard_map, skeleton
 from src.models.source import model_identity, resolve_source
 from src.modules.kinds import task_classes
 from src.pipeline.calibration import Calibrator
@@ -42,6 +43,7 @@ from src.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STREAM = ("auto", True, False)
+STREAMED_FORMATS = ("hf", "gguf")  # gguf: written block by block from the streamed folder (to_gguf's reader)
 DEVICES = ("cpu", "cuda")
 
 
@@ -55,9 +57,9 @@ def check(cfg: DictConfig) -> Checked:
         raise ConfigError(f"stream={cfg.stream!r} must be auto, true or false.")
     if cfg.device not in DEVICES or (cfg.device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"device={cfg.device!r} must be cpu or cuda (cuda where a GPU is visible).")
-    if cfg.stream is True and cfg.format != "hf":
-        raise ConfigError(f"stream=true writes the Hugging Face folder only, not format={cfg.format}: run it with format=hf, then "
-                          "convert the folder where it fits memory.")
+    if cfg.stream is True and cfg.format not in STREAMED_FORMATS:
+        raise ConfigError(f"stream=true writes format=hf or gguf, not {cfg.format}: ONNX export traces the whole model in memory; "
+                          "run with format=hf, then export the folder to ONNX where it fits memory.")
     if cfg.stream is True and cfg.model.get("config") is not None:
         raise ConfigError(f"stream=true: model={cfg.model.name} is built from model.config with random weights, so there is no folder "
                           "of weights to stream; run with stream=false.")
@@ -128,9 +130,9 @@ def _stream_wanted(cfg: DictConfig, hf: Any, calib_tokens: int, s: CompressionSe
     streamed = need > have
     log.info("stream=auto: the model in float32 and its compression need about %.1f GiB, %.1f GiB %s: %s", need / 2**30, have / 2**30,
              "given (memory_gb)" if cfg.memory_gb is not None else "available", "streaming one block at a time" if streamed else "in memory")
-    if streamed and cfg.format != "hf":
-        raise ConfigError(f"the model does not fit {have / 2**30:.1f} GiB, so it is streamed, which writes format=hf only, not "
-                          f"format={cfg.format}: run with format=hf (or stream=false where it fits).")
+    if streamed and cfg.format not in STREAMED_FORMATS:
+        raise ConfigError(f"the model does not fit {have / 2**30:.1f} GiB, so it is streamed, which writes format=hf or gguf, not "
+                          f"format={cfg.format} (ONNX export traces the whole model): run with format=hf (or stream=false where it fits).")
     return streamed
 
 
@@ -150,10 +152,19 @@ def compress(cfg: DictConfig) -> Path:
                             "formats": ["hf", "onnx"] if cfg.format == "both" else [cfg.format], "metrics": {}}
     start = time.perf_counter()
     if _stream_wanted(cfg, checked.hf, calib_tokens, s):
+        if cfg.format == "gguf":  # what can be known before any weight loads: the architecture, the tokenizer, RoPE; room for both
+            _refuse_gguf(cfg, skeleton(AutoModelForCausalLM, checked.hf), tokenizer)
+            check_room(out, sum(output_bytes(checked.hf, s, fmt, str(cfg.gguf_dtype).lower()) for fmt in STREAMED_FORMATS))
+
         def finish(tmp: Path, model: PreTrainedModel, report: FusionReport) -> None:
             tokenizer.save_pretrained(tmp)
             meta.update(widths=mlp_io.intermediate_sizes(model), stock_widths=mlp_io.stock_widths(model), params=report.params_after,
                         metrics=report.metrics())
+            if cfg.format == "gguf":  # the streamed shards read back block by block into model.gguf, then dropped: the folder as in memory
+                _refuse_gguf(cfg, model, tokenizer)
+                meta.update(write_gguf(model, tokenizer, tmp, tmp / "model.gguf", str(cfg.gguf_dtype).lower(), reader=ShardReader(tmp)))
+                for f in [*tmp.glob("*.safetensors"), tmp / INDEX, tmp / "config.json"]:
+                    f.unlink(missing_ok=True)
             write_card(tmp, meta)
 
         report = compress_streamed(_local_folder(cfg), AutoModelForCausalLM, s, out, batches=batches, identity=model_identity(cfg.model),
@@ -163,12 +174,18 @@ def compress(cfg: DictConfig) -> Path:
         report = compress_model(model, s, identity=model_identity(cfg.model), device=device,
                                 calibrator=Calibrator(batches, sequential=s.calib.sequential) if batches else None)
         widths = prepare_for_export(model)
-        if cfg.format == "gguf" and (reason := gguf_unsupported(model, tokenizer)):
-            raise ConfigError(f"format=gguf is refused for model={cfg.model.name}: {reason}; write it with format=hf or onnx.")
+        if cfg.format == "gguf":
+            _refuse_gguf(cfg, model, tokenizer)
         meta.update(widths=mlp_io.intermediate_sizes(model), stock_widths=widths, params=count_params(model), metrics=report.metrics())
         write_folder(model, tokenizer, out, meta, widths, str(cfg.gguf_dtype).lower())
     _log_report(report, time.perf_counter() - start, out)
     return out
+
+
+def _refuse_gguf(cfg: DictConfig, model: PreTrainedModel, tokenizer: Any) -> None:
+    """One sentence where ``model`` cannot be a GGUF file llama.cpp runs."""
+    if reason := gguf_unsupported(model, tokenizer):
+        raise ConfigError(f"format=gguf is refused for model={cfg.model.name}: {reason}; write it with format=hf or onnx.")
 
 
 def _log_report(report: FusionReport, seconds: float, out: Path) -> None:

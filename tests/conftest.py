@@ -107,3 +107,16 @@ def assert_refused_before_loading(compose_cfg, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(src.train, "build_data_and_module", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     with pytest.raises(ConfigError, match=re.escape(message)):
         src.train.train(compose_cfg(overrides))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer from the offline asset (dequantized once into the project's cache, as ``make train`` does): a
+    byte-level BPE llama.cpp knows, for GGUF files of tiny models."""
+    from src.models.build import load_tokenizer
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("train", overrides=["model=smollm2"], return_hydra_config=False)
+    cfg.model.cache_dir = str(Path(CONF).parent / ".cache" / "models")
+    return load_tokenizer(cfg.model)

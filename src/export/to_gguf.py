@@ -29,17 +29,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.models import mlp_io
 from src.models.replacements import LowRankLinear
+from src.models.shards import ShardReader, materialize, release
 
 # model_type -> llama.cpp architecture (at uniform widths)
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -128,23 +131,52 @@ def _llama3_factors(rope: dict[str, Any], head_dim: int) -> Tensor:
 
 
 class _Tensors:
-    """Adds tensors to a writer: 1-D ones float32, 2-D ones in the file's dtype (q8_0: f16 where it cannot)."""
+    """Adds tensors to a writer in two passes over the same sequence of ``add`` calls: first their infos (shapes
+    only, so a meta tensor will do), then their data, one tensor at a time, so the file is never whole in memory.
+    1-D tensors float32, 2-D ones in the file's dtype (q8_0: f16 where it cannot)."""
 
     def __init__(self, writer: gguf.GGUFWriter, qtype: Q) -> None:
-        self.writer, self.qtype, self.fallbacks = writer, qtype, []
+        self.writer, self.qtype, self.fallbacks, self.data = writer, qtype, [], False
+
+    def _qtype(self, name: str, shape: tuple[int, ...]) -> Q:
+        qtype = Q.F32 if len(shape) == 1 else self.qtype
+        if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+            if not self.data:
+                self.fallbacks.append(name)
+            return Q.F16
+        return qtype
 
     def add(self, name: str, t: Tensor) -> None:
+        qtype = self._qtype(name, tuple(t.shape))
+        if not self.data:
+            if qtype in (Q.F32, Q.F16):
+                dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
+                self.writer.add_tensor_info(name, tuple(t.shape), dtype, t.numel() * dtype.itemsize)
+            else:  # the quantised bytes' shape, as add_tensor is given it
+                shape = gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype)
+                self.writer.add_tensor_info(name, shape, np.dtype(np.uint8), math.prod(shape), raw_dtype=qtype)
+            return
         a = t.detach().float().cpu().numpy()
-        qtype = Q.F32 if a.ndim == 1 else self.qtype
-        if qtype == Q.Q8_0 and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-            qtype = Q.F16
-            self.fallbacks.append(name)
         if qtype == Q.F32:
-            self.writer.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+            self.writer.write_tensor_data(np.ascontiguousarray(a, dtype=np.float32))
         elif qtype == Q.F16:
-            self.writer.add_tensor(name, a.astype(np.float16))
+            self.writer.write_tensor_data(a.astype(np.float16))
         else:
-            self.writer.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            self.writer.write_tensor_data(gguf.quants.quantize(a, qtype))
+
+
+@contextmanager
+def _loaded(module: nn.Module, prefix: str, reader: ShardReader | None) -> Iterator[None]:
+    """``module``'s tensors read from ``reader`` (float32, CPU) for the body of the ``with``, dropped after; without
+    a reader the module is in memory already."""
+    if reader is None:
+        yield
+        return
+    materialize(module, prefix, reader, torch.device("cpu"), torch.float32)
+    try:
+        yield
+    finally:
+        release(module)
 
 
 def _vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, folder: Path, n_vocab: int) -> None:
@@ -164,11 +196,14 @@ def _vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, folder: 
 
 
 @torch.no_grad()
-def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_folder: Path, path: Path, dtype: str) -> dict[str, Any]:
+def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_folder: Path, path: Path, dtype: str,
+               reader: ShardReader | None = None) -> dict[str, Any]:
     """Write ``model`` (scales folded) as the GGUF file ``path``; returns what the card reports.
 
     ``tokenizer_folder`` holds the saved tokenizer (tokenizer.json, tokenizer_config.json), which
-    ``gguf.SpecialVocab`` reads for merges, special ids and the chat template."""
+    ``gguf.SpecialVocab`` reads for merges, special ids and the chat template. With ``reader``, ``model`` is a
+    skeleton (``src.models.shards``) of the folder ``reader`` reads, and one block at a time is read: a streamed
+    compression's output becomes a GGUF file without the model ever being whole in memory."""
     reason = gguf_unsupported(model, tokenizer)
     assert reason is None, reason  # the caller refuses before writing
     config = model.config
@@ -200,39 +235,51 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token
     _vocab(w, tokenizer, tokenizer_folder, config.vocab_size)
 
     t = _Tensors(w, qtype)
+    _add_tensors(model, t, arch, head_dim, rope, None)  # the infos: shapes only (a skeleton's meta tensors will do)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t.data = True
+    _add_tensors(model, t, arch, head_dim, rope, reader)
+    w.close()
+    return {"gguf_arch": arch, "gguf_dtype": dtype, "gguf_f16_fallbacks": t.fallbacks, "gguf_bytes": path.stat().st_size}
+
+
+def _add_tensors(model: PreTrainedModel, t: _Tensors, arch: str, head_dim: int, rope: dict[str, Any], reader: ShardReader | None) -> None:
+    """Every tensor of the file in llama.cpp's order and names, each block read from ``reader`` while it is added."""
+    config, body = model.config, model.model
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     name = lambda kind, i=None: gguf.TENSOR_NAMES[kind].format(bid=i)  # noqa: E731
     M = gguf.MODEL_TENSOR
-    body = model.model
-    t.add(f"{name(M.TOKEN_EMBD)}.weight", body.embed_tokens.weight)
+    with _loaded(body.embed_tokens, "model.embed_tokens.", reader):
+        t.add(f"{name(M.TOKEN_EMBD)}.weight", body.embed_tokens.weight)
     if rope.get("rope_type") == "llama3":
         t.add(f"{name(M.ROPE_FREQS)}.weight", _llama3_factors(rope, head_dim))
     pair = arch in PAIR_ROPE
     for i, block in enumerate(body.layers):
-        att = block.self_attn
-        q, k = att.q_proj, att.k_proj
-        t.add(f"{name(M.ATTN_NORM, i)}.weight", block.input_layernorm.weight)
-        t.add(f"{name(M.ATTN_Q, i)}.weight", _permute(q.weight, n_head) if pair else q.weight)
-        t.add(f"{name(M.ATTN_K, i)}.weight", _permute(k.weight, n_kv) if pair else k.weight)
-        t.add(f"{name(M.ATTN_V, i)}.weight", att.v_proj.weight)
-        t.add(f"{name(M.ATTN_OUT, i)}.weight", att.o_proj.weight)
-        for kind, proj in ((M.ATTN_Q, q), (M.ATTN_K, k), (M.ATTN_V, att.v_proj)):  # qwen2
-            if proj.bias is not None:
-                t.add(f"{name(kind, i)}.bias", proj.bias)
-        if hasattr(att, "q_norm"):  # qwen3
-            t.add(f"{name(M.ATTN_Q_NORM, i)}.weight", att.q_norm.weight)
-            t.add(f"{name(M.ATTN_K_NORM, i)}.weight", att.k_norm.weight)
-        t.add(f"{name(M.FFN_NORM, i)}.weight", block.post_attention_layernorm.weight)
-        mlp = mlp_io.read_mlp(model, i)  # [d, h] gate / up, [h, d] down: llama.cpp's {n_embd, n_ff} / {n_ff, n_embd}
-        t.add(f"{name(M.FFN_GATE, i)}.weight", mlp.gate)
-        t.add(f"{name(M.FFN_UP, i)}.weight", mlp.up)
-        t.add(f"{name(M.FFN_DOWN, i)}.weight", mlp.down)
-        if mlp.down_bias is not None:  # llama / deci only (gguf_unsupported)
-            t.add(f"{name(M.FFN_DOWN, i)}.bias", mlp.down_bias)
-    t.add(f"{name(M.OUTPUT_NORM)}.weight", body.norm.weight)
+        with _loaded(block, f"model.layers.{i}.", reader):
+            att = block.self_attn
+            q, k = att.q_proj, att.k_proj
+            t.add(f"{name(M.ATTN_NORM, i)}.weight", block.input_layernorm.weight)
+            t.add(f"{name(M.ATTN_Q, i)}.weight", _permute(q.weight, n_head) if pair else q.weight)
+            t.add(f"{name(M.ATTN_K, i)}.weight", _permute(k.weight, n_kv) if pair else k.weight)
+            t.add(f"{name(M.ATTN_V, i)}.weight", att.v_proj.weight)
+            t.add(f"{name(M.ATTN_OUT, i)}.weight", att.o_proj.weight)
+            for kind, proj in ((M.ATTN_Q, q), (M.ATTN_K, k), (M.ATTN_V, att.v_proj)):  # qwen2
+                if proj.bias is not None:
+                    t.add(f"{name(kind, i)}.bias", proj.bias)
+            if hasattr(att, "q_norm"):  # qwen3
+                t.add(f"{name(M.ATTN_Q_NORM, i)}.weight", att.q_norm.weight)
+                t.add(f"{name(M.ATTN_K_NORM, i)}.weight", att.k_norm.weight)
+            t.add(f"{name(M.FFN_NORM, i)}.weight", block.post_attention_layernorm.weight)
+            mlp = mlp_io.read_mlp(model, i)  # [d, h] gate / up, [h, d] down: llama.cpp's {n_embd, n_ff} / {n_ff, n_embd}
+            t.add(f"{name(M.FFN_GATE, i)}.weight", mlp.gate)
+            t.add(f"{name(M.FFN_UP, i)}.weight", mlp.up)
+            t.add(f"{name(M.FFN_DOWN, i)}.weight", mlp.down)
+            if mlp.down_bias is not None:  # llama / deci only (gguf_unsupported)
+                t.add(f"{name(M.FFN_DOWN, i)}.bias", mlp.down_bias)
+    with _loaded(body.norm, "model.norm.", reader):
+        t.add(f"{name(M.OUTPUT_NORM)}.weight", body.norm.weight)
     if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd
-        t.add(f"{name(M.OUTPUT)}.weight", model.lm_head.weight)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {"gguf_arch": arch, "gguf_dtype": dtype, "gguf_f16_fallbacks": t.fallbacks, "gguf_bytes": path.stat().st_size}
+        with _loaded(model.lm_head, "lm_head.", reader):
+            t.add(f"{name(M.OUTPUT)}.weight", model.lm_head.weight)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -44,6 +46,30 @@ def test_in_memory_and_streamed_write_the_same_model(compose_cfg, tmp_path: Path
         torch.testing.assert_close(outs["true"][k], v, rtol=1e-5, atol=1e-5, msg=k)
 
 
+def test_a_streamed_gguf_is_the_in_memory_one(compose_cfg, smollm2_tokenizer, tmp_path: Path) -> None:
+    """format=gguf streamed: the folder's blocks are read back one at a time into model.gguf (per-layer widths: ``deci``),
+    which holds the in-memory file's tensors, and the folder holds what the in-memory one does (no safetensors)."""
+    folder = tmp_path / "tiny"
+    cfg = compose_cfg(["model=tiny_llama", "model.config.vocab_size=49152"], config_name="compress", fast=False)
+    torch.manual_seed(0)
+    build_model(cfg.model, "generation").save_pretrained(folder, max_shard_size="300KB")
+    smollm2_tokenizer.save_pretrained(folder)  # a tokenizer llama.cpp names
+    model = ["model=tiny_llama", "model.config=null", "model.package=null", f"model.name_or_path={folder}"]
+    readers = {}
+    for stream in ("false", "true"):
+        out = tmp_path / f"out-{stream}"
+        compress(compose_cfg([*model, *CALIB, f"out={out}", f"stream={stream}", "format=gguf", "gguf_dtype=f32"], config_name="compress", fast=False))
+        assert json.loads((out / "export.json").read_text())["gguf_arch"] == "deci"
+        readers[stream] = gguf.GGUFReader(out / "model.gguf")
+    assert sorted(p.name for p in (tmp_path / "out-true").iterdir()) == sorted(p.name for p in (tmp_path / "out-false").iterdir())
+    tensors = {stream: {t.name: t for t in r.tensors} for stream, r in readers.items()}
+    assert list(tensors["true"]) == list(tensors["false"])
+    for name, t in tensors["false"].items():
+        np.testing.assert_allclose(tensors["true"][name].data, t.data, rtol=1e-5, atol=1e-5, err_msg=name)
+    fields = {stream: {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")} for stream, r in readers.items()}
+    assert fields["true"] == fields["false"]
+
+
 def test_auto_streams_when_the_model_does_not_fit(compose_cfg, tmp_path: Path, caplog) -> None:
     model = _folder_model(compose_cfg, tmp_path)
     with caplog.at_level("INFO"):
@@ -54,7 +80,7 @@ def test_auto_streams_when_the_model_does_not_fit(compose_cfg, tmp_path: Path, c
 @pytest.mark.parametrize("overrides,message", [
     (["format=pdf"], "format='pdf' is not an output format"),
     (["stream=maybe"], "stream='maybe' must be auto, true or false"),
-    (["stream=true", "format=gguf"], "stream=true writes the Hugging Face folder only"),
+    (["stream=true", "format=onnx"], "stream=true writes format=hf or gguf, not onnx: ONNX export traces the whole model"),
     (["stream=true"], "built from model.config with random weights"),
     (["ffn_mode=none"], "ffn_mode=none: src.compress has nothing to do"),
     (["model=tiny_bert", "task=rt_polarity"], "is a classification model: src.compress writes causal language models"),

@@ -15,14 +15,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from src.export.to_gguf import gguf_unsupported, write_gguf
 from src.methods.types import FusedMLP, MLPWeights
 from src.models import mlp_io
 from src.models.build import load_tokenizer
+from src.models.shards import ShardReader, skeleton
 from src.train import train
 from src.utils.errors import ConfigError
 from tests.conftest import CONF
@@ -74,15 +73,6 @@ def test_an_interrupted_gguf_export_leaves_no_file(compose_cfg, tmp_path: Path, 
 
 
 # ------------------------------------------------------------------------------------------------ deploy tier
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2's tokenizer from the offline asset (dequantized once into the project's cache, as ``make train`` does)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        cfg = compose("train", overrides=["model=smollm2"], return_hydra_config=False)
-    cfg.model.cache_dir = str(Path(CONF).parent / ".cache" / "models")
-    return load_tokenizer(cfg.model)
 
 
 def _llama(path: Path, n_ctx: int = 256):
@@ -167,6 +157,24 @@ def test_a_down_bias_is_refused_where_llama_cpp_has_no_tensor_for_it(smollm2_tok
         "layer 1's MLP down projection has a bias, which llama.cpp's qwen3 architecture has no tensor for")
 
 
+@pytest.mark.parametrize(("case", "dtype"), [("llama", "f32"), ("llama3_rope", "q8_0"), ("qwen3", "bf16"), ("mistral", "f16")])
+def test_a_skeleton_read_block_by_block_writes_the_same_file(smollm2_tokenizer, tmp_path: Path, case: str, dtype: str) -> None:
+    """With a reader (a streamed compression's output), the model is a meta skeleton and each block is read while it
+    is written: the file is byte for byte the one the model in memory gives."""
+    model = _tiny(**TINY[case])
+    folder = tmp_path / "folder"
+    model.save_pretrained(folder)
+    model.config._name_or_path = str(folder)  # general.name: the skeleton's config names its folder
+    smollm2_tokenizer.save_pretrained(folder)
+    skel = skeleton(AutoModelForCausalLM, folder)
+    assert all(t.is_meta for t in skel.parameters())
+    write_gguf(model, smollm2_tokenizer, folder, tmp_path / "memory.gguf", dtype)
+    meta = write_gguf(skel, smollm2_tokenizer, folder, tmp_path / "read.gguf", dtype, reader=ShardReader(folder))
+    assert (tmp_path / "read.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
+    assert meta["gguf_bytes"] == (tmp_path / "memory.gguf").stat().st_size
+    assert all(t.is_meta for t in skel.parameters())  # each block dropped after it was written
+
+
 @pytest.mark.deploy
 @pytest.mark.parametrize("case", sorted(TINY))
 def test_tiny_models_run_in_llama_cpp(smollm2_tokenizer, tmp_path: Path, case: str) -> None:
@@ -243,7 +251,8 @@ def test_smollm2_defaults_export_reproduces_pytorch_in_llama_cpp(compose_cfg, tm
 @pytest.mark.slow  # SmolLM2: compressed once in memory (to GGUF), once streamed (the cache makes it quick)
 def test_src_compress_smollm2_gguf_runs_in_llama_cpp_and_equals_the_streamed_folder(compose_cfg, tmp_path: Path) -> None:
     """Issue 33's check: ``python -m src.compress model=smollm2 out=<dir> format=gguf`` writes a model llama.cpp runs, whose
-    logits and greedy tokens are those of the same compression streamed one block at a time into a Hugging Face folder."""
+    logits and greedy tokens are those of the same compression streamed one block at a time into a Hugging Face folder;
+    so does the same command streamed (``stream=true``), its GGUF file written from the streamed shards."""
     from transformers import AutoModelForCausalLM as Auto
 
     from src.compress import compress
@@ -257,4 +266,9 @@ def test_src_compress_smollm2_gguf_runs_in_llama_cpp_and_equals_the_streamed_fol
     assert mlp_io.intermediate_sizes(model) == [1536] * 10 + [1152] * 20
     tok = load_tokenizer(compose_cfg(["model=smollm2"], config_name="compress", fast=False).model)
     err, same = _compare(model, gguf_dir / "model.gguf", [tok.encode(p) for p in PROMPTS])
+    assert all(same) and err < RTOL["f32"], (err, same)
+    # streamed into a GGUF file (read back from its bf16 shards block by block): llama.cpp runs it, as the folder
+    streamed = compress(compose_cfg([*common, f"out={tmp_path / 'sg'}", "format=gguf", "gguf_dtype=f32", "stream=true"], config_name="compress",
+                                    fast=False))
+    err, same = _compare(model, streamed / "model.gguf", [tok.encode(p) for p in PROMPTS])
     assert all(same) and err < RTOL["f32"], (err, same)
