@@ -161,19 +161,25 @@ def _solve(c: Compressed, s: _Sums, ridge: float, toward: str = "zero") -> Compr
     """The ridge solution for ``c``'s down projection (and bias) from the sums ``s``, whatever its error: the penalty
     λ‖W − W0‖², W0 = 0 or (``toward="compressed"``) the down projection ``c`` has, [h, k]."""
     has_bias = _down(c)[1] is not None
-    a, rhs = s.zz.clone(), s.zy.clone()  # [k, k], [k, h]
+    # rhs in column-major order [k, h] (LAPACK's), so that the triangular solves below overwrite it in place
+    a, rhs = s.zz.clone(), s.zy.mT.contiguous().mT
     if has_bias:  # centred: ZcᵀZc = ZᵀZ − n m mᵀ, Zcᵀyc = Zᵀy − n m_z m_yᵀ
         mz, my = s.z / s.n, s.y / s.n
         a.addr_(mz, mz, alpha=-s.n)
         rhs.addr_(mz, my, alpha=-s.n)
-    lam = ridge * a.diagonal().mean()
-    if toward == "compressed":
-        rhs += lam * _down(c)[0].double().T
-    a.diagonal().add_(lam)  # + lam I in place: no [k, k] identity beside the Gram matrix (0.9 GB at k = 10752)
-    # Cholesky (a is symmetric positive definite for λ > 0: half LU's cost), factored in a's own memory: a.mT is
-    # a column-major view of the same matrix, the layout LAPACK works in, so no [k, k] copy is made (0.9 GB at 8B)
-    w = torch.cholesky_solve(rhs, torch.linalg.cholesky(a.mT, out=a.mT)).T  # [h, k]
-    del a, rhs
+    lam = (ridge * a.diagonal().mean()).item()
+    if toward == "compressed":  # + λ W0ᵀ, a chunk of W0's rows at a time: no [k, h] float64 copy of it
+        w0 = _down(c)[0]  # [h, k]
+        for i in range(0, len(w0), CHUNK):
+            rhs[:, i : i + CHUNK].add_(w0[i : i + CHUNK].T.double(), alpha=lam)
+    a.diagonal().add_(lam)  # + λI in place: no [k, k] identity beside the Gram matrix (0.9 GB at k = 10752)
+    # Cholesky A = L Lᵀ (A is symmetric positive definite for λ > 0: half LU's cost), then L Lᵀ X = rhs, all in place:
+    # a.mT is a column-major view of the same matrix, so neither the factor nor the solution is a new [k, k] or [k, h]
+    low = torch.linalg.cholesky(a.mT, out=a.mT)
+    torch.linalg.solve_triangular(low, rhs, upper=False, out=rhs)
+    torch.linalg.solve_triangular(low.mT, rhs, upper=True, out=rhs)
+    w = rhs.T  # [h, k]
+    del a, low
     if isinstance(c, LowRankMLP):
         left, right = c.factors["down"]
         l64 = left.double()

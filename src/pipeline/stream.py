@@ -122,7 +122,7 @@ def memory_model(model: nn.Module, calib_tokens: int, padded_tokens: int, comput
       activations on them [T, width] twice (the method's scores; the gate's and the up projection's);
     - ``refit``: the activations it multiplies [T, k] in float32 and a copy of the held-out fifth of them and of
       Y; in float64, two token chunks of both ([CHUNK, k + h]), the Gram matrix and the one factored in place
-      [k, k], the right-hand sides [k, h] (the sums', the one solved, the solution);
+      [k, k], the right-hand sides [k, h] (the sums', and the one solved in place into the solution);
     - the embeddings while the inputs are recorded (in the compute dtype, beside the stored copy being cast,
       and block 0, run once), freed before the first block: the larger phase counts.
     """
@@ -133,7 +133,7 @@ def memory_model(model: nn.Module, calib_tokens: int, padded_tokens: int, comput
     block = max(sum(t.numel() for t in b.parameters()) for b in blocks) * size
     parts = {"block": block, "mlp_copy": mlp_io.mlp_param_count(config) * 4, "hidden_states": 2 * padded_tokens * h * size,
              "layer_calibration": 2 * calib_tokens * h * 4, "mlp_activations": 2 * calib_tokens * d * 4,
-             "refit": (calib_tokens * k + calib_tokens * (k + h) // 5) * 4 + (2 * CHUNK * (k + h) + 2 * k * k + 3 * k * h) * 8 if refit else 0}
+             "refit": (calib_tokens * k + calib_tokens * (k + h) // 5) * 4 + (2 * CHUNK * (k + h) + 2 * k * k + 2 * k * h) * 8 if refit else 0}
     embeddings = model.get_input_embeddings().weight.numel() * (size + 2)  # + the stored bf16 copy while it is cast
     parts["total"] = max(sum(parts.values()), embeddings + parts["hidden_states"] + block)
     return parts

@@ -120,7 +120,7 @@ def test_memory_model_counts_one_block_not_the_model(compose_cfg) -> None:
     parts = memory_model(model, calib_tokens=100, padded_tokens=128, width=16, refit=True)
     assert parts["block"] == sum(t.numel() for t in mlp_io.block_module(model, 0).parameters()) * 4
     h = config.hidden_size
-    assert parts["refit"] == (100 * 16 + 100 * (16 + h) // 5) * 4 + (2 * CHUNK * (16 + h) + 2 * 16 * 16 + 3 * 16 * h) * 8
+    assert parts["refit"] == (100 * 16 + 100 * (16 + h) // 5) * 4 + (2 * CHUNK * (16 + h) + 2 * 16 * 16 + 2 * 16 * h) * 8
     config.num_hidden_layers *= 4  # four times the blocks: the same peak
     assert memory_model(skeleton(AutoModelForCausalLM, config), calib_tokens=100, padded_tokens=128, width=16, refit=True) == parts
 
