@@ -110,3 +110,41 @@ def llama_cpp(order: list[str], process: int, files: dict[str, str], prompt: lis
     return {"times": {stage: {k: times[f"{stage}/{k}"] for k in order} for stage in PERF},
             "llama_perf": {stage: {k: perf[stage, k][warmup:] for k in order} for stage in PERF},
             "version": llama_cpp.__version__}
+
+
+def llama_cpp_beside(order: list[str], process: int, beside: list[str], folders: dict[str, str], onnx_files: dict[str, str],
+                     inputs: str, threads: int, **llama: Any) -> dict[str, Any]:
+    """``llama_cpp`` in a process that first ran the same models in the runtimes ``beside`` (``pytorch``, ``onnxruntime``)
+    and keeps them loaded, as one process running every stage would (``bench.beside``). Also returns what the process
+    looks like when llama.cpp starts: the CPUs it may run on (``sched_getaffinity``), its threads and resident memory."""
+    import os
+
+    kept: list[Any] = []
+    feeds = load_inputs(inputs)
+    if "pytorch" in beside:
+        import torch
+
+        from src.export.exported import load_exported
+        from src.models.build import HEADS
+
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for k in order:
+                model = load_exported(folders[k], HEADS["generation"]).eval()
+                for _ in range(3):
+                    model(**{n: torch.from_numpy(a) for n, a in feeds.items()}, use_cache=False)
+                kept.append(model)
+    if "onnxruntime" in beside:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        for k in order:
+            session = ort.InferenceSession(onnx_files[k], options, providers=["CPUExecutionProvider"])
+            for _ in range(3):
+                session.run(["logits"], feeds)
+            kept.append(session)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    state = {"affinity": sorted(os.sched_getaffinity(0)), "threads": int(status["Threads"]), "rss_mb": int(status["VmRSS"].split()[0]) / 1024}
+    return {**llama_cpp(order, process, **llama), "beside": beside, "state": state}

@@ -103,6 +103,23 @@ def test_quick_inference_times_llama_cpp(tmp_path: Path) -> None:
     assert rec["machine"]["versions"]["llama_cpp"] and any(n.startswith("llama.cpp (llama-cpp-python") for n in rec["notes"])
 
 
+@pytest.mark.deploy
+@pytest.mark.slow  # four variants in two processes each, on the quick mode's tiny causal LM
+def test_quick_beside_times_llama_cpp_after_each_neighbour(tmp_path: Path) -> None:
+    """bench.beside: llama.cpp f32 after nothing, PyTorch, ONNX Runtime or both ran the same models in the process, each
+    variant's speed-ups over its processes and the process's state when llama.cpp started."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (make install-deploy) is not installed")
+    from bench import beside
+
+    assert beside.main(["--quick", "--out", str(tmp_path / "b.json")]) == 0
+    rec = json.loads((tmp_path / "b.json").read_text())
+    assert [r["variant"] for r in rec["rows"]] == list(beside.VARIANTS)
+    assert all(r[stage]["n"] == 2 and r[f"{stage}_original"]["median"] > 0 for r in rec["rows"] for stage in ("pp", "tg"))
+    threads = {r["variant"]: [s["threads"] for s in r["states"]] for r in rec["rows"]}
+    assert min(threads["both"]) > max(threads["alone"])  # the neighbours' pools are there when llama.cpp starts
+    assert all(s["affinity"] and s["rss_mb"] > 0 for r in rec["rows"] for s in r["states"])
+
+
 def test_models_filter_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inference", "--quick", "--models", "gpt5"]) == 2
     assert "the inference benchmark's models are tiny_bert, tiny_smollm2" in capsys.readouterr().err

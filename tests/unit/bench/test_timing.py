@@ -144,3 +144,22 @@ def test_record_renders_intervals_and_the_timing() -> None:
               "rows": [{"runtime": "pytorch", "speedup": speedup}], "targets": [], "notes": []}
     text = format_record(record)
     assert "| pytorch | 1.08 [1.051, 1.118] (n=5) |" in text and "over 5 fresh processes per comparison, threads 2 in each" in text
+
+
+def test_the_beside_experiment_summarises_each_variant_over_its_processes() -> None:
+    """bench.beside's rows on given numbers: per process the median paired ratio original / compressed, over processes its
+    summary; the original's rate from its median call; the table names the processes' allowed CPUs, threads and RSS."""
+    from bench.beside import _row, _table
+
+    def process(j: int, pp: float) -> dict:
+        times = {"pp": {"original": [pp, pp, pp], "compressed": [pp / 1.1] * 3}, "tg": {"original": [2.0] * 3, "compressed": [1.0, 2.0, 1.0]}}
+        return {"times": times, "beside": ["pytorch"], "state": {"affinity": [0, 1], "threads": 5, "rss_mb": 900.0}, "order": ["original", "compressed"]}
+
+    flops = {"pp": {"original": 11, "compressed": 10}, "tg": {"original": 3, "compressed": 2}}
+    row = _row("pytorch", [process(0, 0.2), process(1, 0.25)], 128, flops)
+    assert row["pp"]["per_process"] == pytest.approx([1.1, 1.1]) and row["pp"]["interval"] == pytest.approx([1.1, 1.1])
+    assert row["tg"]["per_process"] == [2.0, 2.0] and row["tg_bound"] == 1.5
+    assert row["pp_original"]["per_process"] == pytest.approx([640.0, 512.0])  # 128 tokens / the median call; tg: 64 / 2 s
+    record = {"command": "python -m bench.beside", "wall_s": 1.0, "machine": machine(torch.device("cpu"), 2), "rows": [row],
+              "interval": "95 % t"}
+    assert "| pytorch | 1.100 [1.100, 1.100] (n=2) | 2.000 [2.000, 2.000] (n=2) | 576 (512 to 640) | 32 (32 to 32) | [2] | 5 | 900 |" in _table(record)
