@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from src.methods.refit import apply_refit
 from src.methods.refit import output as refit_output
@@ -140,19 +140,25 @@ class Compressor:
     def allocate(self, model: nn.Module, original: dict[int, MLPCalibration]) -> dict[int, int]:
         """Each chosen layer's width: ``mid_dim``, or the budget's allocation from the original model's
         calibration statistics (``original``, every chosen layer's)."""
-        s, layers = self.s, list(self.s.layers)
-        if s.budget is None:
-            return {layer: s.mid_dim for layer in layers}
-        total = total_neurons(s.budget, [mlp_io.read_mlp(model, layer).width for layer in layers])
-        if s.allocation in SCORES:  # every layer's neuron scores on the original model's statistics, ranked together
-            widths = allocate_by_scores({layer: SCORES[s.allocation](mlp_io.read_mlp(model, layer), original[layer].to(self.dev, torch.float32))
-                                         for layer in layers}, total)
-        else:  # each layer's calibration error at a few widths, then the allocation
-            curves = {}
-            for layer in layers:
-                w = mlp_io.read_mlp(model, layer)
-                curves[layer] = {k: self.compress(w, k, layer, original[layer])[0].stats["calib_err"] for k in candidate_widths(w.width, s.budget)}
-            widths = allocate(curves, total)
+        if self.s.budget is None:
+            return {layer: self.s.mid_dim for layer in self.s.layers}
+        return self.allocate_from(model, {layer: self.evidence(model, layer, original[layer]) for layer in self.s.layers})
+
+    def evidence(self, model: nn.Module, layer: int, calib: MLPCalibration) -> Tensor | dict[int, float]:
+        """What the budget ranks layer ``layer`` by, from its calibration on the original model: its neurons' scores
+        [d] (``allocation`` one of ``SCORES``), or its calibration error at each candidate width. Layer by layer,
+        so that a streamed run can gather it one block at a time."""
+        s, w = self.s, mlp_io.read_mlp(model, layer)
+        if s.allocation in SCORES:
+            return SCORES[s.allocation](w, calib.to(self.dev, torch.float32))
+        return {k: self.compress(w, k, layer, calib)[0].stats["calib_err"] for k in candidate_widths(w.width, s.budget)}
+
+    def allocate_from(self, model: nn.Module, evidence: dict[int, Tensor | dict[int, float]]) -> dict[int, int]:
+        """The budget's widths from every chosen layer's ``evidence``; ``model``'s MLPs are the original ones (a
+        skeleton will do: only their widths are read)."""
+        s = self.s
+        total = total_neurons(s.budget, [mlp_io.read_mlp(model, layer).width for layer in s.layers])
+        widths = allocate_by_scores(evidence, total) if s.allocation in SCORES else allocate(evidence, total)
         log.info("budget %.3f of the chosen layers' MLP parameters by %s: widths %s (%d neurons)", s.budget, s.allocation, widths, total)
         return widths
 

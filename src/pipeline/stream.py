@@ -166,9 +166,6 @@ def compress_streamed(
     settings use calibration. ``finish(tmp, model, report)`` adds files (tokenizer, card) before the rename."""
     folder, out, dev = Path(folder), Path(out), torch.device(device)
     s = settings
-    if s.budget is not None:
-        raise ConfigError("stream=true with ffn_mode.budget: a budget ranks every layer's statistics on the original model before "
-                          "compressing any, which streaming does not do yet; run with stream=false, or give ffn_mode.mid_dim instead.")
     reader = ShardReader(folder)
     model = skeleton(auto_cls, AutoConfig.from_pretrained(folder))
     blocks = Blocks.of(model)
@@ -195,10 +192,19 @@ def compress_streamed(
              len(blocks.paths), folder, tokens, padded, (parts["total"] + runtime) / 2**30, runtime / 2**30,
              ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total"))
     calibrator = Calibrator(batches, sequential=sequential) if calibrated else None
+    run.check(model, calibrator)
     if calibrated:
         _record_inputs(model, blocks, reader, calibrator, dev, compute_dtype)
-        if progress["done"]:
-            calibrator.resume(model, [t.to(dev) for t in _load_hidden(tmp)], len(progress["done"]))
+    widths = {layer: s.mid_dim for layer in s.layers}
+    if s.budget is not None:  # a first pass over the original blocks (once: a resumed run has the widths)
+        if "widths" not in progress:
+            entering = calibrator.hidden  # block 0's, for the second pass (advance makes new states, these stay)
+            progress["widths"] = _budget_pass(model, blocks, reader, calibrator, run, dev, compute_dtype)
+            calibrator.resume(model, entering, 0)
+            write_json(tmp / PROGRESS, progress)
+        widths = {int(layer): k for layer, k in progress["widths"].items()}
+    if calibrated and progress["done"]:
+        calibrator.resume(model, [t.to(dev) for t in _load_hidden(tmp)], len(progress["done"]))
     n = len(blocks.paths)
     params_after, seconds = 0, {}
     for j, path in enumerate(blocks.paths):
@@ -220,7 +226,7 @@ def compress_streamed(
             if not sequential:  # the original model's inputs for every layer: the states pass the block before it changes
                 calibrator.advance(model)
         if j in s.layers:
-            run.block(model, j, s.mid_dim, calib)
+            run.block(model, j, widths[j], calib)
         del calib
         if calibrated and j < last_calibrated and calibrator.next_block == j:
             calibrator.advance(model)
@@ -263,6 +269,25 @@ def compress_streamed(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return report
+
+
+@torch.no_grad()
+def _budget_pass(model: nn.Module, blocks: Blocks, reader: ShardReader, calibrator: Calibrator, run: Compressor, dev: torch.device,
+                 dtype: torch.dtype) -> dict[int, int]:
+    """The budget's widths (``Compressor.allocate_from``) from each chosen layer's evidence on the original model: its
+    blocks read one at a time, up to the last chosen layer, each layer's calibration taken as the states enter it."""
+    layers, evidence = set(run.s.layers), {}
+    for j, path in enumerate(blocks.paths[: max(layers) + 1]):
+        block = model.get_submodule(path)
+        materialize(block, path + ".", reader, dev, dtype)
+        if j in layers:
+            evidence[j] = run.evidence(model, j, calibrator.collect(model, [j])[j])
+            log.info("budget pass: block %d/%d's evidence gathered", j + 1, max(layers) + 1)
+        if j < max(layers):
+            calibrator.advance(model)
+        release(block)
+        reader.close()
+    return run.allocate_from(model, evidence)
 
 
 def _resume_state(tmp: Path, fingerprint: str) -> dict[str, Any]:

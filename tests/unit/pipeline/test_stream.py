@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,6 +76,43 @@ def test_streamed_equals_in_memory(compose_cfg, tmp_path: Path, name: str, metho
     assert (report.params_before, report.params_after) == (want_report.params_before, want_report.params_after)
     assert report.params_after < report.params_before
     assert report.spec["layers"] == layers and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("allocation", ["error", "flap"])
+def test_a_budget_streams_in_two_passes_and_allocates_as_in_memory(compose_cfg, tmp_path: Path, allocation: str) -> None:
+    """ffn_mode.budget streamed: a first pass over the original blocks gathers each chosen layer's evidence (error
+    curves, or FLAP's neuron scores ranked over layers), then the blocks are compressed at the widths it allocates:
+    the widths and weights of the in-memory path; a resumed run reads the widths from its progress."""
+    folder = _folder(compose_cfg, "tiny_llama", tmp_path)
+    settings = dataclasses.replace(_settings("wanda_sp", [1, 2, 3], 8, "lstsq"), budget=0.5, allocation=allocation)
+    batches = _batches(100)
+    report = compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "out", batches=batches)
+    want, want_report = _in_memory(folder, settings, batches)
+    assert report.spec["widths"] == want_report.spec["widths"] and sum(report.spec["widths"].values()) == 96  # half of 3 x 64
+    got = load_exported(tmp_path / "out", AutoModelForCausalLM).state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+    if allocation == "flap":  # killed in the second pass: the widths are in the progress, and the rerun does not allocate again
+        import src.pipeline.stream as stream
+
+        partial = tmp_path / ".again.partial"
+
+        def dying(module):
+            if (partial / PROGRESS).is_file() and json.loads((partial / PROGRESS).read_text())["done"]:
+                raise KeyboardInterrupt
+            real(module)
+
+        real = stream.release
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stream, "release", dying)
+            with pytest.raises(KeyboardInterrupt):
+                compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "again", batches=batches)
+        assert json.loads((partial / PROGRESS).read_text())["widths"] == {str(k): v for k, v in report.spec["widths"].items()}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stream, "_budget_pass", lambda *a: pytest.fail("the widths were allocated again"))
+            compress_streamed(folder, AutoModelForCausalLM, settings, tmp_path / "again", batches=batches)
+        for f in (tmp_path / "out").iterdir():
+            assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_a_killed_run_resumes_with_the_same_files(compose_cfg, tmp_path: Path, monkeypatch) -> None:
