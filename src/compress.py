@@ -162,7 +162,11 @@ def compress(cfg: DictConfig) -> Path:
                         metrics=report.metrics())
             if cfg.format == "gguf":  # the streamed shards read back block by block into model.gguf, then dropped: the folder as in memory
                 _refuse_gguf(cfg, model, tokenizer)
-                meta.update(write_gguf(model, tokenizer, tmp, tmp / "model.gguf", str(cfg.gguf_dtype).lower(), reader=ShardReader(tmp)))
+                reader = ShardReader(tmp)
+                try:
+                    meta.update(write_gguf(model, tokenizer, tmp, tmp / "model.gguf", str(cfg.gguf_dtype).lower(), reader=reader))
+                finally:
+                    reader.close()  # its shards are removed next
                 for f in [*tmp.glob("*.safetensors"), tmp / INDEX, tmp / "config.json"]:
                     f.unlink(missing_ok=True)
             write_card(tmp, meta)
