@@ -177,6 +177,7 @@ def _loaded(module: nn.Module, prefix: str, reader: ShardReader | None) -> Itera
         yield
     finally:
         release(module)
+        reader.close()  # the shard's memory map goes with it, as a streamed compression drops each block's
 
 
 def _vocab(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, folder: Path, n_vocab: int) -> None:
